@@ -1,0 +1,68 @@
+import re
+from pathlib import Path
+
+from serlens.config import validate_config
+from serlens.errors import ConfigError
+
+# Validate before any job is scheduled; the message names the key and what is allowed.
+try:
+    validate_config(config)
+except ConfigError as error:
+    raise ValueError(str(error)) from None
+
+
+RESULTS = config["results"]
+RESOURCES = config["resources_dir"]
+MODELS = list(config["models"])
+FOLDS = config["folds"]["run"]
+METHODS = ["frozen"] + [f"lora_r{rank}" for rank in config["lora"]["ranks"]]
+CLASSES = config["corpus"]["classes"]
+
+# Resources of one training/analysis job per model; mem_mb and runtime grow with the
+# attempt number so `--retries` recovers from out-of-memory and time-limit kills.
+RESOURCE_DEFAULTS = {"mem_mb": 4000, "runtime": 60, "gpu": 0}
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)) if MODELS else "[^/]+",
+    fold=r"\d+",
+    rank=r"\d+",
+
+
+def model_resource(key):
+    def get(wildcards, attempt):
+        table = config["model_resources"]
+        value = table.get(wildcards.model, table.get("default", {})).get(key, RESOURCE_DEFAULTS[key])
+        return value * attempt if key in ("mem_mb", "runtime") else value
+
+    return get
+
+
+def corpus_input(wildcards):
+    """The synthetic corpus is a rule output; a user's corpus is read where it lies."""
+    if config["corpus"]["kind"] == "synthetic":
+        return f"{RESOURCES}/corpus/synthetic"
+    return []
+
+
+def corpus_root():
+    if config["corpus"]["kind"] == "synthetic":
+        return f"{RESOURCES}/corpus/synthetic"
+    return config["corpus"]["root"]
+
+
+def train_runs():
+    """Every model x method x fold run directory of the configured grid."""
+    return expand(
+        f"{RESULTS}/train/{{model}}/{{method}}/fold{{fold}}", model=MODELS, method=METHODS, fold=FOLDS
+    )
+
+
+def all_targets():
+    return [
+        f"{RESULTS}/corpus/manifest.tsv",
+        f"{RESULTS}/corpus/folds.tsv",
+        *expand(f"{RESULTS}/models/{{model}}.json", model=MODELS),
+        f"{RESULTS}/tables/performance_summary.tsv",
+        f"{RESULTS}/tables/significance.tsv",
+    ]

@@ -1,0 +1,69 @@
+rule features:
+    input:
+        weights=f"{RESULTS}/models/{{model}}.json",
+        manifest=f"{RESULTS}/corpus/manifest.tsv",
+    output:
+        f"{RESULTS}/features/{{model}}/pooled.safetensors",
+    params:
+        audio=config["audio"],
+        batch_size=config["train"]["feature_batch_size"],
+    log:
+        f"{RESULTS}/logs/features/{{model}}.log",
+    threads: max(1, workflow.cores // 2)
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        gpu=model_resource("gpu"),
+    script:
+        "../workflow/scripts/features.py"
+
+
+rule train_frozen:
+    input:
+        manifest=f"{RESULTS}/corpus/manifest.tsv",
+        folds=f"{RESULTS}/corpus/folds.tsv",
+        weights=f"{RESULTS}/models/{{model}}.json",
+        features=f"{RESULTS}/features/{{model}}/pooled.safetensors",
+    output:
+        **{
+            f"{name}{suffix}": f"{RESULTS}/train/{{model}}/frozen/fold{{fold}}/{name}{suffix}.{ext}"
+            for name, ext in [("metrics", "json"), ("predictions", "tsv"), ("history", "tsv"), ("head", "safetensors")]
+            for suffix in ("", "_wsum")
+        },
+    params:
+        train=config["train"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/train/{{model}}/frozen/fold{{fold}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../workflow/scripts/train.py"
+
+
+rule train_lora:
+    input:
+        manifest=f"{RESULTS}/corpus/manifest.tsv",
+        folds=f"{RESULTS}/corpus/folds.tsv",
+        weights=f"{RESULTS}/models/{{model}}.json",
+    output:
+        metrics=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/metrics.json",
+        predictions=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/predictions.tsv",
+        history=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/history.tsv",
+        head=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/head.safetensors",
+        adapter=directory(f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/adapter"),
+    params:
+        train=config["train"],
+        lora=config["lora"],
+        audio=config["audio"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/train/{{model}}/lora_r{{rank}}/fold{{fold}}.log",
+    threads: max(1, workflow.cores // 2)
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        gpu=model_resource("gpu"),
+    script:
+        "../workflow/scripts/train.py"

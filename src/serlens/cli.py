@@ -1,0 +1,116 @@
+"""``serlens``: the workflow's steps by hand. Each subcommand calls what the Snakemake rule calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from serlens.errors import SerlensError
+
+
+def _config(path: str | None) -> dict:
+    from serlens.config import validate_config
+
+    config = yaml.safe_load(Path(path).read_text()) if path else {}
+    return validate_config(config or {})
+
+
+def cmd_synth_corpus(args) -> None:
+    from serlens.steps import synth_corpus
+
+    root = synth_corpus(Path(args.out), args.utterances_per_speaker, args.seed)
+    print(root)
+
+
+def cmd_manifest(args) -> None:
+    from serlens.steps import make_manifest
+
+    config = _config(args.config)
+    config["corpus"]["kind"] = args.kind or config["corpus"]["kind"]
+    out = Path(args.out)
+    manifest = make_manifest(config, Path(args.root), out, out.with_name("summary.tsv"))
+    print(f"{out}: {len(manifest)} utterances")
+    print(manifest["label"].value_counts().to_string())
+
+
+def cmd_folds(args) -> None:
+    from serlens.steps import make_folds
+
+    config = _config(args.config)
+    if args.dev:
+        config["folds"]["dev"] = args.dev
+    folds = make_folds(config, Path(args.manifest), Path(args.out))
+    print(folds.groupby(["fold", "split"]).size().unstack().to_string())
+
+
+def cmd_weights(args) -> None:
+    from serlens.models.resolve import resolve_weights
+
+    print(resolve_weights(args.source, Path(args.resources)))
+
+
+def cmd_transcribe(args) -> None:
+    from serlens.models.resolve import resolve_weights
+    from serlens.models.transcribe import transcribe
+
+    model_dir = resolve_weights(args.model, Path(args.resources))
+    for path in args.files:
+        text = transcribe(model_dir, path)
+        print(f"{path}\t{text}" if len(args.files) > 1 else text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serlens", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth-corpus", help="write the eSpeak NG corpus in IEMOCAP's layout")
+    p.add_argument("--out", default="resources/corpus/synthetic", help="folder to create (replaced if present)")
+    p.add_argument("--utterances-per-speaker", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_corpus)
+
+    p = sub.add_parser("manifest", help="read a corpus into manifest.tsv (+ summary.tsv beside it)")
+    p.add_argument("root", help="IEMOCAP_full_release folder, synthetic corpus folder, or a user TSV")
+    p.add_argument("--kind", choices=["iemocap", "synthetic", "manifest"], help="overrides corpus.kind")
+    p.add_argument("--config", help="config YAML for classes/merge (default: built-in defaults)")
+    p.add_argument("--out", default="results/corpus/manifest.tsv")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("folds", help="leave-one-session-out folds with a speaker-disjoint dev split")
+    p.add_argument("manifest")
+    p.add_argument("--config")
+    p.add_argument("--dev", choices=["next_session", "previous_session"])
+    p.add_argument("--out", default="results/corpus/folds.tsv")
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("weights", help="resolve a weight source to a transformers folder (converts bundled:tiny.en once)")
+    p.add_argument("source", help="bundled:tiny.en | hf:openai/whisper-<size> | local:/path")
+    p.add_argument("--resources", default="resources")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("transcribe", help="greedy transcript of wav files (checks the weights)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default="bundled:tiny.en", help="weight source")
+    p.add_argument("--resources", default="resources")
+    p.set_defaults(func=cmd_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except SerlensError as exc:
+        print(f"serlens: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from serlens.steps import log_to, train_run
+
+log_to(snakemake.log[0])
+train_run(
+    snakemake.config,
+    model=snakemake.wildcards.model,
+    method=snakemake.rule == "train_frozen" and "frozen" or f"lora_r{snakemake.wildcards.rank}",
+    fold=int(snakemake.wildcards.fold),
+    manifest_path=snakemake.input.manifest,
+    folds_path=snakemake.input.folds,
+    weights_json=snakemake.input.weights,
+    out_dir=Path(snakemake.output.metrics).parent,
+    features_path=snakemake.input.get("features"),
+    threads=snakemake.threads,
+)
