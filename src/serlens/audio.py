@@ -77,6 +77,14 @@ class LogMel:
         self.filters = torch.from_numpy(filters.T.astype(np.float32)).contiguous()
         self.window = torch.hann_window(N_FFT)
 
+    def log_mel(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, samples) -> (B, n_mels, samples / hop), normalised per clip as Whisper does."""
+        stft = torch.stft(batch, N_FFT, HOP, window=self.window, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        log_spec = torch.clamp(self.filters @ power, min=1e-10).log10()
+        peak = log_spec.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
     def __call__(self, waves: list[np.ndarray], policy: str = "crop", max_seconds: float = 30.0) -> MelBatch:
         if policy not in POLICIES:
             raise ValueError(f"audio.input_policy must be one of {POLICIES}, not {policy!r}")
@@ -84,16 +92,21 @@ class LogMel:
         lengths = [min(len(w), max_frames * SAMPLES_PER_ENCODER_FRAME) for w in waves]
         audio_frames = [max(1, math.ceil(n / SAMPLES_PER_ENCODER_FRAME)) for n in lengths]
         frames = MAX_ENCODER_FRAMES if policy == "pad30" else max(audio_frames)
-        n_samples = frames * SAMPLES_PER_ENCODER_FRAME
-        batch = torch.zeros(len(waves), n_samples)
-        for i, (w, n) in enumerate(zip(waves, lengths, strict=True)):
-            batch[i, :n] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
-        stft = torch.stft(batch, N_FFT, HOP, window=self.window, return_complex=True)
-        power = (stft[..., :-1].abs() ** 2).contiguous()
-        log_spec = torch.clamp(self.filters @ power, min=1e-10).log10()
-        peak = log_spec.amax(dim=(1, 2), keepdim=True)
-        log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
         mask = torch.arange(frames)[None, :] < torch.tensor(audio_frames)[:, None]
+        if policy == "pad30":
+            # Whisper's own input: every clip zero-padded to 30 s, one spectrogram over it all.
+            batch = torch.zeros(len(waves), frames * SAMPLES_PER_ENCODER_FRAME)
+            for i, (w, n) in enumerate(zip(waves, lengths, strict=True)):
+                batch[i, :n] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
+            return MelBatch(self.log_mel(batch), mask, policy)
+        # crop: each clip's spectrogram at its own length, the batch padded with zeros, which is
+        # what the conv stem's own zero padding sees; with the attention mask this makes a
+        # clip's states independent of what it is batched with.
+        log_spec = torch.zeros(len(waves), self.n_mels, 2 * frames)
+        for i, (w, n, f) in enumerate(zip(waves, lengths, audio_frames, strict=True)):
+            clip = torch.zeros(1, f * SAMPLES_PER_ENCODER_FRAME)
+            clip[0, :n] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
+            log_spec[i, :, : 2 * f] = self.log_mel(clip)[0]
         return MelBatch(log_spec, mask, policy)
 
 

@@ -57,5 +57,7 @@ def fold_split(folds: pd.DataFrame, fold: int, split: str) -> list[str]:
     """Utterance ids of one split of one fold, in manifest order."""
     rows = folds[(folds["fold"] == int(fold)) & (folds["split"] == split)]
     if rows.empty:
-        raise CorpusError(f"fold {fold} has no {split} utterances; check folds.tsv and config folds.")
+        raise CorpusError(
+            f"fold {fold} has no {split} utterances; check folds.tsv and config folds."
+        )
     return rows["utt_id"].tolist()

@@ -78,7 +78,9 @@ def parse_emo_evaluation(path: Path, root: Path) -> list[LabelledUtterance]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path}: not UTF-8 text ({exc}); is this an EmoEvaluation file?") from exc
+        raise CorpusError(
+            f"{path}: not UTF-8 text ({exc}); is this an EmoEvaluation file?"
+        ) from exc
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.startswith("["):
             continue
@@ -97,7 +99,12 @@ def parse_emo_evaluation(path: Path, root: Path) -> list[LabelledUtterance]:
                 session=session,
                 gender=match["gender"],
                 raw_label=match["label"],
-                wav_path=Path(root) / f"Session{session}" / "sentences" / "wav" / dialog / f"{utt}.wav",
+                wav_path=Path(root)
+                / f"Session{session}"
+                / "sentences"
+                / "wav"
+                / dialog
+                / f"{utt}.wav",
                 source=path,
                 line=number,
             )

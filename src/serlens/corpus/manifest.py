@@ -63,7 +63,9 @@ def check_audio(path: Path, where: str) -> tuple[float, int]:
     if float(np.abs(data).max()) < SILENCE_PEAK:
         raise CorpusError(f"{path}: silent audio (peak < {SILENCE_PEAK}); labelled at {where}.")
     if rate != SAMPLE_RATE:
-        log.warning("%s: sample rate %d Hz; it will be resampled to %d Hz on load.", path, rate, SAMPLE_RATE)
+        log.warning(
+            "%s: sample rate %d Hz; it will be resampled to %d Hz on load.", path, rate, SAMPLE_RATE
+        )
     return data.shape[0] / rate, rate
 
 
@@ -89,7 +91,9 @@ def user_manifest_candidates(tsv: Path) -> list[Candidate]:
     """
     tsv = Path(tsv)
     if not tsv.is_file():
-        raise CorpusError(f"{tsv}: corpus.root of kind 'manifest' must be a TSV file; it does not exist.")
+        raise CorpusError(
+            f"{tsv}: corpus.root of kind 'manifest' must be a TSV file; it does not exist."
+        )
     with tsv.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         missing = [c for c in USER_MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
@@ -150,14 +154,26 @@ def build_manifest(
             continue
         summary[(cand.raw_label, label, "kept")] += 1
         rows.append(
-            [cand.utt_id, str(cand.path), cand.session, cand.speaker, cand.gender, label, round(duration, 4)]
+            [
+                cand.utt_id,
+                str(cand.path),
+                cand.session,
+                cand.speaker,
+                cand.gender,
+                label,
+                round(duration, 4),
+            ]
         )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:
-        raise CorpusError("no usable utterances: every label was outside corpus.classes/corpus.merge.")
+        raise CorpusError(
+            "no usable utterances: every label was outside corpus.classes/corpus.merge."
+        )
     absent = [c for c in classes if c not in set(manifest["label"])]
     if absent:
-        raise CorpusError(f"corpus.classes {absent} have no utterances in this corpus; remove them or fix the labels.")
+        raise CorpusError(
+            f"corpus.classes {absent} have no utterances in this corpus; remove them or fix the labels."
+        )
     summary_df = pd.DataFrame(
         [(raw, lab, status, n) for (raw, lab, status), n in sorted(summary.items())],
         columns=["raw_label", "label", "status", "n"],
@@ -179,5 +195,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path, sep="\t", dtype={"session": str, "utt_id": str, "speaker": str})
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
-        raise CorpusError(f"{path}: not a serlens manifest (missing {missing}); rerun the manifest rule.")
+        raise CorpusError(
+            f"{path}: not a serlens manifest (missing {missing}); rerun the manifest rule."
+        )
     return df

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,27 @@ def load_whisper(model_dir: str | Path):
     if not config.is_file():
         raise FileNotFoundError(f"{model_dir}: not a transformers model directory (no config.json)")
     return _load(str(model_dir), config.stat().st_mtime_ns)
+
+
+class _DropKnownNoise(logging.Filter):
+    # transformers' Whisper generate() itself fills max_length=20 and passes suppress_tokens
+    # next to generation_config, then warns about both on every call.
+    _NOISE = ("seem to have been set", "Passing `generation_config` together with")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self._NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_generate():
+    logger = logging.getLogger("transformers.generation.utils")
+    noise = _DropKnownNoise()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
 
 
 def _mono_16k(audio: np.ndarray | str | Path, sample_rate: int | None) -> np.ndarray:
@@ -84,6 +107,6 @@ def transcribe(
     features = processor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     gen = copy.deepcopy(model.generation_config)
     gen.update(num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)
-    with torch.inference_mode():
+    with torch.inference_mode(), _quiet_generate():
         ids = model.generate(features.to(model.dtype), generation_config=gen)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()

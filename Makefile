@@ -1,0 +1,50 @@
+# serlens: `make demo` runs the default workflow, `make test` runs the tests.
+# Both create .venv on first use (Python 3.11, no root needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; set TORCH_SPEC="torch==2.13.0 --index-url ..." for another build.
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= all
+
+.PHONY: install demo test test-fast lint format bench paper-dry-run report clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,slurm]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES)
+	@echo "results: $(CURDIR)/results (tables in results/tables)"
+
+test: install
+	$(BIN)/pytest -q -ra
+
+test-fast: install
+	$(BIN)/pytest -q -ra -m "not slow and not slurm"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules/
+	$(BIN)/snakemake --lint
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt Snakefile rules/
+
+bench: install
+	$(BIN)/python bench/bench_training.py
+
+paper-dry-run: install
+	$(BIN)/python tests/paper_tree.py /tmp/serlens-iemocap-tree
+	$(BIN)/snakemake -n --quiet rules --configfile config/paper.yaml --config corpus='{"kind": "iemocap", "root": "/tmp/serlens-iemocap-tree"}'
+
+clean:
+	rm -rf results .snakemake

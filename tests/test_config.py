@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serlens.config import validate_config
+from serlens.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_config():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_defaults_fill_in():
+    config = validate_config(default_config())
+    assert config["train"]["head_proj_size"] == 256
+    assert config["significance"]["resamples"] >= 100
+    empty = validate_config({})
+    assert empty["corpus"]["classes"] == ["neu", "hap", "ang", "sad"]
+    assert empty["corpus"]["merge"] == {"exc": "hap"}
+    assert empty["models"] == {"tiny.en": "bundled:tiny.en"}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["audio"].update(input_policy="pad"), r"audio.input_policy: 'pad' is not allowed; allowed values: \['crop', 'pad30'\]"),
+        (lambda c: c["train"].update(epochz=3), r"config key train: unknown key\(s\) \['epochz'\]; allowed keys: \[.*'epochs'"),
+        (lambda c: c["train"].update(epochs="ten"), r"config key train.epochs: 'ten' is not of type 'integer'"),
+        (lambda c: c["models"].update(base="openai/whisper-base"), r"config key models.base: weight source 'openai/whisper-base'"),
+        (lambda c: c["corpus"].update(kind="iemocap", root="/no/such/IEMOCAP"), r"corpus.root: '/no/such/IEMOCAP' does not exist"),
+        (lambda c: c["corpus"].update(kind="iemocap", root=None), r"corpus.root: must be set"),
+        (lambda c: c["corpus"].update(merge={"exc": "joy"}), r"corpus.merge: target\(s\) \{'exc': 'joy'\}"),
+        (lambda c: c["folds"].update(run=[1, 6]), r"folds.run: fold\(s\) \[6\] do not exist"),
+        (lambda c: c["model_resources"].update({"small": {"mem_mb": 9000}}), r"model_resources: unknown model key\(s\) \['small'\]"),
+        (lambda c: c.update(corpuss={}), r"unknown key\(s\) \['corpuss'\]"),
+    ],
+)
+def test_bad_config_names_the_key(edit, message):
+    config = default_config()
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_snakemake_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audio:\n  input_policy: pad31\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad), "--directory", str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "audio.input_policy: 'pad31' is not allowed; allowed values: ['crop', 'pad30']" in proc.stdout + proc.stderr
+    assert "Job stats" not in proc.stdout
