@@ -70,7 +70,6 @@ _WHISPER_SCALARS = (
     "encoder/num_heads",
 )
 
-_LN_EPS = 1e-5  # Whisper's LayerNorm eps (torch default); ctranslate2 does not store it.
 _SAMPLE_RATE = 16_000
 
 
@@ -238,7 +237,10 @@ def read_ct2_model(path: str | Path) -> dict[str, np.ndarray]:
     float32 tensors keep their stored dtype; bfloat16 is widened to float32. Scalar config
     values (activation, num_heads, ...) come back as 0-d integer arrays.
     """
-    path = Path(path)
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[Ct2Header, dict[str, np.ndarray]]:
     header, variables, aliases = _parse(path)
     where = path / "model.bin" if path.is_dir() else path
     for alias, target in aliases.items():
@@ -264,7 +266,7 @@ def read_ct2_model(path: str | Path) -> dict[str, np.ndarray]:
     leftover = [n for n, v in variables.items() if v.dtype in (np.int8, np.int16) and v.ndim >= 2]
     if leftover:
         raise Ct2FormatError(f"{where}: quantized weights without a usable scale: {leftover}")
-    return variables
+    return header, variables
 
 
 # --------------------------------------------------------------------------- conversion
@@ -305,7 +307,7 @@ def _state_dict_from_ct2(
 
     def put(hf: str, value: np.ndarray) -> None:
         if hf in out:
-            raise RuntimeError(f"parameter {hf} assigned twice")
+            raise WeightsError(f"{where}: parameter {hf} assigned twice")
         out[hf] = value
 
     def linear(hf: str, ct2: str, bias: bool = True) -> None:
@@ -313,7 +315,7 @@ def _state_dict_from_ct2(
         if bias:
             put(f"{hf}.bias", get(f"{ct2}/bias"))
 
-    def norm(hf: str, ct2: str) -> None:
+    def norm(hf: str, ct2: str) -> None:  # eps is not stored; Whisper's 1e-5 = HF's default
         put(f"{hf}.weight", get(f"{ct2}/gamma"))
         put(f"{hf}.bias", get(f"{ct2}/beta"))
 
@@ -411,20 +413,15 @@ def _build_tokenizer(ct2_dir: Path, vocab_size: int):
             lines.pop()
         if len(lines) != vocab_size:
             raise Ct2FormatError(f"{vocab_txt}: {len(lines)} entries, model vocab is {vocab_size}")
+        # Ids beyond the tokenizer are Whisper's timestamp tokens <|0.00|> ... <|30.00|>.
         vocab = tokenizer.get_vocab()
-        for token_id in (
-            0,
-            220,
-            50256,
-            50257,
-            vocab_size - 1 if vocab_size - 1 < len(tokenizer) else 0,
-        ):
-            token = lines[token_id]
-            if vocab.get(token) != token_id:
-                raise Ct2FormatError(
-                    f"{vocab_txt}: entry {token_id} is {token!r}, tokenizer.json says "
-                    f"{tokenizer.convert_ids_to_tokens(token_id)!r}"
-                )
+        wrong = [i for i in range(len(tokenizer)) if vocab.get(lines[i]) != i]
+        if wrong:
+            i = wrong[0]
+            raise Ct2FormatError(
+                f"{vocab_txt}: {len(wrong)} entries disagree with tokenizer.json, first: id {i} "
+                f"is {lines[i]!r} here, {tokenizer.convert_ids_to_tokens(i)!r} there"
+            )
     return tokenizer
 
 
@@ -457,10 +454,9 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     t0 = time.perf_counter()
     ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
     model_bin = ct2_dir / "model.bin"
-    header, _, _ = _parse(model_bin)
+    header, tensors = _read(model_bin)
     if header.spec != "WhisperSpec":
         raise Ct2FormatError(f"{model_bin}: spec is {header.spec!r}, expected 'WhisperSpec'")
-    tensors = read_ct2_model(model_bin)
     ct2_config: dict = {}
     if (ct2_dir / "config.json").is_file():
         ct2_config = json.loads((ct2_dir / "config.json").read_text(encoding="utf-8"))
@@ -537,7 +533,7 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     unassigned = sorted(set(params) - set(state))
     unknown = sorted(set(state) - set(params))
     if unassigned or unknown or unused:
-        raise RuntimeError(
+        raise WeightsError(
             f"conversion of {model_bin} is incomplete:\n"
             f"  HF parameters not assigned: {unassigned}\n"
             f"  converted names not in the HF model: {unknown}\n"
@@ -547,13 +543,13 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         for name, value in state.items():
             param = params[name]
             if tuple(param.shape) != value.shape:
-                raise RuntimeError(
+                raise WeightsError(
                     f"{model_bin}: {name} has shape {value.shape}, model expects {tuple(param.shape)}"
                 )
             param.copy_(torch.from_numpy(value))
     model.tie_weights()
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
-        raise RuntimeError("proj_out is not tied to the decoder token embedding")
+        raise WeightsError("proj_out is not tied to the decoder token embedding")
 
     # ---- generation config: greedy English transcription, no timestamps
     gen = GenerationConfig(
@@ -594,7 +590,7 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         padding_value=0.0,
     )
     if feature_extractor.nb_max_frames != 2 * max_source:
-        raise RuntimeError(
+        raise WeightsError(
             f"feature extractor yields {feature_extractor.nb_max_frames} frames, encoder expects "
             f"{2 * max_source}"
         )
@@ -621,7 +617,11 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             old.rmdir()
             out_dir.rename(old)
-            tmp.rename(out_dir)
+            try:
+                tmp.rename(out_dir)
+            except BaseException:
+                old.rename(out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out_dir)
@@ -656,14 +656,14 @@ def _verify_saved(model_dir: Path, reference) -> None:
         if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")
     }
     if problems:
-        raise RuntimeError(f"{model_dir}: saved model does not reload cleanly: {problems}")
+        raise WeightsError(f"{model_dir}: saved model does not reload cleanly: {problems}")
     ref = reference.state_dict()
     got = loaded.state_dict()
     if set(ref) != set(got):
-        raise RuntimeError(f"{model_dir}: reloaded keys differ: {sorted(set(ref) ^ set(got))}")
+        raise WeightsError(f"{model_dir}: reloaded keys differ: {sorted(set(ref) ^ set(got))}")
     bad = [k for k in ref if not torch.equal(ref[k], got[k])]
     if bad:
-        raise RuntimeError(f"{model_dir}: reloaded tensors differ: {bad}")
+        raise WeightsError(f"{model_dir}: reloaded tensors differ: {bad}")
     processor = WhisperProcessor.from_pretrained(model_dir)
     if processor.feature_extractor.feature_size != reference.config.num_mel_bins:
-        raise RuntimeError(f"{model_dir}: processor n_mels mismatch")
+        raise WeightsError(f"{model_dir}: processor n_mels mismatch")
