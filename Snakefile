@@ -10,6 +10,7 @@ include: "rules/common.smk"
 include: "rules/corpus.smk"
 include: "rules/models.smk"
 include: "rules/train.smk"
+include: "rules/analysis.smk"
 include: "rules/tables.smk"
 
 

@@ -58,8 +58,24 @@ def train_runs():
     )
 
 
+def analysis_targets():
+    """Every analysis TSV of the grid (LoRA-only analyses on LoRA runs) and the cross-rank tables."""
+    from serlens.analysis.registry import ANALYSES
+
+    targets = []
+    for name, spec in ANALYSES.items():
+        methods = [m for m in METHODS if m != "frozen"] if spec.lora_only else METHODS
+        targets += expand(
+            f"{RESULTS}/analysis/{{model}}/{{method}}/fold{{fold}}/{name}.tsv", model=MODELS, method=methods, fold=FOLDS
+        )
+    if config["lora"]["ranks"]:
+        targets += expand(f"{RESULTS}/analysis/{{model}}/lora/fold{{fold}}/subspace.tsv", model=MODELS, fold=FOLDS)
+    return targets
+
+
 def all_targets():
     return [
+        *analysis_targets(),
         f"{RESULTS}/corpus/manifest.tsv",
         f"{RESULTS}/corpus/folds.tsv",
         *expand(f"{RESULTS}/models/{{model}}.json", model=MODELS),

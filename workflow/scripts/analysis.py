@@ -1,0 +1,17 @@
+from serlens.analysis.registry import run_analysis
+from serlens.steps import log_to
+
+log_to(snakemake.log[0])
+run_analysis(
+    snakemake.params.name,
+    snakemake.config,
+    model=snakemake.wildcards.model,
+    method=snakemake.params.method,
+    fold=int(snakemake.wildcards.fold),
+    manifest=snakemake.input.manifest,
+    folds=snakemake.input.folds,
+    weights=snakemake.input.weights,
+    run_dir=snakemake.params.run_dir,
+    output=snakemake.output[0],
+    features=snakemake.input.get("features"),
+)
