@@ -128,7 +128,7 @@ def fit(
             if torch.isfinite(grad_norm):
                 optimizer.step()
             scheduler.step()
-            total_loss += float(loss) * n
+            total_loss += float(loss.detach()) * n
             seen += n
         train_s = time.perf_counter() - tic
         model.eval()
@@ -161,8 +161,6 @@ def fit(
             history[-1]["utt_per_s"],
         )
         stopped_early = best["bad_epochs"] >= cfg.patience
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
         if checkpoint is not None:
             _save_atomic(
                 {
@@ -177,6 +175,8 @@ def fit(
                 },
                 checkpoint,
             )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     load_trainable(model, best["state"])
     model.eval()
     return FitResult(history, best["epoch"], best["uar"], elapsed, stopped_early)
