@@ -42,9 +42,11 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_training.py
 
+# The paper's grid against a small IEMOCAP-format tree the tests write: prints the job counts.
 paper-dry-run: install
-	$(BIN)/python tests/paper_tree.py /tmp/serlens-iemocap-tree
-	$(BIN)/snakemake -n --quiet rules --configfile config/paper.yaml --config corpus='{"kind": "iemocap", "root": "/tmp/serlens-iemocap-tree"}'
+	rm -rf /tmp/serlens-paper-tree && $(BIN)/python tests/iemocap_tree.py /tmp/serlens-paper-tree/IEMOCAP_full_release
+	printf 'corpus:\n  root: /tmp/serlens-paper-tree/IEMOCAP_full_release\n' > /tmp/serlens-paper-tree/root.yaml
+	$(BIN)/snakemake -n --quiet rules --configfile config/paper.yaml /tmp/serlens-paper-tree/root.yaml
 
 clean:
 	rm -rf results .snakemake

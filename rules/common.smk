@@ -29,6 +29,20 @@ wildcard_constraints:
     rank=r"\d+",
 
 
+# Which training settings each kind of run reads, so changing one reruns only the runs it affects.
+FROZEN_TRAIN_KEYS = ["frozen_epochs", "frozen_lr", "frozen_batch_size", "frozen_patience"]
+SHARED_TRAIN_KEYS = ["weight_decay", "warmup_fraction", "grad_clip", "balance", "head_proj_size"]
+
+
+def train_params(kind):
+    keys = SHARED_TRAIN_KEYS + (
+        FROZEN_TRAIN_KEYS
+        if kind == "frozen"
+        else ["batch_size", "epochs", "patience", "lr"]
+    )
+    return {key: config["train"][key] for key in keys}
+
+
 def model_resource(key):
     def get(wildcards, attempt):
         table = config["model_resources"]

@@ -31,7 +31,7 @@ rule train_frozen:
             for suffix in ("", "_wsum")
         },
     params:
-        train=config["train"],
+        train=train_params("frozen"),
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/train/{{model}}/frozen/fold{{fold}}.log",
@@ -54,8 +54,8 @@ rule train_lora:
         head=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/head.safetensors",
         adapter=directory(f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/adapter"),
     params:
-        train=config["train"],
-        lora=config["lora"],
+        train=train_params("lora"),
+        lora={k: v for k, v in config["lora"].items() if k != "ranks"},
         audio=config["audio"],
         seed=config["seed"],
     log:

@@ -46,3 +46,9 @@ def write_tree(root: Path, per_session: int = 8, rate: int = 16000) -> Path:
         (eval_dir / f"{dialog}.txt").write_text("".join(blocks))
         (eval_dir / f"._{dialog}.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     return root
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tree(Path(sys.argv[1])))
