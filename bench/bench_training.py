@@ -50,7 +50,12 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 def encoder_flops(config, frames: int, batch: int) -> float:
     """Forward FLOPs: conv stem + per layer (QKVO, MLP, attention scores and mixing)."""
-    d, ffn, layers, mels = config.d_model, config.encoder_ffn_dim, config.encoder_layers, config.num_mel_bins
+    d, ffn, layers, mels = (
+        config.d_model,
+        config.encoder_ffn_dim,
+        config.encoder_layers,
+        config.num_mel_bins,
+    )
     stem = 2 * (mels * d * 3 * 2 * frames) + 2 * (d * d * 3 * frames)
     per_layer = 2 * frames * (4 * d * d + 2 * d * ffn) + 2 * 2 * frames * frames * d
     return batch * (stem + layers * per_layer)
@@ -93,14 +98,18 @@ def time_train(model, logmel, waves, policy, batch_size, steps) -> tuple[float, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--utterances", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    )
 
     weights = resolve_weights("bundled:tiny.en", os.environ.get("SERLENS_RESOURCES", "resources"))
     encoder = load_encoder(weights)
@@ -117,20 +126,26 @@ def main() -> None:
     pad_s, _ = time_encode(encoder, logmel, sub, "pad30", args.batch_size)
     encode_ratio = (len(waves) / crop_s) / (len(sub) / pad_s)
     forward_pct = 100 * crop_flops / crop_s / peak
-    print(f"encode: crop {len(waves) / crop_s:.1f} utt/s, pad30 {len(sub) / pad_s:.2f} utt/s -> {encode_ratio:.1f}x")
+    print(
+        f"encode: crop {len(waves) / crop_s:.1f} utt/s, pad30 {len(sub) / pad_s:.2f} utt/s -> {encode_ratio:.1f}x"
+    )
 
     # LoRA training steps: crop vs pad30.
     model = LoraEmotionModel(encoder, 4, 8, validate_config({})["lora"])
     model.train()
     time_train(model, logmel, waves, "crop", args.batch_size, 1)  # warm-up
     steps = max(2, len(waves) // args.batch_size)
-    crop_train_s, crop_seen, crop_train_flops = time_train(model, logmel, waves, "crop", args.batch_size, steps)
+    crop_train_s, crop_seen, crop_train_flops = time_train(
+        model, logmel, waves, "crop", args.batch_size, steps
+    )
     pad_train_s, pad_seen, _ = time_train(model, logmel, sub, "pad30", args.batch_size, 2)
     train_ratio = (crop_seen / crop_train_s) / (pad_seen / pad_train_s)
     # A LoRA step runs the forward and the backward through every layer's activations
     # (no weight gradients for frozen weights): about 2x the forward FLOPs.
     train_pct = 100 * 2 * crop_train_flops / crop_train_s / peak
-    print(f"train: crop {crop_seen / crop_train_s:.1f} utt/s, pad30 {pad_seen / pad_train_s:.2f} utt/s -> {train_ratio:.1f}x")
+    print(
+        f"train: crop {crop_seen / crop_train_s:.1f} utt/s, pad30 {pad_seen / pad_train_s:.2f} utt/s -> {train_ratio:.1f}x"
+    )
     model.peft_encoder.unload()
 
     # Frozen baselines of five folds: encode once and train heads on the cache, vs re-encode
@@ -139,29 +154,50 @@ def main() -> None:
     labels = np.arange(len(waves)) % 4
     train_cfg = validate_config({})["train"]
     n = len(waves)
-    parts = {"train": np.arange(0, n * 3 // 5), "dev": np.arange(n * 3 // 5, n * 4 // 5), "test": np.arange(n * 4 // 5, n)}
+    parts = {
+        "train": np.arange(0, n * 3 // 5),
+        "dev": np.arange(n * 3 // 5, n * 4 // 5),
+        "test": np.arange(n * 4 // 5, n),
+    }
 
     def heads(features):
-        splits = {k: Split([str(i) for i in v], labels[v], np.ones(len(v)), [""] * len(v)) for k, v in parts.items()}
+        splits = {
+            k: Split([str(i) for i in v], labels[v], np.ones(len(v)), [""] * len(v))
+            for k, v in parts.items()
+        }
         feats = {k: features[v] for k, v in parts.items()}
         for kind in ("last", "wsum"):
             train_frozen_head(kind, feats, splits, ["a", "b", "c", "d"], train_cfg, 0)
 
     tic = time.perf_counter()
     with torch.inference_mode():
-        cached = torch.cat([pooled_layer_states(encoder, logmel(c, "crop")) for c in batches_of(waves, args.batch_size)])
+        cached = torch.cat(
+            [
+                pooled_layer_states(encoder, logmel(c, "crop"))
+                for c in batches_of(waves, args.batch_size)
+            ]
+        )
     for _ in range(5):
         heads(cached)
     cache_s = time.perf_counter() - tic
     tic = time.perf_counter()
     for _ in range(5):
         with torch.inference_mode():
-            features = torch.cat([pooled_layer_states(encoder, logmel(c, "crop")) for c in batches_of(waves, args.batch_size)])
+            features = torch.cat(
+                [
+                    pooled_layer_states(encoder, logmel(c, "crop"))
+                    for c in batches_of(waves, args.batch_size)
+                ]
+            )
         heads(features)
     recompute_s = time.perf_counter() - tic
     cache_ratio = recompute_s / cache_s
-    print(f"frozen, five folds: cache {cache_s:.1f} s, re-encode per fold {recompute_s:.1f} s -> {cache_ratio:.1f}x")
-    print(f"forward at crop length: {forward_pct:.0f}% of matmul peak; train step: {train_pct:.0f}%")
+    print(
+        f"frozen, five folds: cache {cache_s:.1f} s, re-encode per fold {recompute_s:.1f} s -> {cache_ratio:.1f}x"
+    )
+    print(
+        f"forward at crop length: {forward_pct:.0f}% of matmul peak; train step: {train_pct:.0f}%"
+    )
     print(
         f"bench: crop/pad30 train {train_ratio:.1f}x, encode {encode_ratio:.1f}x; cache/recompute {cache_ratio:.1f}x; "
         f"forward {forward_pct:.0f}% of matmul peak, train step {train_pct:.0f}%"

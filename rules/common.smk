@@ -30,8 +30,19 @@ wildcard_constraints:
 
 
 # Which training settings each kind of run reads, so changing one reruns only the runs it affects.
-FROZEN_TRAIN_KEYS = ["frozen_epochs", "frozen_lr", "frozen_batch_size", "frozen_patience"]
-SHARED_TRAIN_KEYS = ["weight_decay", "warmup_fraction", "grad_clip", "balance", "head_proj_size"]
+FROZEN_TRAIN_KEYS = [
+    "frozen_epochs",
+    "frozen_lr",
+    "frozen_batch_size",
+    "frozen_patience",
+]
+SHARED_TRAIN_KEYS = [
+    "weight_decay",
+    "warmup_fraction",
+    "grad_clip",
+    "balance",
+    "head_proj_size",
+]
 
 
 def train_params(kind):
@@ -46,7 +57,9 @@ def train_params(kind):
 def model_resource(key):
     def get(wildcards, attempt):
         table = config["model_resources"]
-        value = table.get(wildcards.model, table.get("default", {})).get(key, RESOURCE_DEFAULTS[key])
+        value = table.get(wildcards.model, table.get("default", {})).get(
+            key, RESOURCE_DEFAULTS[key]
+        )
         return value * attempt if key in ("mem_mb", "runtime") else value
 
     return get
@@ -68,7 +81,10 @@ def corpus_root():
 def train_runs():
     """Every model x method x fold run directory of the configured grid."""
     return expand(
-        f"{RESULTS}/train/{{model}}/{{method}}/fold{{fold}}", model=MODELS, method=METHODS, fold=FOLDS
+        f"{RESULTS}/train/{{model}}/{{method}}/fold{{fold}}",
+        model=MODELS,
+        method=METHODS,
+        fold=FOLDS,
     )
 
 
@@ -80,11 +96,33 @@ def analysis_targets():
     for name, spec in ANALYSES.items():
         methods = [m for m in METHODS if m != "frozen"] if spec.lora_only else METHODS
         targets += expand(
-            f"{RESULTS}/analysis/{{model}}/{{method}}/fold{{fold}}/{name}.tsv", model=MODELS, method=methods, fold=FOLDS
+            f"{RESULTS}/analysis/{{model}}/{{method}}/fold{{fold}}/{name}.tsv",
+            model=MODELS,
+            method=methods,
+            fold=FOLDS,
         )
     if config["lora"]["ranks"]:
-        targets += expand(f"{RESULTS}/analysis/{{model}}/lora/fold{{fold}}/subspace.tsv", model=MODELS, fold=FOLDS)
+        targets += expand(
+            f"{RESULTS}/analysis/{{model}}/lora/fold{{fold}}/subspace.tsv",
+            model=MODELS,
+            fold=FOLDS,
+        )
     return targets
+
+
+def run_inputs(method_pattern):
+    """Inputs every analysis of one run needs: the corpus tables, the weights and the run's files."""
+    run = f"{RESULTS}/train/{{model}}/{method_pattern}/fold{{fold}}"
+    inputs = {
+        "manifest": f"{RESULTS}/corpus/manifest.tsv",
+        "folds": f"{RESULTS}/corpus/folds.tsv",
+        "weights": f"{RESULTS}/models/{{model}}.json",
+        "head": f"{run}/head.safetensors",
+        "metrics": f"{run}/metrics.json",
+    }
+    if method_pattern != "frozen":
+        inputs["adapter"] = f"{run}/adapter"
+    return inputs
 
 
 def all_targets():

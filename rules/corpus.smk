@@ -1,12 +1,14 @@
 rule synth_corpus:
     output:
         directory(f"{RESOURCES}/corpus/synthetic"),
+    log:
+        f"{RESULTS}/logs/synth_corpus.log",
+    conda:
+        "../envs/serlens.yaml"
+    threads: 1
     params:
         utterances_per_speaker=config["corpus"]["synthetic"]["utterances_per_speaker"],
         seed=config["corpus"]["synthetic"]["seed"],
-    log:
-        f"{RESULTS}/logs/synth_corpus.log",
-    threads: 1
     script:
         "../workflow/scripts/synth_corpus.py"
 
@@ -17,12 +19,14 @@ rule manifest:
     output:
         manifest=f"{RESULTS}/corpus/manifest.tsv",
         summary=f"{RESULTS}/corpus/summary.tsv",
+    log:
+        f"{RESULTS}/logs/manifest.log",
+    conda:
+        "../envs/serlens.yaml"
+    threads: 1
     params:
         root=corpus_root(),
         corpus={k: v for k, v in config["corpus"].items() if k != "synthetic"},
-    log:
-        f"{RESULTS}/logs/manifest.log",
-    threads: 1
     script:
         "../workflow/scripts/manifest.py"
 
@@ -32,10 +36,12 @@ rule folds:
         f"{RESULTS}/corpus/manifest.tsv",
     output:
         f"{RESULTS}/corpus/folds.tsv",
-    params:
-        folds=config["folds"],
     log:
         f"{RESULTS}/logs/folds.log",
+    conda:
+        "../envs/serlens.yaml"
     threads: 1
+    params:
+        folds=config["folds"],
     script:
         "../workflow/scripts/folds.py"

@@ -15,14 +15,16 @@ rule performance:
         performance=f"{RESULTS}/tables/performance.tsv",
         summary=f"{RESULTS}/tables/performance_summary.tsv",
         significance=f"{RESULTS}/tables/significance.tsv",
+    log:
+        f"{RESULTS}/logs/tables/performance.log",
+    conda:
+        "../envs/serlens.yaml"
+    threads: 1
     params:
         classes=CLASSES,
-        results=RESULTS,
+        results=lambda wildcards, output: str(Path(output.performance).parents[1]),
         expected={"models": MODELS, "methods": METHODS, "folds": FOLDS},
         significance=config["significance"],
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/tables/performance.log",
-    threads: 1
     script:
         "../workflow/scripts/performance.py"

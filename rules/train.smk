@@ -4,16 +4,18 @@ rule features:
         manifest=f"{RESULTS}/corpus/manifest.tsv",
     output:
         f"{RESULTS}/features/{{model}}/pooled.safetensors",
-    params:
-        audio=config["audio"],
-        batch_size=config["train"]["feature_batch_size"],
     log:
         f"{RESULTS}/logs/features/{{model}}.log",
+    conda:
+        "../envs/serlens.yaml"
     threads: max(1, workflow.cores // 2)
     resources:
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
         gpu=model_resource("gpu"),
+    params:
+        audio=config["audio"],
+        batch_size=config["train"]["feature_batch_size"],
     script:
         "../workflow/scripts/features.py"
 
@@ -27,17 +29,24 @@ rule train_frozen:
     output:
         **{
             f"{name}{suffix}": f"{RESULTS}/train/{{model}}/frozen/fold{{fold}}/{name}{suffix}.{ext}"
-            for name, ext in [("metrics", "json"), ("predictions", "tsv"), ("history", "tsv"), ("head", "safetensors")]
+            for name, ext in [
+                ("metrics", "json"),
+                ("predictions", "tsv"),
+                ("history", "tsv"),
+                ("head", "safetensors"),
+            ]
             for suffix in ("", "_wsum")
         },
-    params:
-        train=train_params("frozen"),
-        seed=config["seed"],
     log:
         f"{RESULTS}/logs/train/{{model}}/frozen/fold{{fold}}.log",
+    conda:
+        "../envs/serlens.yaml"
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        train=train_params("frozen"),
+        seed=config["seed"],
     script:
         "../workflow/scripts/train.py"
 
@@ -52,18 +61,22 @@ rule train_lora:
         predictions=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/predictions.tsv",
         history=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/history.tsv",
         head=f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/head.safetensors",
-        adapter=directory(f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/adapter"),
-    params:
-        train=train_params("lora"),
-        lora={k: v for k, v in config["lora"].items() if k != "ranks"},
-        audio=config["audio"],
-        seed=config["seed"],
+        adapter=directory(
+            f"{RESULTS}/train/{{model}}/lora_r{{rank}}/fold{{fold}}/adapter"
+        ),
     log:
         f"{RESULTS}/logs/train/{{model}}/lora_r{{rank}}/fold{{fold}}.log",
+    conda:
+        "../envs/serlens.yaml"
     threads: max(1, workflow.cores // 2)
     resources:
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
         gpu=model_resource("gpu"),
+    params:
+        train=train_params("lora"),
+        lora={k: v for k, v in config["lora"].items() if k != "ranks"},
+        audio=config["audio"],
+        seed=config["seed"],
     script:
         "../workflow/scripts/train.py"

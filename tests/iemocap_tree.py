@@ -42,7 +42,9 @@ def write_tree(root: Path, per_session: int = 8, rate: int = 16000) -> Path:
             start += seconds + 0.5
             wav_dir = session / "sentences" / "wav" / dialog
             wav_dir.mkdir(parents=True, exist_ok=True)
-            sf.write(wav_dir / f"{utt}.wav", tone(seconds, 200 + 20 * i, rate), rate, subtype="PCM_16")
+            sf.write(
+                wav_dir / f"{utt}.wav", tone(seconds, 200 + 20 * i, rate), rate, subtype="PCM_16"
+            )
         (eval_dir / f"{dialog}.txt").write_text("".join(blocks))
         (eval_dir / f"._{dialog}.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     return root

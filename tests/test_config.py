@@ -28,15 +28,36 @@ def test_default_config_is_valid_and_defaults_fill_in():
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["audio"].update(input_policy="pad"), r"audio.input_policy: 'pad' is not allowed; allowed values: \['crop', 'pad30'\]"),
-        (lambda c: c["train"].update(epochz=3), r"config key train: unknown key\(s\) \['epochz'\]; allowed keys: \[.*'epochs'"),
-        (lambda c: c["train"].update(epochs="ten"), r"config key train.epochs: 'ten' is not of type 'integer'"),
-        (lambda c: c["models"].update(base="openai/whisper-base"), r"config key models.base: weight source 'openai/whisper-base'"),
-        (lambda c: c["corpus"].update(kind="iemocap", root="/no/such/IEMOCAP"), r"corpus.root: '/no/such/IEMOCAP' does not exist"),
+        (
+            lambda c: c["audio"].update(input_policy="pad"),
+            r"audio.input_policy: 'pad' is not allowed; allowed values: \['crop', 'pad30'\]",
+        ),
+        (
+            lambda c: c["train"].update(epochz=3),
+            r"config key train: unknown key\(s\) \['epochz'\]; allowed keys: \[.*'epochs'",
+        ),
+        (
+            lambda c: c["train"].update(epochs="ten"),
+            r"config key train.epochs: 'ten' is not of type 'integer'",
+        ),
+        (
+            lambda c: c["models"].update(base="openai/whisper-base"),
+            r"config key models.base: weight source 'openai/whisper-base'",
+        ),
+        (
+            lambda c: c["corpus"].update(kind="iemocap", root="/no/such/IEMOCAP"),
+            r"corpus.root: '/no/such/IEMOCAP' does not exist",
+        ),
         (lambda c: c["corpus"].update(kind="iemocap", root=None), r"corpus.root: must be set"),
-        (lambda c: c["corpus"].update(merge={"exc": "joy"}), r"corpus.merge: target\(s\) \{'exc': 'joy'\}"),
+        (
+            lambda c: c["corpus"].update(merge={"exc": "joy"}),
+            r"corpus.merge: target\(s\) \{'exc': 'joy'\}",
+        ),
         (lambda c: c["folds"].update(run=[1, 6]), r"folds.run: fold\(s\) \[6\] do not exist"),
-        (lambda c: c["model_resources"].update({"small": {"mem_mb": 9000}}), r"model_resources: unknown model key\(s\) \['small'\]"),
+        (
+            lambda c: c["model_resources"].update({"small": {"mem_mb": 9000}}),
+            r"model_resources: unknown model key\(s\) \['small'\]",
+        ),
         (lambda c: c.update(corpuss={}), r"unknown key\(s\) \['corpuss'\]"),
     ],
 )
@@ -51,11 +72,23 @@ def test_snakemake_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("audio:\n  input_policy: pad31\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad), "--directory", str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--configfile",
+            str(bad),
+            "--directory",
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
     assert proc.returncode != 0
-    assert "audio.input_policy: 'pad31' is not allowed; allowed values: ['crop', 'pad30']" in proc.stdout + proc.stderr
+    assert (
+        "audio.input_policy: 'pad31' is not allowed; allowed values: ['crop', 'pad30']"
+        in proc.stdout + proc.stderr
+    )
     assert "Job stats" not in proc.stdout

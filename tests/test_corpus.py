@@ -6,7 +6,12 @@ from iemocap_tree import tone, write_tree
 
 from serlens.corpus.folds import leave_one_session_out
 from serlens.corpus.iemocap import emo_evaluation_files, parse_emo_evaluation, read_iemocap
-from serlens.corpus.manifest import build_manifest, iemocap_candidates, map_label, user_manifest_candidates
+from serlens.corpus.manifest import (
+    build_manifest,
+    iemocap_candidates,
+    map_label,
+    user_manifest_candidates,
+)
 from serlens.errors import CorpusError
 
 CLASSES = ["neu", "hap", "ang", "sad"]
@@ -30,7 +35,11 @@ def test_consensus_line_fields_and_speaker_from_last_segment(tree):
     first, second = utts[0], utts[1]
     assert first.utt_id == "Ses01F_impro01_F000" and first.raw_label == "hap" and first.line == 3
     # The dialog prefix says F, but the utterance's own last segment says M.
-    assert second.utt_id == "Ses01F_impro01_M001" and second.speaker == "Ses01M" and second.gender == "M"
+    assert (
+        second.utt_id == "Ses01F_impro01_M001"
+        and second.speaker == "Ses01M"
+        and second.gender == "M"
+    )
     assert second.wav_path == tree / "Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_M001.wav"
 
 
@@ -45,7 +54,15 @@ def test_label_mapping_drops_and_counts(tree):
     assert summary["n"].sum() == len(raw)
     exc = summary[summary.raw_label == "exc"]
     assert list(exc.label) == ["hap"] and list(exc.status) == ["kept"]
-    assert list(manifest.columns) == ["utt_id", "path", "session", "speaker", "gender", "label", "duration_s"]
+    assert list(manifest.columns) == [
+        "utt_id",
+        "path",
+        "session",
+        "speaker",
+        "gender",
+        "label",
+        "duration_s",
+    ]
     assert manifest["duration_s"].between(0.9, 2.0).all()
 
 
@@ -88,7 +105,10 @@ def test_other_sample_rate_is_kept_and_logged(tree, caplog):
 
 
 def test_user_manifest(tmp_path, tree):
-    rows = [{"path": str(u.wav_path), "label": u.raw_label, "speaker": u.speaker, "session": u.session} for u in read_iemocap(tree)]
+    rows = [
+        {"path": str(u.wav_path), "label": u.raw_label, "speaker": u.speaker, "session": u.session}
+        for u in read_iemocap(tree)
+    ]
     tsv = tmp_path / "corpus.tsv"
     pd.DataFrame(rows).to_csv(tsv, sep="\t", index=False)
     manifest, _ = build_manifest(user_manifest_candidates(tsv), CLASSES, MERGE)

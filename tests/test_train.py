@@ -12,8 +12,8 @@ from serlens.models.encoder import load_encoder, pooled_layer_states, run_encode
 from serlens.models.resolve import resolve_weights
 from serlens.train.data import Split, metrics_from_predictions
 from serlens.train.frozen import run_frozen
-from serlens.train.lora import LoraEmotionModel, run_lora
 from serlens.train.loop import warmup_linear_decay
+from serlens.train.lora import LoraEmotionModel, run_lora
 
 CLASSES = ["neu", "hap", "ang", "sad"]
 
@@ -28,7 +28,7 @@ def make_split(n, seed, prefix):
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 4
     waves, durations = [], []
-    for i, label in enumerate(labels):
+    for label in labels:
         seconds = rng.uniform(0.6, 1.2)
         t = np.arange(int(seconds * 16000)) / 16000
         f0 = 120 + 60 * label + rng.normal(0, 5)
@@ -41,7 +41,11 @@ def make_split(n, seed, prefix):
 
 @pytest.fixture()
 def splits():
-    return {"train": make_split(8, 0, "tr"), "dev": make_split(4, 1, "dv"), "test": make_split(6, 2, "te")}
+    return {
+        "train": make_split(8, 0, "tr"),
+        "dev": make_split(4, 1, "dv"),
+        "test": make_split(6, 2, "te"),
+    }
 
 
 def config(epochs=2):
@@ -89,7 +93,9 @@ def test_lora_run_outputs_and_resume(weights, splits, tmp_path):
     lora_module.fit = fit_killed_after_epoch_1
     try:
         with pytest.raises(Killed):
-            run_lora(load_encoder(weights), splits, CLASSES, 8, cfg, tmp_path / "resumed", ckpt, info)
+            run_lora(
+                load_encoder(weights), splits, CLASSES, 8, cfg, tmp_path / "resumed", ckpt, info
+            )
     finally:
         lora_module.fit = original_fit
     assert not (tmp_path / "resumed" / "metrics.json").exists()  # nothing looks complete
@@ -128,8 +134,20 @@ def test_frozen_heads_never_touch_the_encoder(weights, splits, tmp_path):
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     logmel = LogMel()
     with torch.no_grad():
-        features = {name: pooled_layer_states(encoder, logmel(s.waves, "crop")) for name, s in splits.items()}
-    run_frozen(features, splits, CLASSES, config(epochs=3)["train"], 0, tmp_path, tmp_path / "ckpt", {"model": "tiny.en"})
+        features = {
+            name: pooled_layer_states(encoder, logmel(s.waves, "crop"))
+            for name, s in splits.items()
+        }
+    run_frozen(
+        features,
+        splits,
+        CLASSES,
+        config(epochs=3)["train"],
+        0,
+        tmp_path,
+        tmp_path / "ckpt",
+        {"model": "tiny.en"},
+    )
     after = encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     for suffix in ("", "_wsum"):
@@ -150,7 +168,9 @@ def test_crop_states_do_not_depend_on_the_batch(weights):
         batched = pooled_layer_states(encoder, logmel([short, long], "crop"))
         padded = pooled_layer_states(encoder, logmel([short], "pad30"))
     assert torch.allclose(alone[0], batched[0], atol=1e-4)
-    assert not torch.allclose(alone[0], padded[0], atol=1e-2)  # pad30 attends to the padding, as Whisper does
+    assert not torch.allclose(
+        alone[0], padded[0], atol=1e-2
+    )  # pad30 attends to the padding, as Whisper does
 
 
 def test_learning_rate_schedule():

@@ -30,7 +30,9 @@ def small_config(tmp: Path, **overrides) -> dict:
     return config
 
 
-def snakemake(tmp: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    tmp: Path, config: dict, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
     path = tmp / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
@@ -40,7 +42,9 @@ def snakemake(tmp: Path, config: dict, *args: str, check: bool = True) -> subpro
         text=True,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -86,7 +90,10 @@ def test_outputs_are_complete_and_consistent(workflow):
     summary = pd.read_csv(results / "tables/performance_summary.tsv", sep="\t")
     assert (summary.n_folds == 2).all()
     significance = pd.read_csv(results / "tables/significance.tsv", sep="\t")
-    assert set(significance.method) == {"lora_r4", "frozen_wsum"} and (significance.resamples == 200).all()
+    assert (
+        set(significance.method) == {"lora_r4", "frozen_wsum"}
+        and (significance.resamples == 200).all()
+    )
 
 
 def test_every_analysis_table_is_written(workflow):
@@ -112,7 +119,14 @@ def test_adding_a_rank_schedules_only_its_jobs(workflow):
     counts = job_counts(snakemake(tmp, small_config(tmp, lora={"ranks": [4, 2]}), "-n").stdout)
     assert counts["train_lora"] == 2  # the new rank, two folds
     assert "train_frozen" not in counts and "features" not in counts
-    for name in ("svd_lora", "ab_dynamics_lora", "cka_lora", "contributions_lora", "logit_lens_lora", "probing_lora"):
+    for name in (
+        "svd_lora",
+        "ab_dynamics_lora",
+        "cka_lora",
+        "contributions_lora",
+        "logit_lens_lora",
+        "probing_lora",
+    ):
         assert counts[name] == 2
     assert counts["subspace_similarity"] == 2 and counts["performance"] == 1
     assert not any(k.endswith("_frozen") for k in counts)

@@ -85,10 +85,14 @@ class LogMel:
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
-    def __call__(self, waves: list[np.ndarray], policy: str = "crop", max_seconds: float = 30.0) -> MelBatch:
+    def __call__(
+        self, waves: list[np.ndarray], policy: str = "crop", max_seconds: float = 30.0
+    ) -> MelBatch:
         if policy not in POLICIES:
             raise ValueError(f"audio.input_policy must be one of {POLICIES}, not {policy!r}")
-        max_frames = min(MAX_ENCODER_FRAMES, int(max_seconds * SAMPLE_RATE) // SAMPLES_PER_ENCODER_FRAME)
+        max_frames = min(
+            MAX_ENCODER_FRAMES, int(max_seconds * SAMPLE_RATE) // SAMPLES_PER_ENCODER_FRAME
+        )
         lengths = [min(len(w), max_frames * SAMPLES_PER_ENCODER_FRAME) for w in waves]
         audio_frames = [max(1, math.ceil(n / SAMPLES_PER_ENCODER_FRAME)) for n in lengths]
         frames = MAX_ENCODER_FRAMES if policy == "pad30" else max(audio_frames)
@@ -110,7 +114,9 @@ class LogMel:
         return MelBatch(log_spec, mask, policy)
 
 
-def length_buckets(durations: np.ndarray, batch_size: int, generator: np.random.Generator) -> list[np.ndarray]:
+def length_buckets(
+    durations: np.ndarray, batch_size: int, generator: np.random.Generator
+) -> list[np.ndarray]:
     """Indices grouped into batches of similar length, the batch order shuffled.
 
     Sorting by duration with a little noise keeps padding small under ``crop`` while the

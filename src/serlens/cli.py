@@ -69,26 +69,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth-corpus", help="write the eSpeak NG corpus in IEMOCAP's layout")
-    p.add_argument("--out", default="resources/corpus/synthetic", help="folder to create (replaced if present)")
+    p.add_argument(
+        "--out", default="resources/corpus/synthetic", help="folder to create (replaced if present)"
+    )
     p.add_argument("--utterances-per-speaker", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth_corpus)
 
     p = sub.add_parser("manifest", help="read a corpus into manifest.tsv (+ summary.tsv beside it)")
-    p.add_argument("root", help="IEMOCAP_full_release folder, synthetic corpus folder, or a user TSV")
-    p.add_argument("--kind", choices=["iemocap", "synthetic", "manifest"], help="overrides corpus.kind")
+    p.add_argument(
+        "root", help="IEMOCAP_full_release folder, synthetic corpus folder, or a user TSV"
+    )
+    p.add_argument(
+        "--kind", choices=["iemocap", "synthetic", "manifest"], help="overrides corpus.kind"
+    )
     p.add_argument("--config", help="config YAML for classes/merge (default: built-in defaults)")
     p.add_argument("--out", default="results/corpus/manifest.tsv")
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("folds", help="leave-one-session-out folds with a speaker-disjoint dev split")
+    p = sub.add_parser(
+        "folds", help="leave-one-session-out folds with a speaker-disjoint dev split"
+    )
     p.add_argument("manifest")
     p.add_argument("--config")
     p.add_argument("--dev", choices=["next_session", "previous_session"])
     p.add_argument("--out", default="results/corpus/folds.tsv")
     p.set_defaults(func=cmd_folds)
 
-    p = sub.add_parser("weights", help="resolve a weight source to a transformers folder (converts bundled:tiny.en once)")
+    p = sub.add_parser(
+        "weights",
+        help="resolve a weight source to a transformers folder (converts bundled:tiny.en once)",
+    )
     p.add_argument("source", help="bundled:tiny.en | hf:openai/whisper-<size> | local:/path")
     p.add_argument("--resources", default="resources")
     p.set_defaults(func=cmd_weights)
@@ -103,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         args.func(args)
     except SerlensError as exc:

@@ -33,7 +33,9 @@ def describe_error(error: jsonschema.ValidationError) -> str:
         if allowed:
             return f"config key {key}: unknown key(s) {extra}; allowed keys: {allowed}"
     if error.validator == "enum":
-        return f"config key {key}: {error.instance!r} is not allowed; allowed values: {schema['enum']}"
+        return (
+            f"config key {key}: {error.instance!r} is not allowed; allowed values: {schema['enum']}"
+        )
     if error.validator == "pattern" and key.startswith("models."):
         return (
             f"config key {key}: weight source {error.instance!r} is not understood; use "
@@ -56,7 +58,10 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     schema = schema or load_schema()
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
-    problems = [describe_error(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))]
+    problems = [
+        describe_error(e)
+        for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    ]
     if not problems:
         problems = semantic_problems(config)
     if problems:
@@ -71,7 +76,9 @@ def semantic_problems(config: dict) -> list[str]:
     if corpus["kind"] in ("iemocap", "manifest"):
         root = corpus.get("root")
         if not root:
-            problems.append(f"config key corpus.root: must be set for corpus.kind {corpus['kind']!r}")
+            problems.append(
+                f"config key corpus.root: must be set for corpus.kind {corpus['kind']!r}"
+            )
         elif not Path(root).exists():
             what = "an IEMOCAP_full_release folder" if corpus["kind"] == "iemocap" else "a TSV file"
             problems.append(f"config key corpus.root: {root!r} does not exist; point it at {what}")

@@ -70,7 +70,9 @@ def paired_bootstrap_uar(
     diffs = np.empty(resamples)
     for i in range(resamples):
         idx = rng.integers(0, n, n)
-        diffs[i] = uar(labels[idx], preds_a[idx], n_classes) - uar(labels[idx], preds_b[idx], n_classes)
+        diffs[i] = uar(labels[idx], preds_a[idx], n_classes) - uar(
+            labels[idx], preds_b[idx], n_classes
+        )
     below = (np.sum(diffs <= 0) + 1) / (resamples + 1)
     above = (np.sum(diffs >= 0) + 1) / (resamples + 1)
     return {

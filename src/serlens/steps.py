@@ -57,11 +57,18 @@ def make_manifest(config: dict, root: Path, manifest_out: Path, summary_out: Pat
         candidates = user_manifest_candidates(Path(root))
     else:
         candidates = iemocap_candidates(Path(root))
-    manifest, summary = build_manifest(candidates, corpus["classes"], corpus["merge"], corpus["on_bad_audio"])
+    manifest, summary = build_manifest(
+        candidates, corpus["classes"], corpus["merge"], corpus["on_bad_audio"]
+    )
     write_tsv_atomic(summary, summary_out)
     write_tsv_atomic(manifest, manifest_out)
     counts = manifest["label"].value_counts().reindex(corpus["classes"]).to_dict()
-    log.info("manifest: %d utterances %s; dropped %d", len(manifest), counts, int(summary.query("status != 'kept'")["n"].sum()))
+    log.info(
+        "manifest: %d utterances %s; dropped %d",
+        len(manifest),
+        counts,
+        int(summary.query("status != 'kept'")["n"].sum()),
+    )
     return manifest
 
 
@@ -76,12 +83,16 @@ def resolve_model(config: dict, model: str, out_json: Path) -> Path:
     from serlens.models.resolve import resolve_weights
 
     if model not in config["models"]:
-        raise ConfigError(f"config key models: no model {model!r}; allowed: {sorted(config['models'])}")
+        raise ConfigError(
+            f"config key models: no model {model!r}; allowed: {sorted(config['models'])}"
+        )
     source = config["models"][model]
     path = resolve_weights(source, Path(config["resources_dir"]))
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"model": model, "source": source, "path": str(path.resolve())}, indent=2) + "\n")
+    out_json.write_text(
+        json.dumps({"model": model, "source": source, "path": str(path.resolve())}, indent=2) + "\n"
+    )
     return path
 
 
@@ -94,7 +105,9 @@ def device_and_threads(threads: int) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_features(config: dict, weights_json: Path, manifest_path: Path, out_path: Path, threads: int = 1) -> None:
+def make_features(
+    config: dict, weights_json: Path, manifest_path: Path, out_path: Path, threads: int = 1
+) -> None:
     from serlens.models.encoder import load_encoder
     from serlens.train.features import cache_features
 
@@ -118,7 +131,9 @@ def run_info(config: dict, model: str, method: str, fold: int) -> dict:
         "weights": config["models"][model],
         "input_policy": config["audio"]["input_policy"],
         "seed": config["seed"],
-        "config_digest": digest({k: config[k] for k in ("corpus", "audio", "folds", "train", "lora", "seed")}),
+        "config_digest": digest(
+            {k: config[k] for k in ("corpus", "audio", "folds", "train", "lora", "seed")}
+        ),
     }
 
 
@@ -153,7 +168,12 @@ def train_run(
     from serlens.train.data import fold_splits
 
     classes = config["corpus"]["classes"]
-    splits = fold_splits(read_manifest(manifest_path), pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}), fold, classes)
+    splits = fold_splits(
+        read_manifest(manifest_path),
+        pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}),
+        fold,
+        classes,
+    )
     info = run_info(config, model, method, fold)
     ckpt = checkpoint_dir(config, model, method, fold)
     rank = parse_method(method)
@@ -162,7 +182,9 @@ def train_run(
         from serlens.train.features import load_features
         from serlens.train.frozen import run_frozen
 
-        features = {name: load_features(features_path, split.utt_ids) for name, split in splits.items()}
+        features = {
+            name: load_features(features_path, split.utt_ids) for name, split in splits.items()
+        }
         run_frozen(features, splits, classes, config["train"], config["seed"], out_dir, ckpt, info)
     else:
         from serlens.models.encoder import load_encoder
@@ -180,7 +202,12 @@ def log_to(path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handlers = [logging.FileHandler(path, mode="w"), logging.StreamHandler()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
     logging.captureWarnings(True)
     for noisy in ("transformers", "peft", "urllib3", "huggingface_hub", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

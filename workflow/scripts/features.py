@@ -2,5 +2,9 @@ from serlens.steps import log_to, make_features
 
 log_to(snakemake.log[0])
 make_features(
-    snakemake.config, snakemake.input.weights, snakemake.input.manifest, snakemake.output[0], snakemake.threads
+    snakemake.config,
+    snakemake.input.weights,
+    snakemake.input.manifest,
+    snakemake.output[0],
+    snakemake.threads,
 )

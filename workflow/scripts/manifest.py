@@ -1,4 +1,6 @@
 from serlens.steps import log_to, make_manifest
 
 log_to(snakemake.log[0])
-make_manifest(snakemake.config, snakemake.params.root, snakemake.output.manifest, snakemake.output.summary)
+make_manifest(
+    snakemake.config, snakemake.params.root, snakemake.output.manifest, snakemake.output.summary
+)

@@ -23,7 +23,13 @@ class Analysis:
 ANALYSES = {
     a.name: a
     for a in [
-        Analysis("contributions", "serlens.analysis.contributions", "compute_contributions", False, ("batch_size",)),
+        Analysis(
+            "contributions",
+            "serlens.analysis.contributions",
+            "compute_contributions",
+            False,
+            ("batch_size",),
+        ),
         Analysis(
             "logit_lens",
             "serlens.analysis.logit_lens",
@@ -31,9 +37,19 @@ ANALYSES = {
             False,
             ("batch_size", "train_sample", "tuned_lens", "tuned_lens_steps"),
         ),
-        Analysis("probing", "serlens.analysis.probing", "compute_probing", False, ("batch_size", "probe_cv_folds", "probe_Cs")),
         Analysis(
-            "svd", "serlens.analysis.lora_spectra", "compute_svd", True, ("energy_fraction", "intruder_k", "intruder_epsilon")
+            "probing",
+            "serlens.analysis.probing",
+            "compute_probing",
+            False,
+            ("batch_size", "probe_cv_folds", "probe_Cs"),
+        ),
+        Analysis(
+            "svd",
+            "serlens.analysis.lora_spectra",
+            "compute_svd",
+            True,
+            ("energy_fraction", "intruder_k", "intruder_epsilon"),
         ),
         Analysis(
             "ab_dynamics",
@@ -42,7 +58,13 @@ ANALYSES = {
             True,
             ("batch_size", "train_sample", "energy_fraction", "untrained_init_std"),
         ),
-        Analysis("cka", "serlens.analysis.representations", "compute_cka", True, ("batch_size", "rbf_threshold")),
+        Analysis(
+            "cka",
+            "serlens.analysis.representations",
+            "compute_cka",
+            True,
+            ("batch_size", "rbf_threshold"),
+        ),
     ]
 }
 
@@ -50,7 +72,11 @@ ANALYSES = {
 def analysis_params(config: dict, name: str) -> dict:
     """The slice of the config an analysis depends on (what Snakemake's params trigger on)."""
     keys = ANALYSES[name].keys
-    return {"seed": config["seed"], "audio": config["audio"], **{k: config["analysis"][k] for k in keys}}
+    return {
+        "seed": config["seed"],
+        "audio": config["audio"],
+        **{k: config["analysis"][k] for k in keys},
+    }
 
 
 def run_analysis(

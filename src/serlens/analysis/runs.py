@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,9 +51,15 @@ class TrainedRun:
 
     def adapter_disabled(self):
         """Context in which the encoder is the pre-trained one."""
-        return self.peft_encoder.disable_adapter() if self.peft_encoder is not None else contextlib.nullcontext()
+        return (
+            self.peft_encoder.disable_adapter()
+            if self.peft_encoder is not None
+            else contextlib.nullcontext()
+        )
 
-    def batches(self, split: Split, batch_size: int = 8, indices: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, MelBatch]]:
+    def batches(
+        self, split: Split, batch_size: int = 8, indices: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, MelBatch]]:
         """(indices into ``split``, mel batch) in duration order, over ``indices`` or the whole split."""
         if split.waves is None:
             split.load()
@@ -92,7 +97,12 @@ def load_run(
 ) -> TrainedRun:
     """Rebuild a run from its files: weights, adapter (LoRA), head (last-layer head for frozen)."""
     classes = config["corpus"]["classes"]
-    splits = fold_splits(read_manifest(manifest_path), pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}), fold, classes)
+    splits = fold_splits(
+        read_manifest(manifest_path),
+        pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}),
+        fold,
+        classes,
+    )
     encoder = load_encoder(model_path(weights_json))
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -106,7 +116,9 @@ def load_run(
         peft_encoder.eval()
         encoder = peft_encoder.base_model.model
     state = load_file(str(run_dir / "head.safetensors"))
-    head = EmotionHead(state["projector.weight"].shape[1], len(classes), state["projector.weight"].shape[0])
+    head = EmotionHead(
+        state["projector.weight"].shape[1], len(classes), state["projector.weight"].shape[0]
+    )
     head.load_state_dict(state)
     head.eval()
     return TrainedRun(
@@ -122,4 +134,3 @@ def load_run(
         rank=rank,
         peft_encoder=peft_encoder,
     )
-

@@ -46,7 +46,9 @@ def load_encoder(model_dir: str | Path) -> nn.Module:
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise WeightsError(f"{model_dir}: no config.json; not a transformers model folder. Rerun the models rule.")
+        raise WeightsError(
+            f"{model_dir}: no config.json; not a transformers model folder. Rerun the models rule."
+        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the classifier head it would add is unused; silence its warning
     try:
@@ -88,7 +90,9 @@ def run_encoder(encoder: nn.Module, batch: MelBatch, layers: int | None = None) 
     for layer in encoder.layers[:layers]:
         x = layer(x, mask)
         resid.append(x)
-    return EncoderOutput(resid=resid, last_hidden_state=encoder.layer_norm(x), frame_mask=batch.frame_mask)
+    return EncoderOutput(
+        resid=resid, last_hidden_state=encoder.layer_norm(x), frame_mask=batch.frame_mask
+    )
 
 
 def masked_mean(states: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,9 @@ def resolve_weights(source: str, resources_dir: Path) -> Path:
     if kind == "local":
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
-            raise WeightsError(f"{source}: {path} holds no config.json; point local: at a transformers model folder.")
+            raise WeightsError(
+                f"{source}: {path} holds no config.json; point local: at a transformers model folder."
+            )
         return path
     return _hub_snapshot(name)
 

@@ -42,7 +42,15 @@ def performance_table(predictions: dict, classes: list[str]) -> pd.DataFrame:
     rows = []
     for (model, method, fold), frame in sorted(predictions.items()):
         m = metrics_from_predictions(frame, classes)
-        rows.append({"model": model, "method": method, "fold": fold, **{k: m[k] for k in METRICS}, "n": m["n"]})
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "fold": fold,
+                **{k: m[k] for k in METRICS},
+                "n": m["n"],
+            }
+        )
     return pd.DataFrame(rows, columns=["model", "method", "fold", *METRICS, "n"])
 
 
@@ -51,7 +59,12 @@ def summary_table(performance: pd.DataFrame, expected_folds, missing: list) -> p
     rows = []
     for (model, method), group in performance.groupby(["model", "method"], sort=True):
         absent = sorted(f for (mo, me, f) in missing if (mo, me) == (model, method))
-        row = {"model": model, "method": method, "n_folds": len(group), "missing_folds": ",".join(map(str, absent))}
+        row = {
+            "model": model,
+            "method": method,
+            "n_folds": len(group),
+            "missing_folds": ",".join(map(str, absent)),
+        }
         for metric in METRICS:
             row[f"{metric}_mean"] = group[metric].mean()
             row[f"{metric}_std"] = group[metric].std(ddof=1) if len(group) > 1 else np.nan
@@ -59,7 +72,9 @@ def summary_table(performance: pd.DataFrame, expected_folds, missing: list) -> p
     return pd.DataFrame(rows)
 
 
-def significance_table(predictions: dict, classes: list[str], resamples: int, seed: int) -> pd.DataFrame:
+def significance_table(
+    predictions: dict, classes: list[str], resamples: int, seed: int
+) -> pd.DataFrame:
     """Each LoRA rank and the weighted-sum head against the last-layer frozen head, per model.
 
     Paired over utterances pooled across the folds both systems have; the number of
@@ -70,13 +85,19 @@ def significance_table(predictions: dict, classes: list[str], resamples: int, se
     for model in models:
         methods = sorted({me for mo, me, _ in predictions if mo == model and me != "frozen"})
         for method in methods:
-            folds = sorted(f for mo, me, f in predictions if mo == model and me == method and (mo, "frozen", f) in predictions)
+            folds = sorted(
+                f
+                for mo, me, f in predictions
+                if mo == model and me == method and (mo, "frozen", f) in predictions
+            )
             if not folds:
                 continue
             pooled = pd.concat(
                 [
                     predictions[(model, method, f)][["utt_id", "label", "pred"]].merge(
-                        predictions[(model, "frozen", f)][["utt_id", "pred"]], on="utt_id", suffixes=("", "_frozen")
+                        predictions[(model, "frozen", f)][["utt_id", "pred"]],
+                        on="utt_id",
+                        suffixes=("", "_frozen"),
                     )
                     for f in folds
                 ]
@@ -89,18 +110,36 @@ def significance_table(predictions: dict, classes: list[str], resamples: int, se
                 resamples=resamples,
                 seed=seed,
             )
-            rows.append({"model": model, "method": method, "baseline": "frozen", "folds": ",".join(map(str, folds)), **test})
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "baseline": "frozen",
+                    "folds": ",".join(map(str, folds)),
+                    **test,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def write_performance_tables(
-    results, expected: dict, classes: list[str], performance_out, summary_out, significance_out, resamples: int, seed: int
+    results,
+    expected: dict,
+    classes: list[str],
+    performance_out,
+    summary_out,
+    significance_out,
+    resamples: int,
+    seed: int,
 ) -> None:
     """performance.tsv (one row per model x method x fold), its fold summary, and the significance tests."""
     files = prediction_files(results, expected["models"], expected["methods"], expected["folds"])
     predictions, missing = read_predictions(files)
     if missing:
-        log.warning("missing runs (not averaged over): %s", ", ".join(f"{m}/{me}/fold{f}" for m, me, f in missing))
+        log.warning(
+            "missing runs (not averaged over): %s",
+            ", ".join(f"{m}/{me}/fold{f}" for m, me, f in missing),
+        )
     performance = performance_table(predictions, classes)
     write_tsv_atomic(performance, performance_out)
     write_tsv_atomic(summary_table(performance, expected["folds"], missing), summary_out)

@@ -38,11 +38,15 @@ def label_indices(labels, classes: list[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
-        raise CorpusError(f"labels {unknown} are not in corpus.classes {classes}; rebuild the manifest.")
+        raise CorpusError(
+            f"labels {unknown} are not in corpus.classes {classes}; rebuild the manifest."
+        )
     return np.array([index[x] for x in labels], dtype=np.int64)
 
 
-def fold_splits(manifest: pd.DataFrame, folds: pd.DataFrame, fold: int, classes: list[str]) -> dict[str, Split]:
+def fold_splits(
+    manifest: pd.DataFrame, folds: pd.DataFrame, fold: int, classes: list[str]
+) -> dict[str, Split]:
     """train/dev/test of one fold, each in manifest order."""
     by_id = manifest.set_index("utt_id")
     out = {}
@@ -58,7 +62,9 @@ def fold_splits(manifest: pd.DataFrame, folds: pd.DataFrame, fold: int, classes:
     return out
 
 
-def predictions_frame(utt_ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def predictions_frame(
+    utt_ids: list[str], labels: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
     """``utt_id, label, pred, p_<class>...``: the contract every metric is derived from."""
     frame = pd.DataFrame(
         {
@@ -74,7 +80,11 @@ def predictions_frame(utt_ids: list[str], labels: np.ndarray, probs: np.ndarray,
 
 def metrics_from_predictions(predictions: pd.DataFrame, classes: list[str]) -> dict:
     """UAR, WAR, macro-F1 and confusion recomputed from a predictions table."""
-    return summarise(label_indices(predictions["label"], classes), label_indices(predictions["pred"], classes), classes)
+    return summarise(
+        label_indices(predictions["label"], classes),
+        label_indices(predictions["pred"], classes),
+        classes,
+    )
 
 
 def library_versions() -> dict:

@@ -67,7 +67,11 @@ def cache_features(
     save_file(
         {"states": states.contiguous()},
         str(tmp),
-        metadata={"utt_ids": "\n".join(manifest["utt_id"]), "policy": policy, "max_seconds": str(max_seconds)},
+        metadata={
+            "utt_ids": "\n".join(manifest["utt_id"]),
+            "policy": policy,
+            "max_seconds": str(max_seconds),
+        },
     )
     tmp.replace(out_path)
 
@@ -82,5 +86,7 @@ def load_features(path: Path, utt_ids: list[str]) -> torch.Tensor:
     index = {u: i for i, u in enumerate(cached_ids)}
     missing = [u for u in utt_ids if u not in index]
     if missing:
-        raise CorpusError(f"{path}: no cached features for {missing[:3]}...; rerun the features rule.")
+        raise CorpusError(
+            f"{path}: no cached features for {missing[:3]}...; rerun the features rule."
+        )
     return states[torch.tensor([index[u] for u in utt_ids])]

@@ -56,17 +56,26 @@ def train_frozen_head(
     set_seed(seed)
     n_layers, d_model = features["train"].shape[1:]
     pick = (lambda x: x[:, -1]) if kind == "last" else (lambda x: x)
-    head = EmotionHead(d_model, len(classes), train_cfg["head_proj_size"], None if kind == "last" else n_layers)
+    head = EmotionHead(
+        d_model, len(classes), train_cfg["head_proj_size"], None if kind == "last" else n_layers
+    )
     x_train, x_dev = pick(features["train"]), pick(features["dev"])
     y_train = torch.from_numpy(splits["train"].labels)
-    weights = class_weights(splits["train"].labels, len(classes)) if train_cfg["balance"] == "loss_weights" else None
+    weights = (
+        class_weights(splits["train"].labels, len(classes))
+        if train_cfg["balance"] == "loss_weights"
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss(weight=weights)
 
     def batches(epoch: int):
         gen = epoch_generator(seed, epoch)
         if train_cfg["balance"] == "sampler":
             idx = balanced_indices(splits["train"].labels, gen)
-            return [idx[i : i + train_cfg["frozen_batch_size"]] for i in range(0, len(idx), train_cfg["frozen_batch_size"])]
+            return [
+                idx[i : i + train_cfg["frozen_batch_size"]]
+                for i in range(0, len(idx), train_cfg["frozen_batch_size"])
+            ]
         return minibatches(len(y_train), train_cfg["frozen_batch_size"], gen)
 
     def loss_on(idx):
@@ -108,7 +117,9 @@ def run_frozen(
         )
         # The test split is touched once, here, with the head chosen on dev.
         probs = _probs(head, pick(features["test"]))
-        predictions = predictions_frame(splits["test"].utt_ids, splits["test"].labels, probs, classes)
+        predictions = predictions_frame(
+            splits["test"].utt_ids, splits["test"].labels, probs, classes
+        )
         metrics = metrics_from_predictions(predictions, classes)
         metrics.update(
             run_info,
@@ -123,7 +134,10 @@ def run_frozen(
         if kind == "wsum":
             metrics["layer_weights"] = torch.softmax(head.layer_weights.detach(), 0).tolist()
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out_dir / f"head{suffix}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in head.state_dict().items()},
+            str(out_dir / f"head{suffix}.safetensors"),
+        )
         write_tsv_atomic(pd.DataFrame(result.history), out_dir / f"history{suffix}.tsv")
         write_tsv_atomic(predictions, out_dir / f"predictions{suffix}.tsv")
         write_json_atomic(metrics, out_dir / f"metrics{suffix}.json")

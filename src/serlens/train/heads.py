@@ -15,7 +15,9 @@ from torch import nn
 
 
 class EmotionHead(nn.Module):
-    def __init__(self, d_model: int, n_classes: int, proj_size: int = 256, n_layers: int | None = None):
+    def __init__(
+        self, d_model: int, n_classes: int, proj_size: int = 256, n_layers: int | None = None
+    ):
         super().__init__()
         self.n_layers = n_layers
         if n_layers is not None:

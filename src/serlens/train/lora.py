@@ -24,7 +24,14 @@ from serlens.train.data import (
     write_tsv_atomic,
 )
 from serlens.train.heads import EmotionHead
-from serlens.train.loop import LoopConfig, balanced_indices, class_weights, epoch_generator, fit, set_seed
+from serlens.train.loop import (
+    LoopConfig,
+    balanced_indices,
+    class_weights,
+    epoch_generator,
+    fit,
+    set_seed,
+)
 
 
 def lora_config(rank: int, lora_cfg: dict) -> LoraConfig:
@@ -41,7 +48,9 @@ def lora_config(rank: int, lora_cfg: dict) -> LoraConfig:
 class LoraEmotionModel(nn.Module):
     """A peft-wrapped encoder and an :class:`EmotionHead` on its pooled last hidden state."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int, rank: int, lora_cfg: dict, proj_size: int = 256):
+    def __init__(
+        self, encoder: nn.Module, n_classes: int, rank: int, lora_cfg: dict, proj_size: int = 256
+    ):
         super().__init__()
         self.peft_encoder: PeftModel = get_peft_model(encoder, lora_config(rank, lora_cfg))
         self.head = EmotionHead(encoder.config.d_model, n_classes, proj_size)
@@ -56,7 +65,14 @@ class LoraEmotionModel(nn.Module):
         return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
 
 
-def predict(model: LoraEmotionModel, split: Split, logmel: LogMel, audio_cfg: dict, batch_size: int, device: str) -> np.ndarray:
+def predict(
+    model: LoraEmotionModel,
+    split: Split,
+    logmel: LogMel,
+    audio_cfg: dict,
+    batch_size: int,
+    device: str,
+) -> np.ndarray:
     """Class probabilities of every utterance of ``split``, in its order."""
     probs = np.zeros((len(split), model.head.classifier.out_features), dtype=np.float32)
     order = np.argsort(split.durations, kind="stable")
@@ -65,7 +81,9 @@ def predict(model: LoraEmotionModel, split: Split, logmel: LogMel, audio_cfg: di
     with torch.inference_mode(), autocast:
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            batch = logmel([split.waves[j] for j in idx], audio_cfg["input_policy"], audio_cfg["max_seconds"])
+            batch = logmel(
+                [split.waves[j] for j in idx], audio_cfg["input_policy"], audio_cfg["max_seconds"]
+            )
             probs[idx] = torch.softmax(model(batch.to(device)).float(), dim=-1).cpu().numpy()
     return probs
 
@@ -85,11 +103,17 @@ def run_lora(
     tic = time.perf_counter()
     seed, train_cfg, audio_cfg = config["seed"], config["train"], config["audio"]
     set_seed(seed)
-    model = LoraEmotionModel(encoder, len(classes), rank, config["lora"], train_cfg["head_proj_size"]).to(device)
+    model = LoraEmotionModel(
+        encoder, len(classes), rank, config["lora"], train_cfg["head_proj_size"]
+    ).to(device)
     logmel = LogMel(encoder.config.num_mel_bins)
     train = splits["train"]
     y_train = torch.from_numpy(train.labels)
-    weights = class_weights(train.labels, len(classes)) if train_cfg["balance"] == "loss_weights" else None
+    weights = (
+        class_weights(train.labels, len(classes))
+        if train_cfg["balance"] == "loss_weights"
+        else None
+    )
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
@@ -97,11 +121,15 @@ def run_lora(
         gen = epoch_generator(seed, epoch)
         if train_cfg["balance"] == "sampler":
             pool = balanced_indices(train.labels, gen)
-            return [pool[b] for b in length_buckets(train.durations[pool], train_cfg["batch_size"], gen)]
+            return [
+                pool[b] for b in length_buckets(train.durations[pool], train_cfg["batch_size"], gen)
+            ]
         return length_buckets(train.durations, train_cfg["batch_size"], gen)
 
     def loss_on(idx):
-        batch = logmel([train.waves[i] for i in idx], audio_cfg["input_policy"], audio_cfg["max_seconds"])
+        batch = logmel(
+            [train.waves[i] for i in idx], audio_cfg["input_policy"], audio_cfg["max_seconds"]
+        )
         with autocast:
             logits = model(batch.to(device))
         return loss_fn(logits.float(), y_train[torch.as_tensor(idx)].to(device)), len(idx)
@@ -140,7 +168,10 @@ def run_lora(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft_encoder.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out_dir / "head.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
+        str(out_dir / "head.safetensors"),
+    )
     write_tsv_atomic(pd.DataFrame(result.history), out_dir / "history.tsv")
     write_tsv_atomic(predictions, out_dir / "predictions.tsv")
     write_json_atomic(metrics, out_dir / "metrics.json")
