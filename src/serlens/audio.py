@@ -13,9 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import librosa
 import numpy as np
-import soundfile as sf
 import torch
 from transformers.audio_utils import mel_filter_bank
 
@@ -33,12 +31,16 @@ POLICIES = ("crop", "pad30")
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples at ``sample_rate``; other rates are resampled (and logged)."""
+    import soundfile as sf
+
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:
         raise CorpusError(f"{path}: unreadable audio ({exc}).") from exc
     data = data.mean(axis=1)
     if rate != sample_rate:
+        import librosa
+
         log.info("%s: resampling %d Hz -> %d Hz", path, rate, sample_rate)
         data = librosa.resample(data, orig_sr=rate, target_sr=sample_rate).astype(np.float32)
     return data

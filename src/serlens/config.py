@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from serlens.errors import ConfigError
@@ -23,7 +22,7 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def describe_error(error: jsonschema.ValidationError) -> str:
+def describe_error(error) -> str:
     """One line per schema violation: the dotted key, the bad value and what the schema allows."""
     key = _key(error.absolute_path)
     schema = error.schema if isinstance(error.schema, dict) else {}
@@ -53,8 +52,17 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
             _fill_defaults(instance[name], sub)
 
 
+def default_config() -> dict:
+    """Every key at its schema default (no validation; for scripts and benchmarks)."""
+    config: dict = {}
+    _fill_defaults(config, load_schema())
+    return config
+
+
 def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Fill defaults in place, then check the schema and the cross-key rules; ConfigError lists every problem."""
+    import jsonschema
+
     schema = schema or load_schema()
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
