@@ -101,7 +101,7 @@ def analysis_targets():
             method=methods,
             fold=FOLDS,
         )
-    if config["lora"]["ranks"]:
+    if len(config["lora"]["ranks"]) > 1:  # subspace similarity compares ranks
         targets += expand(
             f"{RESULTS}/analysis/{{model}}/lora/fold{{fold}}/subspace.tsv",
             model=MODELS,

@@ -22,9 +22,9 @@ from serlens.corpus.manifest import (
     iemocap_candidates,
     read_manifest,
     user_manifest_candidates,
-    write_tsv_atomic,
 )
 from serlens.errors import ConfigError
+from serlens.io import write_tsv_atomic
 
 log = logging.getLogger("serlens")
 

@@ -304,7 +304,7 @@ def write_subspace_similarity(
     """
     # Imported late: serlens.train.data pulls in the audio stack (librosa, transformers),
     # so importing this module for the tables alone stays light.
-    from serlens.train.data import write_tsv_atomic
+    from serlens.io import write_tsv_atomic
 
     table = subspace_similarity_table(adapters, model, fold)
     write_tsv_atomic(table, Path(output))

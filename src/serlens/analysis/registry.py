@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from serlens.train.data import write_tsv_atomic
+from serlens.io import write_tsv_atomic
 
 
 @dataclass(frozen=True)

@@ -181,15 +181,6 @@ def build_manifest(
     return manifest, summary_df
 
 
-def write_tsv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write next to the target and rename, so a killed job leaves no half-written table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(path)
-
-
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest written by :func:`build_manifest` with its column types."""
     df = pd.read_csv(path, sep="\t", dtype={"session": str, "utt_id": str, "speaker": str})

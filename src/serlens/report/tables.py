@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serlens.io import write_tsv_atomic
 from serlens.metrics import paired_bootstrap_uar
-from serlens.train.data import label_indices, metrics_from_predictions, write_tsv_atomic
+from serlens.train.data import label_indices, metrics_from_predictions
 
 log = logging.getLogger(__name__)
 METRICS = ("uar", "war", "macro_f1")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +11,7 @@ import pandas as pd
 from serlens.audio import load_audio
 from serlens.corpus.folds import fold_split
 from serlens.errors import CorpusError
+from serlens.io import write_json_atomic, write_tsv_atomic  # noqa: F401  (re-exported)
 from serlens.metrics import summarise
 
 
@@ -102,19 +101,3 @@ def library_versions() -> dict:
         "numpy": np.__version__,
         "serlens": serlens.__version__,
     }
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def write_tsv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, sep="\t", index=False)
-    tmp.replace(path)

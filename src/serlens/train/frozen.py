@@ -15,14 +15,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from serlens.io import write_json_atomic, write_tsv_atomic
 from serlens.metrics import uar
 from serlens.train.data import (
     Split,
     library_versions,
     metrics_from_predictions,
     predictions_frame,
-    write_json_atomic,
-    write_tsv_atomic,
 )
 from serlens.train.heads import EmotionHead
 from serlens.train.loop import (

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from serlens.audio import LogMel, length_buckets
+from serlens.io import write_json_atomic, write_tsv_atomic
 from serlens.metrics import uar
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.train.data import (
@@ -20,8 +21,6 @@ from serlens.train.data import (
     library_versions,
     metrics_from_predictions,
     predictions_frame,
-    write_json_atomic,
-    write_tsv_atomic,
 )
 from serlens.train.heads import EmotionHead
 from serlens.train.loop import (
