@@ -41,7 +41,7 @@ def test_default_config_is_valid_and_defaults_fill_in():
             r"config key train.epochs: 'ten' is not of type 'integer'",
         ),
         (
-            lambda c: c["models"].update(base="openai/whisper-base"),
+            lambda c: c.setdefault("models", {}).update(base="openai/whisper-base"),
             r"config key models.base: weight source 'openai/whisper-base'",
         ),
         (
