@@ -1,7 +1,8 @@
 from serlens.analysis.registry import run_analysis
-from serlens.steps import log_to
+from serlens.steps import device_and_threads, log_to
 
 log_to(snakemake.log[0])
+device_and_threads(snakemake.threads)
 run_analysis(
     snakemake.params.name,
     snakemake.config,

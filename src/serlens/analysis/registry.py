@@ -98,7 +98,7 @@ def run_analysis(
     spec = ANALYSES[name]
     run = load_run(config, model, method, fold, manifest, folds, weights, run_dir)
     compute = getattr(importlib.import_module(spec.module), spec.function)
-    kwargs = {"features_path": features} if name == "probing" else {}
+    kwargs = {"features_path": features, "manifest_path": manifest} if name == "probing" else {}
     table = compute(run, config["analysis"], config["seed"], **kwargs)
     table.insert(0, "fold", int(fold))
     table.insert(0, "method", method)
