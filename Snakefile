@@ -14,6 +14,16 @@ include: "rules/analysis.smk"
 include: "rules/tables.smk"
 
 
+# Light jobs run where snakemake runs, not as cluster jobs (weights: compute nodes are often offline).
+localrules:
+    all,
+    synth_corpus,
+    manifest,
+    folds,
+    weights,
+    performance,
+
+
 rule all:
     default_target: True
     input:

@@ -42,6 +42,6 @@ rule folds:
         "../envs/serlens.yaml"
     threads: 1
     params:
-        folds=config["folds"],
+        dev=config["folds"]["dev"],
     script:
         "../workflow/scripts/folds.py"

@@ -101,6 +101,10 @@ def model_path(weights_json: Path) -> Path:
 
 
 def device_and_threads(threads: int) -> str:
+    """Claim a GPU of the pool for this job (local runs; SLURM binds its own), set CPU threads."""
+    from serlens.gpu import claim_gpu
+
+    claim_gpu()
     torch.set_num_threads(max(1, threads))
     return "cuda" if torch.cuda.is_available() else "cpu"
 
