@@ -33,3 +33,32 @@ def test_bootstrap_detects_a_real_difference_and_not_a_null_one():
     assert same["delta_uar"] == 0 and same["p_value"] == 1.0
     again = paired_bootstrap_uar(labels, good, bad, 4, resamples=500, seed=0)
     assert again == strong  # seeded
+
+
+def test_aggregation_names_missing_runs(tmp_path):
+    import pandas as pd
+
+    from serlens.report.tables import (
+        performance_table,
+        prediction_files,
+        read_predictions,
+        summary_table,
+    )
+
+    classes = ["neu", "hap"]
+    files = prediction_files(tmp_path, ["m"], ["frozen", "lora_r4"], [1, 2])
+    for (model, method, fold), path in files.items():
+        if (method, fold) == ("lora_r4", 2):
+            continue  # this run failed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(
+            {"utt_id": ["a", "b"], "label": ["neu", "hap"], "pred": ["neu", "neu"]}
+        ).to_csv(path, sep="\t", index=False)
+    predictions, missing = read_predictions(files)
+    assert missing == [("m", "lora_r4", 2)]
+    summary = summary_table(performance_table(predictions, classes), [1, 2], missing).set_index(
+        "method"
+    )
+    assert summary.loc["lora_r4", "n_folds"] == 1 and summary.loc["lora_r4", "missing_folds"] == "2"
+    assert summary.loc["frozen", "n_folds"] == 2 and summary.loc["frozen", "missing_folds"] == ""
+    assert summary.loc["frozen", "uar_mean"] == 0.5

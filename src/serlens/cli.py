@@ -63,6 +63,27 @@ def cmd_transcribe(args) -> None:
         print(f"{path}\t{text}" if len(args.files) > 1 else text)
 
 
+def cmd_tables(args) -> None:
+    from serlens.report.tables import write_performance_tables
+    from serlens.steps import log_to
+
+    config = _config(args.config)
+    tables = Path(config["results"]) / "tables"
+    log_to(tables / "tables_by_hand.log")
+    methods = ["frozen"] + [f"lora_r{r}" for r in config["lora"]["ranks"]]
+    write_performance_tables(
+        config["results"],
+        {"models": list(config["models"]), "methods": methods, "folds": config["folds"]["run"]},
+        config["corpus"]["classes"],
+        tables / "performance.tsv",
+        tables / "performance_summary.tsv",
+        tables / "significance.tsv",
+        resamples=config["significance"]["resamples"],
+        seed=config["seed"],
+    )
+    print((tables / "performance_summary.tsv").read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serlens", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -103,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="bundled:tiny.en | hf:openai/whisper-<size> | local:/path")
     p.add_argument("--resources", default="resources")
     p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser(
+        "tables",
+        help="performance tables from the runs that exist (after --keep-going): missing runs are named, not averaged",
+    )
+    p.add_argument("--config", help="the config the workflow ran with (default: built-in defaults)")
+    p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("transcribe", help="greedy transcript of wav files (checks the weights)")
     p.add_argument("files", nargs="+")
