@@ -12,11 +12,23 @@ import yaml
 from serlens.errors import SerlensError
 
 
-def _config(path: str | None) -> dict:
+def _merge(base: dict, update: dict) -> dict:
+    """Mappings merged key by key, other values replaced (as Snakemake merges config files)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _config(paths) -> dict:
     from serlens.config import validate_config
 
-    config = yaml.safe_load(Path(path).read_text()) if path else {}
-    return validate_config(config or {})
+    config: dict = {}
+    for path in [paths] if isinstance(paths, str) else paths or []:
+        _merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return validate_config(config)
 
 
 def cmd_synth_corpus(args) -> None:
@@ -129,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tables",
         help="performance tables from the runs that exist (after --keep-going): missing runs are named, not averaged",
     )
-    p.add_argument("--config", help="the config the workflow ran with (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        help="the config files the workflow ran with, in order (e.g. config.yaml config/paper.yaml my.yaml)",
+    )
     p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("transcribe", help="greedy transcript of wav files (checks the weights)")
