@@ -20,7 +20,9 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
-	@echo "results: $(CURDIR)/results (tables in results/tables)"
+	$(BIN)/snakemake --cores 1 --report results/report.html
+	@echo "results: $(CURDIR)/results (tables in results/tables, figures in results/figures)"
+	@echo "report: $(CURDIR)/results/report.html"
 
 test: install
 	$(BIN)/pytest -q -ra

@@ -1,3 +1,9 @@
+import glob
+from pathlib import Path
+from serlens.report.aggregate import TABLES as ANALYSIS_TABLES
+from serlens.report.aggregate import expected_runs
+from serlens.report.figures import history_files
+from serlens.report.tables import prediction_files
 import re
 from pathlib import Path
 
@@ -128,9 +134,78 @@ def run_inputs(method_pattern):
 def all_targets():
     return [
         *analysis_targets(),
+        *report_targets(),
         f"{RESULTS}/corpus/manifest.tsv",
         f"{RESULTS}/corpus/folds.tsv",
         *expand(f"{RESULTS}/models/{{model}}.json", model=MODELS),
         f"{RESULTS}/tables/performance_summary.tsv",
         f"{RESULTS}/tables/significance.tsv",
     ]
+
+
+# --- report: tables and figures -------------------------------------------------
+FIGURES = f"{RESULTS}/figures"
+LORA_RANKS = config["lora"]["ranks"]
+
+
+def keyed(files):
+    """Input files and their (model, method, fold) keys, in one order: the keys go to params."""
+    return {
+        "input": [str(path) for path in files.values()],
+        "keys": [list(key) for key in files],
+    }
+
+
+def analysis_runs(name):
+    return keyed(expected_runs(name, RESULTS, MODELS, METHODS, FOLDS))
+
+
+def training_histories(wildcards):
+    """history.tsv (and history_wsum.tsv) of every run of one model, keyed by (method, fold)."""
+    return keyed(history_files(f"{RESULTS}/train", wildcards.model, METHODS, FOLDS))
+
+
+PREDICTIONS = keyed(prediction_files(Path(RESULTS), MODELS, METHODS, FOLDS))
+
+
+def figure(path, caption, category, subcategory, **labels):
+    """A PNG registered in the report, with its caption in workflow/report/."""
+    return report(
+        path,
+        caption=f"../workflow/report/{caption}.rst",
+        category=category,
+        subcategory=subcategory,
+        labels=labels or None,
+    )
+
+
+def aggregated_tables():
+    """Analysis tables of the grid (LoRA-only ones only when ranks are configured)."""
+    return [
+        name
+        for name, spec in ANALYSIS_TABLES.items()
+        if LORA_RANKS or not spec.lora_only
+    ]
+
+
+def report_targets():
+    """Every table and figure of the report: add these to rule all."""
+    per_model = ["training_curves", "contributions", "logit_lens", "probing"]
+    if LORA_RANKS:
+        per_model += ["spectra", "ab_dynamics", "cka"]
+    targets = [
+        f"{RESULTS}/tables/confusion.tsv",
+        *expand(f"{RESULTS}/tables/{{name}}.tsv", name=aggregated_tables()),
+        *expand(
+            f"{FIGURES}/{{name}}.{{ext}}",
+            name=["performance", "confusion", "contributions_depth", "rulegraph"],
+            ext=["png", "svg"],
+        ),
+        *expand(
+            f"{FIGURES}/{{family}}/{{model}}.{{ext}}",
+            family=per_model,
+            model=MODELS,
+            ext=["png", "svg"],
+        ),
+    ]
+    return targets

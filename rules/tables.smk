@@ -13,8 +13,20 @@ rule performance:
         ),
     output:
         performance=f"{RESULTS}/tables/performance.tsv",
-        summary=f"{RESULTS}/tables/performance_summary.tsv",
-        significance=f"{RESULTS}/tables/significance.tsv",
+        summary=report(
+            f"{RESULTS}/tables/performance_summary.tsv",
+            caption="../workflow/report/performance_table.rst",
+            category="Tables",
+            subcategory="performance",
+            labels={"table": "performance summary"},
+        ),
+        significance=report(
+            f"{RESULTS}/tables/significance.tsv",
+            caption="../workflow/report/significance_table.rst",
+            category="Tables",
+            subcategory="performance",
+            labels={"table": "significance"},
+        ),
     log:
         f"{RESULTS}/logs/tables/performance.log",
     conda:

@@ -107,6 +107,32 @@ def test_every_analysis_table_is_written(workflow):
         assert len(pd.read_csv(analysis / f"lora_r4/fold2/{name}.tsv", sep="\t")) > 0
 
 
+def test_figures_and_report(workflow):
+    tmp, config = workflow
+    figures = tmp / "results/figures"
+    pngs = sorted(figures.rglob("*.png"))
+    assert len(pngs) >= 10
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
+        assert png.with_suffix(".svg").is_file()
+    report = tmp / "report.html"
+    snakemake(tmp, config, "--report", str(report))
+    assert report.stat().st_size > 100_000
+    assert "performance" in report.read_text(errors="ignore")
+
+
+def test_editing_a_figure_script_reruns_only_that_figure(workflow):
+    tmp, config = workflow
+    script = ROOT / "workflow/scripts/figure_probing.py"
+    original = script.read_text()
+    try:
+        script.write_text(original + "\n# edited\n")
+        counts = job_counts(snakemake(tmp, config, "-n").stdout)
+    finally:
+        script.write_text(original)
+    assert counts == {"figure_probing": 1, "all": 1}
+
+
 def test_complete_tree_has_nothing_to_do(workflow):
     tmp, config = workflow
     proc = snakemake(tmp, config, "-n")

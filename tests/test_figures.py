@@ -1,0 +1,471 @@
+"""Every figure renders from small generated inputs, and the fold aggregation says what it averaged.
+
+The inputs are synthetic tables in the layouts the training and analysis steps write (2 folds;
+a frozen run and two LoRA ranks, the fewest that give a cross-rank subspace table), so the
+test needs no model and runs in seconds.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from serlens.report import figures
+from serlens.report.aggregate import TABLES, aggregate_analysis, confusion_table, expected_runs
+
+MODEL = "tiny.en"
+N_LAYERS = 4
+CLASSES = ["neu", "hap", "ang", "sad"]
+FOLDS = [1, 2]
+RANKS = [2, 4]
+METHODS = ["frozen", *(f"lora_r{r}" for r in RANKS)]
+MODULES = [f"layers.{i}.self_attn.v_proj" for i in range(N_LAYERS)]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, sep="\t", index=False)
+
+
+def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """One run's analysis tables, in the column layout of serlens.analysis.* (plus model/method/fold)."""
+    lora = method != "frozen"
+    rank = int(method.removeprefix("lora_r")) if lora else None
+    variants = ["adapted", "base"] if lora else ["base"]
+    tables = {}
+    tables["contributions"] = pd.DataFrame(
+        {
+            "variant": v,
+            "layer": layer,
+            "depth": layer / N_LAYERS,
+            "component": c,
+            "metric": m,
+            "value": rng.uniform(-1, 1) if m == "cosine" else rng.uniform(0.2, 1.5),
+            "n_frames": 500,
+        }
+        for v in variants
+        for layer in range(1, N_LAYERS + 1)
+        for c in ("attn", "mlp", "attn+mlp")
+        for m in ("norm_ratio", "cosine")
+    )
+    tables["logit_lens"] = pd.DataFrame(
+        {
+            "lens": lens,
+            "variant": v,
+            "layer": layer,
+            "depth": layer / N_LAYERS,
+            "metric": m,
+            "value": rng.uniform(0, 1),
+        }
+        for lens in ("logit", "tuned")
+        for v in variants
+        for layer in range(N_LAYERS + 1)
+        for m in ("uar", "war", "agreement", "kl", "entropy")
+    )
+    probe = []
+    for layer in range(N_LAYERS + 1):
+        task, control = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.35)
+        for name, value in (("emotion", task), ("control", control)):
+            probe.append(
+                {
+                    "layer": layer,
+                    "depth": layer / N_LAYERS,
+                    "task": name,
+                    "C": 1.0,
+                    "cv_uar": value,
+                    "uar": value,
+                    "war": value,
+                    "converged": True,
+                    "cv_unconverged": 0,
+                    "n_train": 40,
+                    "n_test": 10,
+                    "selectivity_uar": task - control if name == "emotion" else np.nan,
+                    "selectivity_war": task - control if name == "emotion" else np.nan,
+                }
+            )
+    tables["probing"] = pd.DataFrame(probe)
+    if not lora:
+        return tables
+    svd = []
+    for i, module in enumerate(MODULES):
+        base = {"module": module, "layer": i, "depth": (i + 1) / N_LAYERS}
+        for matrix in ("delta_w", "lora_a", "lora_b"):
+            sigma = np.sort(rng.uniform(0.01, 1.0, rank))[::-1]
+            svd += [
+                {
+                    **base,
+                    "matrix": matrix,
+                    "quantity": q,
+                    "index": None,
+                    "value": rng.uniform(1, rank),
+                }
+                for q in ("effective_rank", "stable_rank", "energy_rank")
+            ]
+            svd += [
+                {**base, "matrix": matrix, "quantity": "sigma", "index": k + 1, "value": s}
+                for k, s in enumerate(sigma)
+            ]
+        svd.append(
+            {
+                **base,
+                "matrix": "merged",
+                "quantity": "intruder_count",
+                "index": None,
+                "value": float(i % 2),
+            }
+        )
+        svd += [
+            {
+                **base,
+                "matrix": "merged",
+                "quantity": "intruder_max_cos",
+                "index": k,
+                "value": rng.uniform(0.3, 1),
+            }
+            for k in range(1, 4)
+        ]
+    tables["svd"] = pd.DataFrame(svd)
+    ab = []
+    quantities = [
+        "a_out",
+        "b_out",
+        "a_out_grad",
+        "b_out_grad",
+        "grad_norm_A",
+        "grad_norm_B",
+        "dW_from_A_norm",
+        "dW_from_B_norm",
+        "dW_cos",
+        "cka_a_code_vs_b_out_grad",
+    ]
+    for i, module in enumerate(MODULES):
+        base = {"module": module, "layer": i, "depth": (i + 1) / N_LAYERS}
+        values = {
+            s: {q: rng.uniform(0.1, rank) for q in quantities} for s in ("trained", "untrained")
+        }
+        for state in ("trained", "untrained"):
+            ab += [
+                {**base, "quantity": q, "state": state, "value": v}
+                for q, v in values[state].items()
+            ]
+        ab += [
+            {
+                **base,
+                "quantity": q,
+                "state": "ratio",
+                "value": values["trained"][q] / values["untrained"][q],
+            }
+            for q in quantities[:8]
+        ]
+    tables["ab_dynamics"] = pd.DataFrame(ab)
+    tables["cka"] = pd.DataFrame(
+        {
+            "layer_frozen": a,
+            "layer_lora": b,
+            "depth_frozen": a / N_LAYERS,
+            "depth_lora": b / N_LAYERS,
+            "kind": kind,
+            "value": 1.0 if a == b == 0 else rng.uniform(-0.05 if kind == "debiased" else 0, 1),
+        }
+        for kind in ("linear", "debiased", "rbf")
+        for a in range(N_LAYERS + 1)
+        for b in range(N_LAYERS + 1)
+    )
+    return tables
+
+
+def subspace_table(fold: int, rng: np.random.Generator) -> pd.DataFrame:
+    grid = [1, 2]
+    return pd.DataFrame(
+        {
+            "model": MODEL,
+            "fold": fold,
+            "module": m,
+            "layer": i,
+            "depth": (i + 1) / N_LAYERS,
+            "rank_a": RANKS[0],
+            "rank_b": RANKS[1],
+            "i": a,
+            "j": b,
+            "phi": rng.uniform(0, 1),
+        }
+        for i, m in enumerate(MODULES)
+        for a in grid
+        for b in [*grid, RANKS[1]]
+    )
+
+
+def predictions(rng: np.random.Generator, n: int = 24) -> pd.DataFrame:
+    labels = rng.choice(CLASSES, n)
+    preds = np.where(rng.uniform(size=n) < 0.6, labels, rng.choice(CLASSES, n))
+    probs = rng.dirichlet(np.ones(len(CLASSES)), n)
+    frame = pd.DataFrame(
+        {"utt_id": [f"u{i:03d}" for i in range(n)], "label": labels, "pred": preds}
+    )
+    for k, c in enumerate(CLASSES):
+        frame[f"p_{c}"] = probs[:, k]
+    return frame
+
+
+def history(rng: np.random.Generator, epochs: int) -> pd.DataFrame:
+    dev = np.clip(0.25 + np.cumsum(rng.uniform(-0.05, 0.12, epochs)), 0, 1)
+    best = [bool(dev[i] > dev[:i].max()) if i else True for i in range(epochs)]
+    return pd.DataFrame(
+        {
+            "epoch": np.arange(1, epochs + 1),
+            "train_loss": 1.4 * np.exp(-0.2 * np.arange(epochs)),
+            "dev_uar": dev,
+            "lr": 1e-3,
+            "utt_per_s": 100.0,
+            "epoch_s": 0.1,
+            "best": best,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """A results/ tree with the grid's per-run files, then the aggregated tables."""
+    root = tmp_path_factory.mktemp("report") / "results"
+    rng = np.random.default_rng(0)
+    for method in METHODS:
+        for fold in FOLDS:
+            run = root / "train" / MODEL / method / f"fold{fold}"
+            write(predictions(rng), run / "predictions.tsv")
+            write(history(rng, 12 if method == "frozen" else 4), run / "history.tsv")
+            if method == "frozen":
+                write(predictions(rng), run / "predictions_wsum.tsv")
+                write(history(rng, 12), run / "history_wsum.tsv")
+            for name, table in run_tables(method, fold, rng).items():
+                for column, value in reversed(
+                    [("model", MODEL), ("method", method), ("fold", fold)]
+                ):
+                    table.insert(0, column, value)
+                write(table, root / "analysis" / MODEL / method / f"fold{fold}" / f"{name}.tsv")
+    for fold in FOLDS:
+        write(
+            subspace_table(fold, rng),
+            root / "analysis" / MODEL / "lora" / f"fold{fold}" / "subspace.tsv",
+        )
+    for name in TABLES:
+        aggregate_analysis(
+            name, root, [MODEL], METHODS, FOLDS, output=root / "tables" / f"{name}.tsv"
+        )
+    confusion_table(
+        root, [MODEL], METHODS, FOLDS, CLASSES, output=root / "tables" / "confusion.tsv"
+    )
+    performance = pd.DataFrame(
+        {
+            "model": MODEL,
+            "method": m,
+            "fold": f,
+            "uar": rng.uniform(0.4, 0.7),
+            "war": rng.uniform(0.4, 0.7),
+            "macro_f1": 0.5,
+            "n": 24,
+        }
+        for m in ["frozen", "frozen_wsum", *METHODS[1:]]
+        for f in FOLDS
+    )
+    write(performance, root / "tables" / "performance.tsv")
+    return root
+
+
+def table(results: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(results / "tables" / f"{name}.tsv", sep="\t")
+
+
+RULEGRAPH_DOT = """Building DAG of jobs...
+digraph snakemake_dag {
+    graph[bgcolor=white, margin=0];
+    node[shape=box, style=rounded, fontname=sans, fontsize=10, penwidth=2];
+    edge[penwidth=2, color=grey];
+	0[label = "all", color = "0.04 0.6 0.85", style="rounded"];
+	1[label = "train_lora", color = "0.60 0.6 0.85", style="rounded"];
+	2[label = "manifest", color = "0.32 0.6 0.85", style="rounded"];
+	3[label = "weights", color = "0.63 0.6 0.85", style="rounded"];
+	4[label = "figure_logit_lens", color = "0.25 0.6 0.85", style="rounded"];
+	2 -> 1
+	3 -> 1
+	1 -> 4
+	4 -> 0
+	2 -> 0
+}
+"""
+
+
+def figure_cases(results: Path) -> dict:
+    """name -> a function returning the figure, one per figure family (two for contributions)."""
+    return {
+        "performance": lambda: figures.performance_figure(
+            table(results, "performance"), [MODEL], len(CLASSES)
+        ),
+        "confusion": lambda: figures.confusion_figure(
+            table(results, "confusion"), [MODEL], CLASSES
+        ),
+        "training_curves": lambda: figures.training_curves_figure(
+            figures.load_histories(figures.history_files(results / "train", MODEL, METHODS, FOLDS)),
+            MODEL,
+            len(CLASSES),
+        ),
+        "contributions": lambda: figures.contributions_figure(
+            table(results, "contributions"), MODEL
+        ),
+        "contributions_depth": lambda: figures.contributions_depth_figure(
+            table(results, "contributions"), [MODEL]
+        ),
+        "logit_lens": lambda: figures.logit_lens_figure(
+            table(results, "logit_lens"), MODEL, len(CLASSES)
+        ),
+        "probing": lambda: figures.probing_figure(table(results, "probing"), MODEL, len(CLASSES)),
+        "spectra": lambda: figures.spectra_figure(
+            table(results, "svd"), table(results, "subspace"), MODEL, 0.5
+        ),
+        "ab_dynamics": lambda: figures.ab_dynamics_figure(
+            table(results, "ab_dynamics"), MODEL, 0.9
+        ),
+        "cka": lambda: figures.cka_figure(table(results, "cka"), MODEL),
+        "rulegraph": lambda: figures.rulegraph_figure(RULEGRAPH_DOT),
+    }
+
+
+def assert_images(png: Path, svg: Path) -> None:
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{png} is not a PNG"
+    with Image.open(png) as image:
+        image.verify()
+    with Image.open(png) as image:
+        width, height = image.size
+        assert width >= 300 and height >= 200, f"{png}: {image.size}"
+        assert np.asarray(image.convert("L")).std() > 1, f"{png} is blank"
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg"), f"{svg} is not an SVG"
+    assert svg.stat().st_size > 1000
+
+
+def test_every_figure_renders(results, tmp_path):
+    for name, make in figure_cases(results).items():
+        png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
+        figures.save(make(), png, svg)
+        assert_images(png, svg)
+
+
+def test_figures_without_lora_runs(results, tmp_path):
+    """A frozen-only grid (lora.ranks: []) still gives its figures, with no LoRA lines."""
+    frozen_only = {}
+    for name in ("contributions", "logit_lens", "probing"):
+        frame = table(results, name)
+        frozen_only[name] = frame[frame["method"] == "frozen"]
+    cases = {
+        "contributions": lambda: figures.contributions_figure(frozen_only["contributions"], MODEL),
+        "contributions_depth": lambda: figures.contributions_depth_figure(
+            frozen_only["contributions"], [MODEL]
+        ),
+        "logit_lens": lambda: figures.logit_lens_figure(
+            frozen_only["logit_lens"], MODEL, len(CLASSES)
+        ),
+        "probing": lambda: figures.probing_figure(frozen_only["probing"], MODEL, len(CLASSES)),
+    }
+    for name, make in cases.items():
+        figures.save(make(), tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
+        assert_images(tmp_path / f"{name}.png", tmp_path / f"{name}.svg")
+
+
+def test_spectra_with_one_rank(results, tmp_path):
+    svd = table(results, "svd")
+    one_rank = svd[svd["method"] == f"lora_r{RANKS[0]}"]
+    empty = table(results, "subspace").iloc[:0]
+    figures.save(
+        figures.spectra_figure(one_rank, empty, MODEL), tmp_path / "s.png", tmp_path / "s.svg"
+    )
+    assert_images(tmp_path / "s.png", tmp_path / "s.svg")
+
+
+@pytest.fixture(scope="module")
+def tables_by_name(results):
+    return {name: table(results, name) for name in TABLES}
+
+
+def test_aggregated_tables_are_tidy_with_fold_counts(tables_by_name):
+    for name, frame in tables_by_name.items():
+        spec = TABLES[name]
+        keys = ["model", "method", *spec.keys, *(["metric"] if spec.melted else [])]
+        assert list(frame.columns) == [*keys, "mean", "std", "n_folds", "missing_folds"], name
+        assert not frame.duplicated(keys).any(), f"{name}: one observation per row"
+        assert (frame["n_folds"] == len(FOLDS)).all(), name
+        assert frame["missing_folds"].isna().all(), name
+
+
+def test_aggregate_mean_std_and_derived_rows(results, tables_by_name):
+    runs = [
+        pd.read_csv(
+            results / "analysis" / MODEL / "lora_r2" / f"fold{f}" / "contributions.tsv", sep="\t"
+        )
+        for f in FOLDS
+    ]
+    pick = dict(layer=2, component="mlp", metric="norm_ratio")
+
+    def value(run, variant):
+        sel = run[
+            (run["variant"] == variant)
+            & np.logical_and.reduce([run[k] == v for k, v in pick.items()])
+        ]
+        return float(sel["value"].iloc[0])
+
+    agg = tables_by_name["contributions"]
+    agg = agg[
+        (agg["method"] == "lora_r2") & np.logical_and.reduce([agg[k] == v for k, v in pick.items()])
+    ]
+    adapted = [value(r, "adapted") for r in runs]
+    delta = [value(r, "adapted") - value(r, "base") for r in runs]
+    row = agg[agg["variant"] == "adapted"].iloc[0]
+    assert row["mean"] == pytest.approx(np.mean(adapted))
+    assert row["std"] == pytest.approx(np.std(adapted, ddof=1))
+    row = agg[agg["variant"] == "delta"].iloc[0]
+    assert row["mean"] == pytest.approx(np.mean(delta)) and row["std"] == pytest.approx(
+        np.std(delta, ddof=1)
+    )
+    ab = tables_by_name["ab_dynamics"]
+    assert set(ab.loc[ab["quantity"] == "grad_norm_ratio_B_A", "state"]) == {"trained", "untrained"}
+    probing = tables_by_name["probing"]
+    assert set(probing.loc[probing["task"] == "control", "metric"]).isdisjoint({"selectivity_uar"})
+
+
+def test_missing_runs_are_named_not_averaged(results, tmp_path):
+    files = expected_runs("probing", results, [MODEL], METHODS, [*FOLDS, 3])
+    summary = aggregate_analysis("probing", results, [MODEL], METHODS, [*FOLDS, 3])
+    assert [key for key, path in files.items() if not path.is_file()] == [
+        (MODEL, m, 3) for m in METHODS
+    ]
+    assert (summary["n_folds"] == 2).all()
+    assert (summary["missing_folds"] == "3").all()
+
+
+def test_confusion_sums_folds(results):
+    confusion = table(results, "confusion")
+    for method in ["frozen", "frozen_wsum", *METHODS[1:]]:
+        sel = confusion[confusion["method"] == method]
+        assert len(sel) == len(CLASSES) ** 2
+        assert sel["count"].sum() == 24 * len(FOLDS)
+
+
+def test_rulegraph_layout_goes_left_to_right():
+    nodes, edges = figures.parse_rulegraph(RULEGRAPH_DOT)
+    assert [label for label, _ in nodes.values()] == [
+        "all",
+        "train_lora",
+        "manifest",
+        "weights",
+        "figure_logit_lens",
+    ]
+    layout = figures.layered_layout(nodes, edges)
+    for src, dst in edges:
+        assert layout[src][0] < layout[dst][0]
+    with pytest.raises(ValueError, match="cycle"):
+        figures.layered_layout(["a", "b"], [("a", "b"), ("b", "a")])
