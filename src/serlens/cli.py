@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="resources/corpus/synthetic", help="folder to create (replaced if present)"
     )
-    p.add_argument("--utterances-per-speaker", type=int, default=20)
+    p.add_argument("--utterances-per-speaker", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth_corpus)
 
