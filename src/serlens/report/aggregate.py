@@ -175,7 +175,12 @@ def add_derived(long: pd.DataFrame, name: str) -> pd.DataFrame:
         base = long[long["variant"] == "base"].set_index(keys)["value"]
         delta = (adapted - base).dropna().reset_index().assign(variant="delta")
         return pd.concat([long, delta[long.columns]], ignore_index=True)
-    if name == "ab_dynamics" and {"grad_norm_A", "grad_norm_B"} <= set(long["quantity"]):
+    # ab_dynamics writes grad_norm_ratio_B_A itself; derive it only for tables that lack it.
+    if (
+        name == "ab_dynamics"
+        and {"grad_norm_A", "grad_norm_B"} <= set(long["quantity"])
+        and "grad_norm_ratio_B_A" not in set(long["quantity"])
+    ):
         keys = [*RUN_COLUMNS, "module", "layer", "depth", "state"]
         states = long["state"].isin(
             ["trained", "untrained"]
