@@ -42,6 +42,7 @@ format: install
 	$(BIN)/snakefmt Snakefile rules/
 
 bench: install
+	$(BIN)/python bench/bench_ab_memory.py
 	$(BIN)/python bench/bench_training.py
 
 # The paper's grid against a small IEMOCAP-format tree the tests write: prints the job counts.

@@ -92,3 +92,71 @@ def test_snakemake_stops_before_any_job(tmp_path):
         in proc.stdout + proc.stderr
     )
     assert "Job stats" not in proc.stdout
+
+
+def test_every_schema_key_has_a_description_and_a_default():
+    from serlens.config import load_schema
+
+    def walk(schema, path):
+        for name, sub in schema.get("properties", {}).items():
+            key = f"{path}{name}"
+            assert sub.get("description"), f"{key} has no description"
+            assert "default" in sub, f"{key} has no default"
+            walk(sub, key + ".")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict) and extra.get("properties"):
+            walk(extra, path + "<name>.")
+
+    walk(load_schema(), "")
+
+
+def test_conda_environment_matches_the_lock():
+    env = yaml.safe_load((ROOT / "envs/serlens.yaml").read_text())
+    pins = dict(line.split("==") for line in env["dependencies"][-1]["pip"])
+    lock = dict(
+        line.strip().split("==")
+        for line in (ROOT / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    for name, version in pins.items():
+        if name != "torch":  # torch is installed separately (Makefile TORCH_SPEC)
+            assert lock.get(name) == version, (
+                f"envs/serlens.yaml pins {name}=={version}, the lock has {lock.get(name)}"
+            )
+
+
+def test_paper_grid_builds_its_dag(tmp_path):
+    from iemocap_tree import write_tree
+
+    tree = write_tree(tmp_path / "IEMOCAP_full_release")
+    root = tmp_path / "root.yaml"
+    root.write_text(f"corpus:\n  root: {tree}\nresults: {tmp_path / 'results'}\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--quiet",
+            "rules",
+            "--configfile",
+            str(ROOT / "config/paper.yaml"),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    counts = {
+        m[0]: int(m[1])
+        for m in (line.split() for line in out.splitlines())
+        if len(m) == 2 and m[1].isdigit()
+    }
+    assert (
+        counts["train_lora"] == 5 * 3 * 5
+        and counts["train_frozen"] == 5 * 5
+        and counts["weights"] == 5
+    )
+    assert counts["svd_lora"] == 75 and counts["probing_frozen"] == 25
