@@ -7,7 +7,10 @@ from serlens.corpus.espeak import synthesize
 
 def test_corpus_steps_by_hand(tmp_path, capsys):
     corpus = tmp_path / "corpus"
-    assert main(["synth-corpus", "--out", str(corpus), "--utterances-per-speaker", "4", "--seed", "3"]) == 0
+    assert (
+        main(["synth-corpus", "--out", str(corpus), "--utterances-per-speaker", "4", "--seed", "3"])
+        == 0
+    )
     manifest = tmp_path / "m" / "manifest.tsv"
     assert main(["manifest", str(corpus), "--kind", "synthetic", "--out", str(manifest)]) == 0
     table = pd.read_csv(manifest, sep="\t")
@@ -29,6 +32,18 @@ def test_transcribe_command(tmp_path, capsys):
 
 
 def test_errors_are_one_line_not_a_traceback(tmp_path, capsys):
-    assert main(["manifest", str(tmp_path / "nowhere"), "--kind", "iemocap", "--out", str(tmp_path / "m.tsv")]) == 2
+    assert (
+        main(
+            [
+                "manifest",
+                str(tmp_path / "nowhere"),
+                "--kind",
+                "iemocap",
+                "--out",
+                str(tmp_path / "m.tsv"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("serlens: error:") and "no Session* folders" in err

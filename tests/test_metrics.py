@@ -47,7 +47,7 @@ def test_aggregation_names_missing_runs(tmp_path):
 
     classes = ["neu", "hap"]
     files = prediction_files(tmp_path, ["m"], ["frozen", "lora_r4"], [1, 2])
-    for (model, method, fold), path in files.items():
+    for (_model, method, fold), path in files.items():
         if (method, fold) == ("lora_r4", 2):
             continue  # this run failed
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,9 @@ def test_editing_a_figure_script_reruns_only_that_figure(workflow):
         counts = job_counts(snakemake(tmp, config, "-n").stdout)
     finally:
         script.write_text(original)
-        os.utime(script, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # Snakemake also compares the script's time
+        os.utime(
+            script, ns=(stat.st_atime_ns, stat.st_mtime_ns)
+        )  # Snakemake also compares the script's time
     assert counts == {"figure_probing": 1, "all": 1}
 
 

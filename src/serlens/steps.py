@@ -169,15 +169,10 @@ def train_run(
     threads: int = 1,
 ) -> None:
     """Train one ``model x method x fold`` run and write its files into ``out_dir``."""
-    from serlens.train.data import fold_splits
+    from serlens.train.data import read_fold_splits
 
     classes = config["corpus"]["classes"]
-    splits = fold_splits(
-        read_manifest(manifest_path),
-        pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}),
-        fold,
-        classes,
-    )
+    splits = read_fold_splits(manifest_path, folds_path, fold, classes)
     info = run_info(config, model, method, fold)
     ckpt = checkpoint_dir(config, model, method, fold)
     rank = parse_method(method)

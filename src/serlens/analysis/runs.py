@@ -8,15 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from safetensors.torch import load_file
 from torch import nn
 
 from serlens.audio import LogMel, MelBatch
-from serlens.corpus.manifest import read_manifest
 from serlens.models.encoder import load_encoder
 from serlens.steps import model_path, parse_method
-from serlens.train.data import Split, fold_splits
+from serlens.train.data import Split, read_fold_splits
 from serlens.train.heads import EmotionHead
 
 
@@ -97,12 +95,7 @@ def load_run(
 ) -> TrainedRun:
     """Rebuild a run from its files: weights, adapter (LoRA), head (last-layer head for frozen)."""
     classes = config["corpus"]["classes"]
-    splits = fold_splits(
-        read_manifest(manifest_path),
-        pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str}),
-        fold,
-        classes,
-    )
+    splits = read_fold_splits(manifest_path, folds_path, fold, classes)
     encoder = load_encoder(model_path(weights_json))
     for p in encoder.parameters():
         p.requires_grad_(False)

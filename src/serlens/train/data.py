@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,16 @@ def fold_splits(
             paths=rows["path"].tolist(),
         )
     return out
+
+
+def read_fold_splits(
+    manifest_path: Path, folds_path: Path, fold: int, classes: list[str]
+) -> dict[str, Split]:
+    """train/dev/test of one fold, read from ``manifest.tsv`` and ``folds.tsv``."""
+    from serlens.corpus.manifest import read_manifest
+
+    folds = pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str})
+    return fold_splits(read_manifest(manifest_path), folds, fold, classes)
 
 
 def predictions_frame(
