@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -208,5 +209,7 @@ def log_to(path: str | Path) -> None:
         force=True,
     )
     logging.captureWarnings(True)
+    # peft 0.21 calls an attribute transformers 5 renamed; harmless, and it fires in every job.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     for noisy in ("transformers", "peft", "urllib3", "huggingface_hub", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.torch import load_file
 from torch import nn
 
-from serlens.audio import LogMel, MelBatch
+from serlens.audio import LogMel, MelBatch, load_audio
 from serlens.models.encoder import load_encoder
 from serlens.steps import model_path, parse_method
 from serlens.train.data import Split, read_fold_splits
@@ -59,9 +59,14 @@ class TrainedRun:
         self, split: Split, batch_size: int = 8, indices: np.ndarray | None = None
     ) -> Iterator[tuple[np.ndarray, MelBatch]]:
         """(indices into ``split``, mel batch) in duration order, over ``indices`` or the whole split."""
-        if split.waves is None:
-            split.load()
         idx = np.arange(len(split)) if indices is None else np.asarray(indices)
+        # Load only the clips asked for: an analysis on a training sample need not read the
+        # whole training split (thousands of files on IEMOCAP).
+        if split.waves is None:
+            split.waves = [None] * len(split)
+        for j in idx:
+            if split.waves[j] is None:
+                split.waves[j] = load_audio(split.paths[j])
         idx = idx[np.argsort(split.durations[idx], kind="stable")]
         for i in range(0, len(idx), batch_size):
             chunk = idx[i : i + batch_size]
