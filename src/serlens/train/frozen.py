@@ -84,15 +84,7 @@ def train_frozen_head(
     def dev_uar() -> float:
         return uar(splits["dev"].labels, _probs(head, x_dev).argmax(1), len(classes))
 
-    cfg = LoopConfig(
-        epochs=train_cfg["frozen_epochs"],
-        patience=train_cfg["frozen_patience"],
-        lr=train_cfg["frozen_lr"],
-        weight_decay=train_cfg["weight_decay"],
-        warmup_fraction=train_cfg["warmup_fraction"],
-        grad_clip=train_cfg["grad_clip"],
-        seed=seed,
-    )
+    cfg = LoopConfig.from_train_config(train_cfg, seed, prefix="frozen_")
     result = fit(head, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"frozen-{kind}")
     return head, result, pick
 

@@ -32,6 +32,19 @@ class LoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def from_train_config(cls, train_cfg: dict, seed: int, prefix: str = "") -> LoopConfig:
+        """From ``config["train"]``: ``prefix="frozen_"`` reads the frozen heads' epochs, patience and lr."""
+        return cls(
+            epochs=train_cfg[f"{prefix}epochs"],
+            patience=train_cfg[f"{prefix}patience"],
+            lr=train_cfg[f"{prefix}lr"],
+            weight_decay=train_cfg["weight_decay"],
+            warmup_fraction=train_cfg["warmup_fraction"],
+            grad_clip=train_cfg["grad_clip"],
+            seed=seed,
+        )
+
 
 @dataclass
 class FitResult:

@@ -137,15 +137,7 @@ def run_lora(
         probs = predict(model, splits["dev"], logmel, audio_cfg, train_cfg["batch_size"], device)
         return uar(splits["dev"].labels, probs.argmax(1), len(classes))
 
-    cfg = LoopConfig(
-        epochs=train_cfg["epochs"],
-        patience=train_cfg["patience"],
-        lr=train_cfg["lr"],
-        weight_decay=train_cfg["weight_decay"],
-        warmup_fraction=train_cfg["warmup_fraction"],
-        grad_clip=train_cfg["grad_clip"],
-        seed=seed,
-    )
+    cfg = LoopConfig.from_train_config(train_cfg, seed)
     result = fit(model, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"lora_r{rank}")
 
     # The test split is touched once, here, with the epoch chosen on dev.
