@@ -176,6 +176,20 @@ def band(ax, frame: pd.DataFrame, x: str = "depth", **line) -> None:
         )
 
 
+def annotate_cells(ax, values: np.ndarray, light_text: np.ndarray) -> None:
+    """Write each heat-map cell's value in it, white where ``light_text`` (dark cells)."""
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(
+            j,
+            i,
+            f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if light_text[i, j] else "black",
+        )
+
+
 def fold_note(table: pd.DataFrame) -> str:
     """'3 folds' or '2-3 folds' (from ``n_folds``), and the missing ones if any."""
     if table.empty or "n_folds" not in table:
@@ -906,16 +920,7 @@ def spectra_figure(
                 fontsize=9.5,
             )
             if values.size <= 64:
-                for (i, j), v in np.ndenumerate(values):
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if v > 0.6 else "black",
-                    )
+                annotate_cells(ax, values, light_text=values > 0.6)
         if image is not None:
             bottom.colorbar(
                 image,
@@ -1071,16 +1076,7 @@ def cka_figure(cka: pd.DataFrame, model: str):
                 f"linear CKA, all layer pairs: frozen vs {method_label(method)}", fontsize=9.5
             )
             if values.shape[0] <= 13:
-                for (i, j), v in np.ndenumerate(values):
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="black" if (v - lo) / (hi - lo) > 0.6 else "white",
-                    )
+                annotate_cells(ax, values, light_text=(values - lo) / (hi - lo) <= 0.6)
         if image is not None:
             bottom.colorbar(image, ax=ax_bot, label="linear CKA (0–1)", shrink=0.9)
         elif not ranks:
