@@ -1,7 +1,7 @@
 from serlens.analysis.registry import ANALYSES, analysis_params
 
-# One rule per analysis and kind of run; each job writes one tidy TSV. Analyses run on the
-# CPU (no GPU is requested): they are forward passes over one fold's test split.
+# One rule per analysis and kind of run; each job writes one tidy TSV. The encoder runs on the
+# job's GPU when the model's resources give it one (bench/gpu_analyses.py checks CPU = GPU).
 for analysis in ANALYSES.values():
     for method_pattern in (
         ["lora_r{rank}"] if analysis.lora_only else ["frozen", "lora_r{rank}"]
@@ -28,6 +28,7 @@ for analysis in ANALYSES.values():
             resources:
                 mem_mb=model_resource("mem_mb"),
                 runtime=model_resource("runtime"),
+                gpu=model_resource("gpu"),
             params:
                 name=analysis.name,
                 method=lambda wildcards, mp=method_pattern: mp.format(**wildcards),

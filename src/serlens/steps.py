@@ -210,6 +210,8 @@ def log_to(path: str | Path) -> None:
     )
     logging.captureWarnings(True)
     # peft 0.21 calls an attribute transformers 5 renamed; harmless, and it fires in every job.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     for noisy in ("transformers", "peft", "urllib3", "huggingface_hub", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

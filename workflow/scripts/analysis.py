@@ -2,7 +2,7 @@ from serlens.analysis.registry import run_analysis
 from serlens.steps import device_and_threads, log_to
 
 log_to(snakemake.log[0])
-device_and_threads(snakemake.threads)
+device = device_and_threads(snakemake.threads)
 run_analysis(
     snakemake.params.name,
     snakemake.config,
@@ -15,4 +15,5 @@ run_analysis(
     run_dir=snakemake.params.run_dir,
     output=snakemake.output[0],
     features=snakemake.input.get("features"),
+    device=device,
 )

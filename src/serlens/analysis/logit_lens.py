@@ -206,7 +206,7 @@ def _collect(
             for variant in variants:
                 # "base" of a frozen run is its own encoder; adapter_disabled() is then a no-op
                 with run.adapter_disabled() if variant == "base" else contextlib.nullcontext():
-                    pooled = pooled_normalised_states(run.encoder, batch)
+                    pooled = pooled_normalised_states(run.encoder, batch).cpu()
                 if variant not in states:
                     states[variant] = torch.zeros(n, *pooled.shape[1:], dtype=pooled.dtype)
                 states[variant][rows] = pooled
@@ -224,7 +224,7 @@ def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
     test = run.splits["test"]
     n_layers = len(run.encoder.layers)
     n_classes = len(run.classes)
-    head = run.head.eval()
+    head = copy.deepcopy(run.head).cpu().eval()  # the lens works on pooled states, on the CPU
     states = _collect(run, test, cfg["batch_size"], variants)
     with torch.inference_mode():
         logits = {v: logit_lens(head, s) for v, s in states.items()}

@@ -269,7 +269,7 @@ def pooled_states(run: TrainedRun, split: Split, batch_size: int) -> np.ndarray:
     """(N, L + 1, D) masked-mean pooled hidden states of ``split`` through ``run.encoder``, in split order."""
     out = None
     for idx, batch in run.batches(split, batch_size):
-        states = pooled_layer_states(run.encoder, batch).float().numpy()
+        states = pooled_layer_states(run.encoder, batch).float().cpu().numpy()
         if out is None:
             out = np.empty((len(split), *states.shape[1:]), dtype=np.float32)
         out[idx] = states

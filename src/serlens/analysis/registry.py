@@ -91,12 +91,13 @@ def run_analysis(
     run_dir: Path,
     output: Path,
     features: Path | None = None,
+    device: str = "cpu",
 ) -> pd.DataFrame:
     """Load the run, compute one analysis, write its tidy TSV (with model/method/fold columns)."""
     from serlens.analysis.runs import load_run
 
     spec = ANALYSES[name]
-    run = load_run(config, model, method, fold, manifest, folds, weights, run_dir)
+    run = load_run(config, model, method, fold, manifest, folds, weights, run_dir, device)
     compute = getattr(importlib.import_module(spec.module), spec.function)
     kwargs = {"features_path": features, "manifest_path": manifest} if name == "probing" else {}
     table = compute(run, config["analysis"], config["seed"], **kwargs)

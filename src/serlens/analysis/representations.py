@@ -45,11 +45,15 @@ def frozen_and_lora_states(
     with torch.inference_mode():
         for idx, batch in run.batches(data, batch_size):
             lora[:, idx] = (
-                pooled_layer_states(run.encoder, batch).double().numpy().transpose(1, 0, 2)
+                pooled_layer_states(run.encoder, batch).double().cpu().numpy().transpose(1, 0, 2)
             )
             with run.adapter_disabled():
                 frozen[:, idx] = (
-                    pooled_layer_states(run.encoder, batch).double().numpy().transpose(1, 0, 2)
+                    pooled_layer_states(run.encoder, batch)
+                    .double()
+                    .cpu()
+                    .numpy()
+                    .transpose(1, 0, 2)
                 )
     return frozen, lora
 

@@ -38,6 +38,7 @@ class TrainedRun:
     max_seconds: float
     rank: int | None = None
     peft_encoder: nn.Module | None = None
+    device: str = "cpu"  # where the encoder and head live; batches are moved there
     logmel: LogMel = field(init=False)
 
     def __post_init__(self):
@@ -70,7 +71,12 @@ class TrainedRun:
         idx = idx[np.argsort(split.durations[idx], kind="stable")]
         for i in range(0, len(idx), batch_size):
             chunk = idx[i : i + batch_size]
-            yield chunk, self.logmel([split.waves[j] for j in chunk], self.policy, self.max_seconds)
+            yield (
+                chunk,
+                self.logmel([split.waves[j] for j in chunk], self.policy, self.max_seconds).to(
+                    self.device
+                ),
+            )
 
     def lora_modules(self) -> dict[str, nn.Module]:
         """Adapted modules by name (peft ``LoraLayer``s); empty for frozen runs."""
@@ -97,6 +103,7 @@ def load_run(
     folds_path: Path,
     weights_json: Path,
     run_dir: Path,
+    device: str = "cpu",
 ) -> TrainedRun:
     """Rebuild a run from its files: weights, adapter (LoRA), head (last-layer head for frozen)."""
     classes = config["corpus"]["classes"]
@@ -119,6 +126,8 @@ def load_run(
     )
     head.load_state_dict(state)
     head.eval()
+    encoder.to(device)
+    head.to(device)
     return TrainedRun(
         model=model,
         method=method,
@@ -131,4 +140,5 @@ def load_run(
         max_seconds=config["audio"]["max_seconds"],
         rank=rank,
         peft_encoder=peft_encoder,
+        device=device,
     )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 
 from serlens.corpus.iemocap import read_iemocap
 from serlens.errors import CorpusError
@@ -52,6 +51,8 @@ def map_label(raw: str, classes: list[str], merge: dict[str, str]) -> str | None
 
 def check_audio(path: Path, where: str) -> tuple[float, int]:
     """Duration in seconds and sample rate of a usable wav; CorpusError naming both places otherwise."""
+    import soundfile as sf
+
     if not path.is_file():
         raise CorpusError(f"{path}: missing audio for the utterance labelled at {where}.")
     try:
