@@ -13,32 +13,14 @@ import argparse
 import copy
 import time
 
-import numpy as np
 import torch
+from gpu_check import tone_split  # bench/ is on sys.path when this script runs
 
 from serlens.analysis.registry import ANALYSES
 from serlens.analysis.runs import TrainedRun
 from serlens.config import default_config
 from serlens.models.encoder import load_encoder
-from serlens.train.data import Split
 from serlens.train.lora import LoraEmotionModel
-
-
-def tone_split(n, seed, prefix):
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    waves, durations = [], []
-    for label in labels:
-        seconds = rng.uniform(1.0, 3.0)
-        t = np.arange(int(seconds * 16000)) / 16000
-        f0 = 120 + 60 * label + rng.normal(0, 5)
-        waves.append(
-            (0.2 * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.standard_normal(len(t))).astype(
-                np.float32
-            )
-        )
-        durations.append(seconds)
-    return Split([f"{prefix}{i}" for i in range(n)], labels, np.array(durations), [""] * n, waves)
 
 
 def build_run(model_dir, device):

@@ -341,15 +341,18 @@ def _state_dict_from_ct2(
         linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
         linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
 
+    def self_attention(hf: str, ct2: str) -> None:
+        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+        split_fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", ("q", "k", "v"))
+        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+
     enc, dec = "model.encoder", "model.decoder"
     linear(f"{enc}.conv1", "encoder/conv1")
     linear(f"{enc}.conv2", "encoder/conv2")
     put(f"{enc}.embed_positions.weight", get("encoder/position_encodings/encodings"))
     for i in range(n_enc):
         hf, ct2 = f"{enc}.layers.{i}", f"encoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        split_fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", ("q", "k", "v"))
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         ffn(hf, ct2)
     norm(f"{enc}.layer_norm", "encoder/layer_norm")
 
@@ -357,9 +360,7 @@ def _state_dict_from_ct2(
     put(f"{dec}.embed_positions.weight", get("decoder/position_encodings/encodings"))
     for i in range(n_dec):
         hf, ct2 = f"{dec}.layers.{i}", f"decoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        split_fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", ("q", "k", "v"))
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+        self_attention(hf, ct2)
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
         linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
         split_fused(f"{hf}.encoder_attn", f"{ct2}/attention/linear_1", ("k", "v"))
