@@ -33,17 +33,18 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/snakefmt --check Snakefile rules/
+	$(BIN)/snakefmt --check workflow/
 	$(BIN)/snakemake --lint
 
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
-	$(BIN)/snakefmt Snakefile rules/
+	$(BIN)/snakefmt workflow/
 
 bench: install
 	$(BIN)/python bench/bench_ab_memory.py
 	$(BIN)/python bench/bench_training.py
+	$(BIN)/python bench/job_seconds.py results
 
 # The paper's grid against a small IEMOCAP-format tree the tests write: prints the job counts.
 paper-dry-run: install

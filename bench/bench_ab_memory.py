@@ -21,8 +21,8 @@ import numpy as np
 
 def probe(n: int) -> dict:
     import torch
+    from ab_memory_probe import ab_memory_probe
 
-    from serlens.analysis.ab_dynamics import ab_memory_probe
     from serlens.analysis.runs import TrainedRun
     from serlens.config import validate_config
     from serlens.models.encoder import load_encoder

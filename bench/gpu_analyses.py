@@ -1,22 +1,22 @@
-"""Every analysis of a LoRA run on the GPU against the same analysis on the CPU.
+"""The encoder passes of a LoRA run on the GPU against the same passes on the CPU.
 
     python bench/gpu_analyses.py --tiny-en PATH_TO_TINY_EN_MODEL_DIR
 
 Builds one run from the real tiny.en encoder (rank-8 LoRA with a seeded random B, a seeded
-head, harmonic-tone clips), computes each analysis with the encoder on ``cpu`` and on
-``cuda``, and prints the largest difference of the numeric columns and the time of each.
+head, harmonic-tone clips), runs the base and the adapted pass (every encoder forward the
+analyses read, and the A/B statistics) with the encoder on ``cpu`` and on ``cuda``, and
+prints the largest difference of every stored array and the time of each pass. The
+analyses themselves run on the CPU from these files.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
 from gpu_check import tone_split  # bench/ is on sys.path when this script runs
 
-from serlens.analysis.registry import ANALYSES
 from serlens.analysis.runs import TrainedRun
 from serlens.config import default_config
 from serlens.models.encoder import load_encoder
@@ -47,28 +47,45 @@ def build_run(model_dir, device):
 
 
 def main():
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from serlens.analysis.passes import adapted_pass, base_pass
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny-en", required=True)
     args = parser.parse_args()
-    import importlib
-
-    runs = {device: build_run(args.tiny_en, device) for device in ("cpu", "cuda")}
-    for name, spec in ANALYSES.items():
-        compute = getattr(importlib.import_module(spec.module), spec.function)
-        tables, times = {}, {}
-        for device, (run, config, speakers) in runs.items():
-            kwargs = {"speakers": speakers} if name == "probing" else {}
-            tic = time.perf_counter()
-            tables[device] = compute(run, copy.deepcopy(config["analysis"]), 0, **kwargs)
-            times[device] = time.perf_counter() - tic
-        cpu, gpu = tables["cpu"], tables["cuda"]
-        numeric = cpu.select_dtypes("number").columns
-        same_shape = cpu.shape == gpu.shape
-        diff = (cpu[numeric] - gpu[numeric]).abs().max().max() if same_shape else float("nan")
-        print(
-            f"{name:14s} rows {len(cpu):5d}/{len(gpu):5d}  max |cpu - cuda| {diff:.2e}  "
-            f"cpu {times['cpu']:.1f} s, cuda {times['cuda']:.1f} s"
+    out = Path(tempfile.mkdtemp(prefix="serlens-gpu-passes-"))
+    settings = {"batch_size": 8, "train_sample": 32, "untrained_init_std": 0.02, "seed": 0}
+    files, times = {}, {}
+    for device in ("cpu", "cuda"):
+        run, _, _ = build_run(args.tiny_en, device)
+        tic = time.perf_counter()
+        base_pass(run, settings, out / device / "base.safetensors")
+        adapted_pass(
+            run, settings, out / device / "run.safetensors", out / device / "ab.safetensors"
         )
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times[device] = time.perf_counter() - tic
+        files[device] = {
+            name: load_file(str(out / device / f"{name}.safetensors"))
+            for name in ("base", "run", "ab")
+        }
+    for name in ("base", "run", "ab"):
+        for key in sorted(files["cpu"][name]):
+            cpu, gpu = files["cpu"][name][key], files["cuda"][name][key]
+            diff = (
+                float(np.abs(cpu.astype(np.float64) - gpu.astype(np.float64)).max())
+                if cpu.size
+                else 0.0
+            )
+            scale = float(np.abs(cpu).max()) if cpu.size else 0.0
+            print(f"{name:5s} {key:60s} max |cpu - cuda| {diff:.2e} (max |cpu| {scale:.2e})")
+    print(f"passes: cpu {times['cpu']:.1f} s, cuda {times['cuda']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Known answers of serlens.analysis.ab_dynamics, and the analysis on the real tiny.en encoder."""
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ from serlens.analysis.ab_dynamics import (
     GramAccumulator,
     _layer_index,
     ab_dynamics_table,
-    ab_memory_probe,
     compute_ab_dynamics,
     delta_w_comparison,
     delta_w_from_factor_steps,
@@ -24,7 +24,6 @@ from serlens.analysis.ab_dynamics import (
     trained_state,
     untrained_state,
 )
-from serlens.analysis.runs import TrainedRun
 from serlens.analysis.spectra import energy_rank
 from serlens.models.encoder import masked_mean, run_encoder
 
@@ -179,73 +178,6 @@ def test_layer_index():
 
 
 # --------------------------------------------------------------------------- the real encoder
-
-
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    from serlens.models.resolve import resolve_weights
-
-    converted = REPO / "resources" / "weights" / "tiny.en"
-    if (converted / "config.json").is_file():  # already converted by the workflow; reuse it
-        return converted
-    return resolve_weights("bundled:tiny.en", tmp_path_factory.mktemp("resources"))
-
-
-def _split(n, seed, prefix):
-    """Tones whose pitch depends on the class, plus noise: 0.5 to 1.0 s clips."""
-    from serlens.train.data import Split
-
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 4
-    waves, durations = [], []
-    for label in labels:
-        seconds = rng.uniform(0.5, 1.0)
-        t = np.arange(int(seconds * 16000)) / 16000
-        wave = 0.2 * np.sin(2 * np.pi * (140 + 70 * label) * t) + 0.02 * rng.standard_normal(len(t))
-        waves.append(wave.astype(np.float32))
-        durations.append(seconds)
-    return Split(
-        [f"{prefix}{i:03d}" for i in range(n)], labels, np.array(durations), [""] * n, waves
-    )
-
-
-@pytest.fixture(scope="session")
-def lora_run(weights):
-    """A LoRA run built directly: real tiny.en weights, rank-4 adapters with a non-zero (seeded) B."""
-    from peft import get_peft_model
-
-    from serlens.config import validate_config
-    from serlens.models.encoder import load_encoder
-    from serlens.train.heads import EmotionHead
-    from serlens.train.lora import lora_config
-
-    encoder = load_encoder(weights)
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    peft_encoder = get_peft_model(encoder, lora_config(4, validate_config({})["lora"]))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in peft_encoder.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-            p.requires_grad_(False)
-    peft_encoder.eval()
-    torch.manual_seed(5)
-    head = EmotionHead(encoder.config.d_model, len(CLASSES)).eval()
-    splits = {"train": _split(8, 0, "tr"), "dev": _split(4, 1, "dv"), "test": _split(4, 2, "te")}
-    return TrainedRun(
-        model="tiny.en",
-        method="lora_r4",
-        fold=1,
-        encoder=peft_encoder.base_model.model,
-        head=head,
-        splits=splits,
-        classes=CLASSES,
-        policy="crop",
-        max_seconds=30.0,
-        rank=4,
-        peft_encoder=peft_encoder,
-    )
 
 
 CFG = {"batch_size": 3, "train_sample": 8, "energy_fraction": 0.9, "untrained_init_std": 0.02}
@@ -407,6 +339,9 @@ def test_run_without_adapters_is_refused(lora_run, monkeypatch):
 
 
 def test_memory_probe_reports(lora_run):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from ab_memory_probe import ab_memory_probe
+
     report = ab_memory_probe(lora_run, CFG, seed=0, n_utterances=4)
     assert report["n_utterances"] == 4 and report["n_frames"] > 0
     assert report["max_batch_frames"] >= report["n_frames"] / 2  # two batches of up to 3 clips

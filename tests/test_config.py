@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_config():
-    return yaml.safe_load((ROOT / "config.yaml").read_text())
+    return yaml.safe_load((ROOT / "config/config.yaml").read_text())
 
 
 def test_default_config_is_valid_and_defaults_fill_in():
@@ -111,8 +111,11 @@ def test_every_schema_key_has_a_description_and_a_default():
 
 
 def test_conda_environment_matches_the_lock():
-    env = yaml.safe_load((ROOT / "envs/serlens.yaml").read_text())
-    pins = dict(line.split("==") for line in env["dependencies"][-1]["pip"])
+    env = yaml.safe_load((ROOT / "workflow/envs/serlens.yaml").read_text())
+    pip = env["dependencies"][-1]["pip"]
+    # serlens itself, from this checkout (the repository root, relative to the env file)
+    assert pip[-1] == "../.." and (ROOT / "workflow/envs" / pip[-1] / "pyproject.toml").is_file()
+    pins = dict(line.split("==") for line in pip[:-1])
     lock = dict(
         line.strip().split("==")
         for line in (ROOT / "requirements.lock").read_text().splitlines()
@@ -156,7 +159,84 @@ def test_paper_grid_builds_its_dag(tmp_path):
     }
     assert (
         counts["train_lora"] == 5 * 3 * 5
-        and counts["train_frozen"] == 5 * 5
+        and counts["train_head"] == 5 * 2 * 5
         and counts["weights"] == 5
     )
-    assert counts["svd_lora"] == 75 and counts["probing_frozen"] == 25
+    # one model load per run for all analyses: a pass per LoRA run, one base pass per model
+    assert counts["pass_run"] == 75 and counts["pass_base"] == 5
+    assert counts["svd"] == 75 and counts["probing"] == 5 * 4 * 5
+
+
+def test_config_readme_documents_every_schema_key():
+    from serlens.config import load_schema
+
+    readme = (ROOT / "config/README.md").read_text()
+
+    def walk(schema, path):
+        for name, sub in schema.get("properties", {}).items():
+            key = f"{path}{name}"
+            assert f"`{key}`" in readme, f"config/README.md does not document {key}"
+            walk(sub, key + ".")
+
+    walk(load_schema(), "")
+
+
+def test_unknown_corpus_kind_is_a_config_error():
+    with pytest.raises(
+        ConfigError, match=r"corpus.kind: 'emodbx' is not a known corpus; allowed values"
+    ):
+        validate_config({"corpus": {"kind": "emodbx", "root": "/tmp"}})
+
+
+def test_folds_come_from_the_data(tmp_path):
+    from iemocap_tree import write_tree
+
+    tree = write_tree(tmp_path / "IEMOCAP_full_release")
+    sessions = sorted(p.name for p in tree.glob("Session*"))
+    config = {
+        "corpus": {"kind": "iemocap", "root": str(tree)},
+        "folds": {"run": [len(sessions) + 1]},
+    }
+    with pytest.raises(ConfigError, match=rf"allowed values are 1..{len(sessions)}"):
+        validate_config(config)
+
+
+def test_schema_ships_as_package_data(tmp_path):
+    """A non-editable install finds the schema inside the package and validates a config."""
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheel_dir.glob("serlens-*.whl"))
+    import zipfile
+
+    assert "serlens/schemas/config.schema.yaml" in zipfile.ZipFile(wheel).namelist()
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import serlens.config as c; c.validate_config({}); print(c.SCHEMA)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert str(target) in check.stdout

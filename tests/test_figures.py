@@ -7,16 +7,61 @@ test needs no model and runs in seconds.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+from serlens.analysis.registry import ANALYSES
+from serlens.methods import parse_method
 from serlens.report import figures
-from serlens.report.aggregate import TABLES, aggregate_analysis, confusion_table, expected_runs
+from serlens.report.aggregate import aggregate_runs, confusion_from_predictions, table_spec
+
+TABLES = list(ANALYSES)
+
+
+def expected_runs(name, results, models, methods, folds):
+    """{(model, method, fold): per-run table} of this test's tree, for the methods the analysis applies to."""
+    spec = ANALYSES[name]
+    if spec.scope == "run":
+        methods = [m for m in methods if spec.applies_to(parse_method(m))]
+    else:
+        methods = ["lora"]
+    return {
+        (model, method, int(fold)): Path(results)
+        / "analysis"
+        / model
+        / method
+        / f"fold{fold}"
+        / f"{name}.tsv"
+        for model in models
+        for method in methods
+        for fold in folds
+    }
+
+
+def aggregate_analysis(name, results, models, methods, folds, output=None):
+    return aggregate_runs(name, expected_runs(name, results, models, methods, folds), output)
+
+
+def confusion_table(results, models, methods, folds, classes, output=None):
+    files = {}
+    for model in models:
+        for method in methods:
+            for fold in folds:
+                run = Path(results) / "train" / model / method / f"fold{fold}"
+                files[(model, method, int(fold))] = run / "predictions.tsv"
+                if method == "frozen":
+                    files[(model, "frozen_wsum", int(fold))] = run / "predictions_wsum.tsv"
+    return confusion_from_predictions(files, classes, output)
+
 
 MODEL = "tiny.en"
 N_LAYERS = 4
@@ -394,7 +439,7 @@ def tables_by_name(results):
 
 def test_aggregated_tables_are_tidy_with_fold_counts(tables_by_name):
     for name, frame in tables_by_name.items():
-        spec = TABLES[name]
+        spec = table_spec(name)
         keys = ["model", "method", *spec.keys, *(["metric"] if spec.melted else [])]
         assert list(frame.columns) == [*keys, "mean", "std", "n_folds", "missing_folds"], name
         assert not frame.duplicated(keys).any(), f"{name}: one observation per row"
@@ -469,3 +514,61 @@ def test_rulegraph_layout_goes_left_to_right():
         assert layout[src][0] < layout[dst][0]
     with pytest.raises(ValueError, match="cycle"):
         figures.layered_layout(["a", "b"], [("a", "b"), ("b", "a")])
+
+
+def test_figures_drawn_from_threads_match_serial(results, tmp_path):
+    """Snakemake ``run:`` rules draw figures from threads of one process: same PNGs as one by one.
+
+    rcParams are process-global. Without the figures' lock, the quick rule graph, started first,
+    would leave its rc settings while the others are still being built (default sizes in their
+    text), and a figure saved while another is built takes that one's settings for the tick
+    labels made at drawing time (training curves).
+    """
+    cases = figure_cases(results)
+    names = ["rulegraph", "probing", "training_curves"]  # quickest first
+
+    def draw(name: str, out: Path) -> bytes:
+        figures.save(cases[name](), out / f"{name}.png", out / f"{name}.svg")
+        return (out / f"{name}.png").read_bytes()
+
+    serial = {name: draw(name, tmp_path / "serial") for name in names}
+    # restores the global rcParams should a draw leak its settings (a failing run)
+    with matplotlib.rc_context(), ThreadPoolExecutor(max_workers=2 * len(names)) as pool:
+        for round_ in range(2):
+            jobs = {
+                (name, k): pool.submit(draw, name, tmp_path / f"round{round_}" / f"thread{k}")
+                for k in range(2)
+                for name in names
+            }
+            for (name, k), job in jobs.items():
+                assert job.result() == serial[name], f"{name}, round {round_}, copy {k}"
+
+
+def test_figures_package_reexports_and_needs_no_pyplot(tmp_path):
+    """The old module's names stay importable from the package, and drawing never imports pyplot."""
+    for name in [
+        *figures.__all__,
+        "parse_rulegraph",
+        "layered_layout",
+        "snakemake_command",
+        "selected_epoch",
+        "figure_style",
+        "method_order",
+        "method_colors",
+        "method_label",
+        "band",
+        "empty_panel",
+        "chance_line",
+    ]:
+        assert callable(getattr(figures, name)), name
+    for name in ["DPI", "RC", "DEPTH_LABEL", "RANK_COLORS", "COMPONENT_TITLES", "CKA_KINDS"]:
+        assert hasattr(figures, name), name
+    script = (
+        "import sys\n"
+        "from serlens.report import figures\n"
+        f"figures.save(figures.rulegraph_figure({RULEGRAPH_DOT!r}), {str(tmp_path / 'r.png')!r},"
+        f" {str(tmp_path / 'r.svg')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert_images(tmp_path / "r.png", tmp_path / "r.svg")

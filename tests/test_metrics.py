@@ -46,7 +46,7 @@ def test_aggregation_names_missing_runs(tmp_path):
     )
 
     classes = ["neu", "hap"]
-    files = prediction_files(tmp_path, ["m"], ["frozen", "lora_r4"], [1, 2])
+    files = prediction_files(tmp_path, "c", ["m"], ["frozen", "lora_r4"], [0], [1, 2])
     for (_model, method, fold), path in files.items():
         if (method, fold) == ("lora_r4", 2):
             continue  # this run failed

@@ -7,7 +7,7 @@ that only this throwaway cluster needs -- command-line values win over the profi
 
 - `--slurm-status-command squeue`: the test cluster has no accounting, so `sacct` fails;
 - `--slurm-init-seconds-before-status-checks 2 --seconds-between-status-checks 2`: short jobs;
-- `--set-threads features=1 train_lora=1`: the node has few CPUs (the profile asks 4), and
+- `--set-threads features=1 train_lora=1 pass_base=1 pass_run=1`: the node has few CPUs (the profile asks 4), and
   the local run of the same slice (`--cores 2`) uses 1 thread for them as well;
 - `--jobs 2 --retries 0 --latency-wait 5`, `--slurm-logdir` in the test's tmp directory and
   `--slurm-keep-successful-logs`, so the job logs can be shown when something fails.
@@ -35,10 +35,13 @@ pytestmark = pytest.mark.slurm
 
 START_TIMEOUT_S = 600  # may apt-get install slurm + munge on a fresh root machine
 RUN_TIMEOUT_S = 480
-TARGETS = [
-    "train/tiny.en/frozen/fold1/predictions.tsv",
-    "train/tiny.en/lora_r4/fold1/predictions.tsv",
+RUNS = [
+    "synthetic/train/tiny.en/frozen/seed0/fold1/predictions.tsv",
+    "synthetic/train/tiny.en/frozen_wsum/seed0/fold1/predictions.tsv",
+    "synthetic/train/tiny.en/lora_r4/seed0/fold1/predictions.tsv",
 ]
+# A LoRA run's analyses go through the run's encoder pass (a GPU job on a cluster).
+TARGETS = [*RUNS, "synthetic/analysis/tiny.en/lora_r4/seed0/fold1/cka.tsv"]
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -174,7 +177,7 @@ def test_slurm_run_matches_local_run(cluster, tmp_path):
             "--slurm-status-command", "squeue",
             "--slurm-init-seconds-before-status-checks", "2",
             "--seconds-between-status-checks", "2",
-            "--set-threads", "features=1", "train_lora=1",
+            "--set-threads", "features=1", "train_lora=1", "pass_base=1", "pass_run=1",
             "--jobs", "2",
             "--retries", "0",
             "--latency-wait", "5",
@@ -202,8 +205,11 @@ def test_slurm_run_matches_local_run(cluster, tmp_path):
         "manifest",
         "folds",
         "features",
-        "train_frozen",
+        "train_head",
         "train_lora",
+        "pass_base",
+        "pass_run",
+        "cka",
     ]:
         logs = list((tmp_path / "slurm_logs" / f"rule_{rule}").glob("**/*.log"))
         assert logs or f"localrule {rule}:" in slurm_log, (
@@ -218,16 +224,12 @@ def test_slurm_run_matches_local_run(cluster, tmp_path):
         return df
 
     pd.testing.assert_frame_equal(
-        table(slurm_results, "corpus/manifest.tsv", tmp_path / "slurm" / "resources"),
-        table(local_results, "corpus/manifest.tsv", tmp_path / "local" / "resources"),
+        table(slurm_results, "synthetic/corpus/manifest.tsv", tmp_path / "slurm" / "resources"),
+        table(local_results, "synthetic/corpus/manifest.tsv", tmp_path / "local" / "resources"),
     )
-    for name in ["corpus/folds.tsv", "corpus/summary.tsv"]:
+    for name in ["synthetic/corpus/folds.tsv", "synthetic/corpus/summary.tsv"]:
         assert (slurm_results / name).read_bytes() == (local_results / name).read_bytes(), name
-    for name in [
-        "train/tiny.en/frozen/fold1/predictions.tsv",
-        "train/tiny.en/frozen/fold1/predictions_wsum.tsv",
-        "train/tiny.en/lora_r4/fold1/predictions.tsv",
-    ]:
+    for name in RUNS:
         on_slurm, here = table(slurm_results, name), table(local_results, name)
         assert list(on_slurm.columns) == list(here.columns), name
         assert len(on_slurm) > 0 and on_slurm[["utt_id", "label"]].equals(

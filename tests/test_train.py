@@ -147,6 +147,7 @@ def test_frozen_heads_never_touch_the_encoder(weights, splits, tmp_path):
         tmp_path,
         tmp_path / "ckpt",
         {"model": "tiny.en"},
+        readouts=("last", "wsum"),  # both heads in one folder: the second gets its suffix
     )
     after = encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

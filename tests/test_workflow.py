@@ -1,7 +1,6 @@
 """The workflow end to end on a small synthetic corpus, and what a rerun schedules."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,19 +15,21 @@ pytestmark = pytest.mark.slow
 
 
 def small_config(tmp: Path, **overrides) -> dict:
-    config = {
-        "results": str(tmp / "results"),
-        "resources_dir": str(tmp / "resources"),
-        "corpus": {"synthetic": {"utterances_per_speaker": 4}},
-        "folds": {"run": [1, 2]},
-        "train": {"epochs": 1, "frozen_epochs": 3, "batch_size": 8},
-        "lora": {"ranks": [4]},
-        "analysis": {"train_sample": 8, "tuned_lens_steps": 20},
-        "significance": {"resamples": 200},
-    }
+    """.test/config.yaml with results and resources under ``tmp``."""
+    config = yaml.safe_load((ROOT / ".test/config.yaml").read_text())
+    config |= {"results": str(tmp / "results"), "resources_dir": str(tmp / "resources")}
     for key, value in overrides.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
+
+
+def effective_config(config: dict) -> dict:
+    """The config a run of the workflow sees: config/config.yaml, then ``config`` on top."""
+    from serlens.cli import _merge
+    from serlens.config import validate_config
+
+    base = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    return validate_config(_merge(base, json.loads(json.dumps(config))))
 
 
 def snakemake(
@@ -72,7 +73,7 @@ def workflow(tmp_path_factory):
 
 def test_outputs_are_complete_and_consistent(workflow):
     tmp, _ = workflow
-    results = tmp / "results"
+    results = tmp / "results/synthetic"
     manifest = pd.read_csv(results / "corpus/manifest.tsv", sep="\t")
     folds = pd.read_csv(results / "corpus/folds.tsv", sep="\t")
     performance = pd.read_csv(results / "tables/performance.tsv", sep="\t")
@@ -80,8 +81,8 @@ def test_outputs_are_complete_and_consistent(workflow):
     assert len(performance) == 3 * 2
     for fold in (1, 2):
         test_ids = set(folds.query("fold == @fold and split == 'test'").utt_id)
-        for method in ("frozen", "lora_r4"):
-            run = results / f"train/tiny.en/{method}/fold{fold}"
+        for method in ("frozen", "frozen_wsum", "lora_r4"):
+            run = results / f"train/tiny.en/{method}/seed0/fold{fold}"
             predictions = pd.read_csv(run / "predictions.tsv", sep="\t")
             assert set(predictions.utt_id) == test_ids and len(predictions) == len(test_ids)
             metrics = json.loads((run / "metrics.json").read_text())
@@ -99,18 +100,28 @@ def test_outputs_are_complete_and_consistent(workflow):
 
 def test_every_analysis_table_is_written(workflow):
     tmp, _ = workflow
-    analysis = tmp / "results/analysis/tiny.en"
+    analysis = tmp / "results/synthetic/analysis/tiny.en"
     for name in ("contributions", "logit_lens", "probing"):
         for method in ("frozen", "lora_r4"):
-            table = pd.read_csv(analysis / f"{method}/fold1/{name}.tsv", sep="\t")
-            assert len(table) > 0 and {"model", "method", "fold"} <= set(table.columns)
+            table = pd.read_csv(analysis / f"{method}/seed0/fold1/{name}.tsv", sep="\t")
+            assert len(table) > 0 and {"model", "method", "seed", "fold"} <= set(table.columns)
     for name in ("svd", "ab_dynamics", "cka"):
-        assert len(pd.read_csv(analysis / f"lora_r4/fold2/{name}.tsv", sep="\t")) > 0
+        assert len(pd.read_csv(analysis / f"lora_r4/seed0/fold2/{name}.tsv", sep="\t")) > 0
+    assert not (analysis / "frozen_wsum").exists()  # no analysis applies to a weighted-sum head
+
+
+def test_every_rule_records_a_benchmark(workflow):
+    tmp, _ = workflow
+    benchmarks = tmp / "results/benchmarks"
+    rules = {p.name.removesuffix(".tsv") for p in benchmarks.iterdir()}
+    assert {"train_lora", "train_head", "pass_run", "pass_base", "probing", "table_cka"} <= rules
+    for path in benchmarks.rglob("*.tsv"):
+        assert "s" in pd.read_csv(path, sep="\t").columns, path
 
 
 def test_figures_and_report(workflow):
     tmp, config = workflow
-    figures = tmp / "results/figures"
+    figures = tmp / "results/synthetic/figures"
     pngs = sorted(figures.rglob("*.png"))
     assert len(pngs) >= 10
     for png in pngs:
@@ -122,19 +133,19 @@ def test_figures_and_report(workflow):
     assert "performance" in report.read_text(errors="ignore")
 
 
-def test_editing_a_figure_script_reruns_only_that_figure(workflow):
+def test_a_post_hoc_setting_reruns_only_its_analysis(workflow):
     tmp, config = workflow
-    script = ROOT / "workflow/scripts/figure_probing.py"
-    original, stat = script.read_text(), script.stat()
-    try:
-        script.write_text(original + "\n# edited\n")
-        counts = job_counts(snakemake(tmp, config, "-n").stdout)
-    finally:
-        script.write_text(original)
-        os.utime(
-            script, ns=(stat.st_atime_ns, stat.st_mtime_ns)
-        )  # Snakemake also compares the script's time
-    assert counts == {"figure_probing": 1, "all": 1}
+    changed = small_config(tmp, analysis={**config["analysis"], "probe_Cs": [0.1, 1.0]})
+    counts = job_counts(snakemake(tmp, changed, "-n").stdout)
+    assert counts == {"probing": 2 * 2, "table_probing": 1, "figure_probing": 1, "all": 1}
+
+
+def test_a_pass_setting_reruns_the_passes_not_training(workflow):
+    tmp, config = workflow
+    changed = small_config(tmp, analysis={**config["analysis"], "train_sample": 4})
+    counts = job_counts(snakemake(tmp, changed, "-n").stdout)
+    assert counts["pass_base"] == 1 and counts["pass_run"] == 2  # one base pass per model
+    assert "train_lora" not in counts and "train_head" not in counts
 
 
 def test_complete_tree_has_nothing_to_do(workflow):
@@ -147,24 +158,122 @@ def test_adding_a_rank_schedules_only_its_jobs(workflow):
     tmp, config = workflow
     counts = job_counts(snakemake(tmp, small_config(tmp, lora={"ranks": [4, 2]}), "-n").stdout)
     assert counts["train_lora"] == 2  # the new rank, two folds
-    assert "train_frozen" not in counts and "features" not in counts
-    for name in (
-        "svd_lora",
-        "ab_dynamics_lora",
-        "cka_lora",
-        "contributions_lora",
-        "logit_lens_lora",
-        "probing_lora",
-    ):
+    assert "train_head" not in counts and "features" not in counts and "pass_base" not in counts
+    for name in ("pass_run", "svd", "ab_dynamics", "cka", "contributions", "logit_lens", "probing"):
         assert counts[name] == 2
-    assert counts["subspace_similarity"] == 2 and counts["performance"] == 1
-    assert not any(k.endswith("_frozen") for k in counts)
+    assert counts["subspace"] == 2 and counts["performance"] == 1
 
 
 def test_changing_a_lora_hyperparameter_reruns_lora_training_only(workflow):
     tmp, config = workflow
     counts = job_counts(snakemake(tmp, small_config(tmp, train={"lr": 0.002}), "-n").stdout)
     assert counts["train_lora"] == 2
-    assert "train_frozen" not in counts and "features" not in counts
+    assert "train_head" not in counts and "features" not in counts
     counts = job_counts(snakemake(tmp, small_config(tmp, train={"frozen_lr": 0.01}), "-n").stdout)
-    assert counts["train_frozen"] == 2 and "train_lora" not in counts
+    assert counts["train_head"] == 2 * 2 and "train_lora" not in counts
+
+
+def test_usable_as_a_snakemake_module(tmp_path):
+    """The catalog's usage: another project imports the workflow with its own config."""
+    config = small_config(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config.yaml"\n\n\n'
+        "module serlens:\n"
+        f'    snakefile: "{ROOT / "workflow/Snakefile"}"\n'
+        "    config: config\n\n\n"
+        "use rule * from serlens\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--quiet", "rules"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["train_lora"] == 2 and counts["train_head"] == 2 * 2
+    assert counts["pass_run"] == 2 and counts["pass_base"] == 1 and counts["cka"] == 2
+
+
+def test_each_analysis_reads_exactly_the_settings_its_rule_passes(workflow):
+    """spec -> params -> what the code reads: computed again on the run's files, every analysis
+    reads every key its rule passes (a trigger it ignores would be a needless rerun) and no
+    other (Settings refuses undeclared keys, so a key read from elsewhere would fail here)."""
+    from serlens.analysis.registry import ANALYSES, RunData, Settings
+    from serlens.methods import parse_method
+    from serlens.paths import Paths
+
+    tmp, config = workflow
+    config = effective_config(config)
+    paths = Paths(config["results"])
+    corpus = "synthetic"
+    for name, spec in ANALYSES.items():
+        settings = Settings(name, spec.settings(config))
+        if spec.scope == "run":
+            method = spec.methods({m: parse_method(m) for m in ("frozen", "lora_r4")})[-1]
+            run = paths.run(corpus, "tiny.en", method, 0, 1)
+            own = (
+                f"{paths.states(corpus, 'tiny.en', method, 0, 1)}/states.safetensors"
+                if parse_method(method).trains_encoder
+                else f"{paths.states(corpus, 'tiny.en', 'base')}/states.safetensors"
+            )
+            inputs = {
+                "manifest": paths.corpus(corpus, "manifest.tsv"),
+                "folds": paths.corpus(corpus, "folds.tsv"),
+                "states": own,
+                "base_states": f"{paths.states(corpus, 'tiny.en', 'base')}/states.safetensors",
+                "ab": f"{paths.states(corpus, 'tiny.en', method, 0, 1)}/ab.safetensors",
+                "features": paths.features(corpus, "tiny.en"),
+                "head": f"{run}/head.safetensors",
+                "adapter": f"{run}/adapter",
+                "weights": paths.weights("tiny.en"),
+            }
+            data = RunData(
+                corpus, "tiny.en", parse_method(method), 0, 1, config["corpus"]["classes"], inputs
+            )
+        else:
+            continue  # the cross-rank analysis reads no settings (spec.keys is empty)
+        table = spec.compute(data, settings)
+        assert len(table) > 0, name
+        assert settings.accessed == set(settings), (name, settings.accessed, set(settings))
+
+
+@pytest.mark.parametrize("method", ["frozen_wsum", "lora_r4"])
+def test_training_reads_exactly_the_settings_its_rule_passes(workflow, method, tmp_path):
+    """Method.train_settings -> params -> what training reads, key by key (nested too)."""
+    from serlens.analysis.registry import Settings
+    from serlens.methods import parse_method
+    from serlens.paths import Paths
+    from serlens.steps import train_run
+
+    tmp, config = workflow
+    config = effective_config(config)
+    paths = Paths(config["results"])
+    passed = {"classes": config["corpus"]["classes"], **parse_method(method).train_settings(config)}
+    settings = Settings(
+        method, {k: Settings(k, v) if isinstance(v, dict) else v for k, v in passed.items()}
+    )
+    train_run(
+        settings,
+        model="tiny.en",
+        method=method,
+        seed=0,
+        fold=1,
+        manifest_path=paths.corpus("synthetic", "manifest.tsv"),
+        folds_path=paths.corpus("synthetic", "folds.tsv"),
+        weights_json=paths.weights("tiny.en"),
+        out_dir=tmp_path / "run",
+        checkpoints=tmp_path / "checkpoints",
+        features_path=paths.features("synthetic", "tiny.en"),
+    )
+    assert settings.accessed == set(settings)
+    for key in settings:
+        if isinstance(settings[key], Settings):
+            assert settings[key].accessed == set(settings[key]), (key, settings[key].accessed)
+    # the same settings give the same run as the workflow's (same seed, same predictions)
+    ours = pd.read_csv(tmp_path / "run/predictions.tsv", sep="\t")
+    theirs = pd.read_csv(
+        f"{paths.run('synthetic', 'tiny.en', method, 0, 1)}/predictions.tsv", sep="\t"
+    )
+    pd.testing.assert_frame_equal(ours, theirs)

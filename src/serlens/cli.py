@@ -44,7 +44,7 @@ def cmd_manifest(args) -> None:
     config = _config(args.config)
     config["corpus"]["kind"] = args.kind or config["corpus"]["kind"]
     out = Path(args.out)
-    manifest = make_manifest(config, Path(args.root), out, out.with_name("summary.tsv"))
+    manifest = make_manifest(config["corpus"], Path(args.root), out, out.with_name("summary.tsv"))
     print(f"{out}: {len(manifest)} utterances")
     print(manifest["label"].value_counts().to_string())
 
@@ -55,7 +55,7 @@ def cmd_folds(args) -> None:
     config = _config(args.config)
     if args.dev:
         config["folds"]["dev"] = args.dev
-    folds = make_folds(config, Path(args.manifest), Path(args.out))
+    folds = make_folds(config["folds"]["dev"], Path(args.manifest), Path(args.out))
     print(folds.groupby(["fold", "split"]).size().unstack().to_string())
 
 
@@ -76,16 +76,26 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_tables(args) -> None:
-    from serlens.report.tables import write_performance_tables
+    from serlens.methods import configured_methods
+    from serlens.paths import Paths
+    from serlens.report.tables import prediction_files, write_performance_tables
     from serlens.steps import log_to
 
     config = _config(args.config)
-    tables = Path(config["results"]) / "tables"
+    corpus = config["corpus"]["name"] or config["corpus"]["kind"]
+    tables = Path(Paths(config["results"]).table(corpus, "performance")).parent
     log_to(tables / "tables_by_hand.log")
-    methods = ["frozen"] + [f"lora_r{r}" for r in config["lora"]["ranks"]]
-    write_performance_tables(
+    files = prediction_files(
         config["results"],
-        {"models": list(config["models"]), "methods": methods, "folds": config["folds"]["run"]},
+        corpus,
+        list(config["models"]),
+        list(configured_methods(config)),
+        [config["seed"]],
+        config["folds"]["run"],
+    )
+    write_performance_tables(
+        files,
+        config["folds"]["run"],
         config["corpus"]["classes"],
         tables / "performance.tsv",
         tables / "performance_summary.tsv",
@@ -117,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", choices=["iemocap", "synthetic", "manifest"], help="overrides corpus.kind"
     )
     p.add_argument("--config", help="config YAML for classes/merge (default: built-in defaults)")
-    p.add_argument("--out", default="results/corpus/manifest.tsv")
+    p.add_argument("--out", default="results/synthetic/corpus/manifest.tsv")
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser(
@@ -126,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest")
     p.add_argument("--config")
     p.add_argument("--dev", choices=["next_session", "previous_session"])
-    p.add_argument("--out", default="results/corpus/folds.tsv")
+    p.add_argument("--out", default="results/synthetic/corpus/folds.tsv")
     p.set_defaults(func=cmd_folds)
 
     p = sub.add_parser(
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         nargs="+",
-        help="the config files the workflow ran with, in order (e.g. config.yaml config/paper.yaml my.yaml)",
+        help="the config files the workflow ran with, in order (e.g. config/config.yaml config/paper.yaml my.yaml)",
     )
     p.set_defaults(func=cmd_tables)
 

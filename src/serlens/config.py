@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from serlens.errors import ConfigError
+from serlens.errors import ConfigError, CorpusError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-IEMOCAP_SESSIONS = 5
+# Package data, so a non-editable install finds it; workflow/schemas/ links to it.
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 def load_schema(path: Path = SCHEMA) -> dict:
@@ -80,26 +80,25 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 def semantic_problems(config: dict) -> list[str]:
     """Rules a JSON schema cannot say: paths that must exist, keys that must agree."""
     problems = []
+    from serlens.corpus.registry import speaker_groups
+
     corpus = config["corpus"]
-    if corpus["kind"] in ("iemocap", "manifest"):
-        root = corpus.get("root")
-        if not root:
-            problems.append(
-                f"config key corpus.root: must be set for corpus.kind {corpus['kind']!r}"
-            )
-        elif not Path(root).exists():
-            what = "an IEMOCAP_full_release folder" if corpus["kind"] == "iemocap" else "a TSV file"
-            problems.append(f"config key corpus.root: {root!r} does not exist; point it at {what}")
+    groups = None
+    try:
+        groups = speaker_groups(corpus, config["resources_dir"])
+    except (ConfigError, CorpusError) as error:
+        problems.append(str(error))
     bad_merge = {k: v for k, v in corpus["merge"].items() if v not in corpus["classes"]}
     if bad_merge:
         problems.append(
             f"config key corpus.merge: target(s) {bad_merge} are not in corpus.classes {corpus['classes']}"
         )
-    if corpus["kind"] != "manifest":
-        beyond = [f for f in config["folds"]["run"] if f > IEMOCAP_SESSIONS]
+    if groups is not None:
+        beyond = [f for f in config["folds"]["run"] if not 1 <= f <= len(groups)]
         if beyond:
             problems.append(
-                f"config key folds.run: fold(s) {beyond} do not exist; allowed values: 1..{IEMOCAP_SESSIONS}"
+                f"config key folds.run: fold(s) {beyond} do not exist; the corpus has "
+                f"{len(groups)} speaker groups {groups}, so allowed values are 1..{len(groups)}"
             )
     unknown = sorted(set(config["model_resources"]) - set(config["models"]) - {"default"})
     if unknown:

@@ -6,10 +6,11 @@ does exactly what the workflow does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -18,27 +19,24 @@ import torch
 
 from serlens.config import digest
 from serlens.corpus.folds import leave_one_session_out
-from serlens.corpus.manifest import (
-    build_manifest,
-    iemocap_candidates,
-    read_manifest,
-    user_manifest_candidates,
-)
-from serlens.errors import ConfigError
+from serlens.corpus.manifest import build_manifest, read_manifest
 from serlens.io import write_tsv_atomic
 
 log = logging.getLogger("serlens")
 
+#: The line every heavy job logs at its end; bench/job_seconds.py reads it beside the
+#: job's Snakemake benchmark (wall time - compute = start-up, imports, model loads, writing).
+COMPUTE_LINE = "job compute: %.3f s"
 
-def synthetic_root(config: dict) -> Path:
-    return Path(config["resources_dir"]) / "corpus" / "synthetic"
 
-
-def corpus_root(config: dict) -> Path:
-    """The folder (or TSV) the manifest is read from."""
-    if config["corpus"]["kind"] == "synthetic":
-        return synthetic_root(config)
-    return Path(config["corpus"]["root"])
+@contextlib.contextmanager
+def compute_time():
+    """Time the job's compute (encoder passes, training steps) and log it as :data:`COMPUTE_LINE`."""
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        log.info(COMPUTE_LINE, time.perf_counter() - tic)
 
 
 def synth_corpus(root: Path, utterances_per_speaker: int, seed: int) -> Path:
@@ -48,16 +46,17 @@ def synth_corpus(root: Path, utterances_per_speaker: int, seed: int) -> Path:
     root = Path(root)
     if root.exists():
         shutil.rmtree(root)
-    return write_synthetic_corpus(root, utterances_per_speaker=utterances_per_speaker, seed=seed)
+    with compute_time():
+        return write_synthetic_corpus(
+            root, utterances_per_speaker=utterances_per_speaker, seed=seed
+        )
 
 
-def make_manifest(config: dict, root: Path, manifest_out: Path, summary_out: Path) -> pd.DataFrame:
-    """Read the corpus, map labels, check audio; write the manifest and the label summary."""
-    corpus = config["corpus"]
-    if corpus["kind"] == "manifest":
-        candidates = user_manifest_candidates(Path(root))
-    else:
-        candidates = iemocap_candidates(Path(root))
+def make_manifest(corpus: dict, root: Path, manifest_out: Path, summary_out: Path) -> pd.DataFrame:
+    """Read the corpus (``corpus`` = ``config["corpus"]``), map labels, check audio; write both tables."""
+    from serlens.corpus.registry import read_candidates
+
+    candidates = read_candidates(corpus, Path(root))
     manifest, summary = build_manifest(
         candidates, corpus["classes"], corpus["merge"], corpus["on_bad_audio"]
     )
@@ -73,22 +72,18 @@ def make_manifest(config: dict, root: Path, manifest_out: Path, summary_out: Pat
     return manifest
 
 
-def make_folds(config: dict, manifest_path: Path, folds_out: Path) -> pd.DataFrame:
-    folds = leave_one_session_out(read_manifest(manifest_path), config["folds"]["dev"])
+def make_folds(dev: str, manifest_path: Path, folds_out: Path) -> pd.DataFrame:
+    """Leave-one-session-out folds; ``dev`` = ``config["folds"]["dev"]``."""
+    folds = leave_one_session_out(read_manifest(manifest_path), dev)
     write_tsv_atomic(folds, folds_out)
     return folds
 
 
-def resolve_model(config: dict, model: str, out_json: Path) -> Path:
-    """Resolve ``config['models'][model]`` to a model folder and record it in ``out_json``."""
+def resolve_model(source: str, model: str, resources_dir: Path, out_json: Path) -> Path:
+    """Resolve a weight source (``config["models"][model]``) to a model folder, recorded in ``out_json``."""
     from serlens.models.resolve import resolve_weights
 
-    if model not in config["models"]:
-        raise ConfigError(
-            f"config key models: no model {model!r}; allowed: {sorted(config['models'])}"
-        )
-    source = config["models"][model]
-    path = resolve_weights(source, Path(config["resources_dir"]))
+    path = resolve_weights(source, Path(resources_dir))
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(
@@ -111,81 +106,125 @@ def device_and_threads(threads: int) -> str:
 
 
 def make_features(
-    config: dict, weights_json: Path, manifest_path: Path, out_path: Path, threads: int = 1
+    audio: dict,
+    batch_size: int,
+    weights_json: Path,
+    manifest_path: Path,
+    out_path: Path,
+    threads: int = 1,
 ) -> None:
+    """Cache every utterance's pooled layer states under the pre-trained encoder."""
     from serlens.models.encoder import load_encoder
     from serlens.train.features import cache_features
 
     device = device_and_threads(threads)
     encoder = load_encoder(model_path(weights_json)).to(device)
-    cache_features(
-        encoder,
-        read_manifest(manifest_path),
-        out_path,
-        config["audio"]["input_policy"],
-        config["audio"]["max_seconds"],
-        config["train"]["feature_batch_size"],
-        device,
+    with compute_time():
+        cache_features(
+            encoder,
+            read_manifest(manifest_path),
+            out_path,
+            audio["input_policy"],
+            audio["max_seconds"],
+            batch_size,
+            device,
+        )
+
+
+def encoder_pass(
+    settings: dict,
+    model: str,
+    method: str,
+    fold: int | None,
+    manifest_path: Path,
+    folds_path: Path,
+    weights_json: Path,
+    out: Path,
+    run_dir: Path | None = None,
+    ab_out: Path | None = None,
+    threads: int = 1,
+) -> None:
+    """One model load, every forward pass the analyses of a run need (``method = "base"``: the
+    pre-trained encoder on every utterance, for every run of the model; ``fold`` unused)."""
+    from serlens.analysis.passes import adapted_pass, base_pass
+    from serlens.analysis.runs import load_run
+
+    device = device_and_threads(threads)
+    run = load_run(
+        settings, model, method, fold, manifest_path, folds_path, weights_json, run_dir, device
     )
+    with compute_time():
+        if method == "base":
+            folds = pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str})
+            base_pass(run, folds, settings, out)
+        else:
+            adapted_pass(run, settings, out, ab_out)
 
 
-def run_info(config: dict, model: str, method: str, fold: int) -> dict:
+def run_info(settings: dict, model: str, method: str, seed: int, fold: int, source: str) -> dict:
+    """What metrics.json records of a run: its key, weights and a digest of its settings."""
     return {
         "model": model,
         "fold": int(fold),
-        "weights": config["models"][model],
-        "input_policy": config["audio"]["input_policy"],
-        "seed": config["seed"],
-        "config_digest": digest(
-            {k: config[k] for k in ("corpus", "audio", "folds", "train", "lora", "seed")}
-        ),
+        "seed": int(seed),
+        "weights": source,
+        # Settings (the rule's params) as plain values; reading them for a digest is no "use"
+        "config_digest": digest(settings.plain() if hasattr(settings, "plain") else settings),
     }
 
 
-def parse_method(method: str) -> int | None:
-    """``frozen`` -> None, ``lora_r8`` -> 8."""
-    if method == "frozen":
-        return None
-    match = re.fullmatch(r"lora_r(\d+)", method)
-    if match is None:
-        raise ConfigError(f"method {method!r}: expected 'frozen' or 'lora_r<rank>'.")
-    return int(match[1])
-
-
-def checkpoint_dir(config: dict, model: str, method: str, fold: int) -> Path:
-    """Epoch checkpoints live outside the run's outputs, so a failed job's cleanup keeps them."""
-    return Path(config["results"]) / "checkpoints" / model / method / f"fold{fold}"
-
-
 def train_run(
-    config: dict,
+    settings: dict,
     model: str,
     method: str,
+    seed: int,
     fold: int,
     manifest_path: Path,
     folds_path: Path,
     weights_json: Path,
     out_dir: Path,
+    checkpoints: Path,
     features_path: Path | None = None,
-    threads: int = 1,
+    threads: int | None = 1,
 ) -> None:
-    """Train one ``model x method x fold`` run and write its files into ``out_dir``."""
+    """Train one ``model x method x seed x fold`` run from its rule's settings into ``out_dir``.
+
+    ``threads=None``: run in the calling process as it is (no GPU claimed, torch's thread
+    count untouched): heads on cached features, run by Snakemake in its own process.
+
+    ``settings`` is :meth:`serlens.methods.Method.train_settings` plus ``classes``: all the
+    run reads. ``checkpoints`` is kept outside the run's outputs and removed when it is done.
+    """
+    from serlens.methods import parse_method
     from serlens.train.data import read_fold_splits
 
-    classes = config["corpus"]["classes"]
+    spec = parse_method(method)
+    classes = list(settings["classes"])
     splits = read_fold_splits(manifest_path, folds_path, fold, classes)
-    info = run_info(config, model, method, fold)
-    ckpt = checkpoint_dir(config, model, method, fold)
-    rank = parse_method(method)
-    device = device_and_threads(threads)
-    if rank is None:
+    info = run_info(
+        settings, model, method, seed, fold, json.loads(Path(weights_json).read_text())["source"]
+    )
+    ckpt = Path(checkpoints)
+    device = "cpu" if threads is None else device_and_threads(threads)
+    if spec.uses_features:
         from serlens.train.features import load_features
         from serlens.train.frozen import run_frozen
 
         features = {
             name: load_features(features_path, split.utt_ids) for name, split in splits.items()
         }
-        run_frozen(features, splits, classes, config["train"], config["seed"], out_dir, ckpt, info)
+        with compute_time():
+            run_frozen(
+                features,
+                splits,
+                classes,
+                settings["train"],
+                seed,
+                out_dir,
+                ckpt,
+                info,
+                (spec.readout,),
+            )
     else:
         from serlens.models.encoder import load_encoder
         from serlens.train.lora import run_lora
@@ -193,7 +232,11 @@ def train_run(
         for split in splits.values():
             split.load()
         encoder = load_encoder(model_path(weights_json))
-        run_lora(encoder, splits, classes, rank, config, out_dir, ckpt / "last.pt", info, device)
+        config = {"seed": seed, **{k: settings[k] for k in ("train", "lora", "audio")}}
+        with compute_time():
+            run_lora(
+                encoder, splits, classes, spec.rank, config, out_dir, ckpt / "last.pt", info, device
+            )
     shutil.rmtree(ckpt, ignore_errors=True)
 
 

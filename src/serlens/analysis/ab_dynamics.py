@@ -40,13 +40,8 @@ training utterances, counting only frames that hold audio.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import math
-import os
 import re
-import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +58,6 @@ from serlens.train.heads import EmotionHead
 __all__ = [
     "FrameReservoir",
     "GramAccumulator",
-    "ab_memory_probe",
     "compute_ab_dynamics",
     "delta_w_comparison",
     "delta_w_from_factor_steps",
@@ -555,150 +549,137 @@ def compute_ab_dynamics(run: TrainedRun, cfg: dict, seed: int) -> pd.DataFrame:
     )
 
 
-# --------------------------------------------------------------------------- memory probe
+# --------------------------------------------------------------------------- stored statistics
+
+SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc/self/statm``)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError as err:
-        raise RuntimeError(
-            f"/proc/self/statm: {err}; ab_memory_probe measures RSS on Linux only"
-        ) from err
+def ab_statistics(
+    run: TrainedRun,
+    indices: np.ndarray,
+    batch_size: int,
+    untrained_init_std: float,
+    seed: int,
+    cka_max_frames: int = CKA_MAX_FRAMES,
+) -> dict[str, torch.Tensor]:
+    """Everything :func:`ab_dynamics_table` needs, with no post-hoc setting applied.
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
+    Keys ``{state}/{module}/sv/{quantity}``: the singular values of each activation and
+    gradient matrix (energy ranks are taken from them at any ``energy_fraction``), and
+    ``{state}/{module}/{scalar}``: the gradient norms, the ΔW comparison and the CKA.
+    """
+    if not run.lora_modules():
+        raise ValueError(
+            f"{run.model}/{run.method}/fold{run.fold}: no LoRA modules; A/B dynamics apply to LoRA runs only"
         )
-    ]
+    if len(indices) == 0:
+        raise ValueError(f"{run.model}/{run.method}/fold{run.fold}: the training sample is empty")
+    states = [trained_state(run), untrained_state(run, untrained_init_std, seed)]
+    acc = stream_ab_statistics(run, states, indices, batch_size, cka_max_frames, seed)
+    out = {}
+    for state, state_acc in acc.items():
+        for name, m_acc in state_acc.modules.items():
+            spectra = {
+                "a_out": m_acc.a_out.singular_values(),
+                "b_out": m_acc.b_out_singular_values(),
+                "a_out_grad": m_acc.a_out_grad.singular_values(),
+                "b_out_grad": m_acc.b_out_grad.singular_values(),
+            }
+            for quantity, sv in spectra.items():
+                out[f"{state}/{name}/sv/{quantity}"] = torch.from_numpy(np.ascontiguousarray(sv))
+            scalars = {k: v for k, v in m_acc.values(0.9).items() if k not in SPECTRA}
+            code = state_acc.reservoir.sample((name, "a_code"))
+            grad = state_acc.reservoir.sample((name, "b_out_grad"))
+            scalars["cka_a_code_vs_b_out_grad"] = (
+                linear_cka(code, grad) if code.shape[0] >= 2 else math.nan
+            )
+            for key, value in scalars.items():
+                out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+    return out
 
 
-def _heap_reader():
-    """``() -> bytes`` the C heap has handed out (glibc ``mallinfo2``: uordblks + hblkhd), or None.
+def write_ab_statistics(
+    run: TrainedRun, indices, batch_size: int, untrained_init_std: float, seed: int, path
+) -> None:
+    from pathlib import Path
 
-    Unlike RSS this ignores freed memory that glibc keeps, so it does not creep up with
-    heap fragmentation over many differently sized batches. torch allocates CPU tensors
-    with malloc, so they are counted.
-    """
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
+    from safetensors.torch import save_file
 
-    def read() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-
-    return read
+    tensors = ab_statistics(run, indices, batch_size, untrained_init_std, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    save_file(tensors, str(tmp), metadata={"n_layers": str(len(run.encoder.layers))})
+    tmp.replace(path)
 
 
-def _peak_memory(fn, poll_s: float) -> dict[str, float | None]:
-    """Run ``fn()`` while polling; peak RSS and peak C-heap use above their values before it (MiB)."""
-    gc.collect()
-    heap = _heap_reader()
-    readers = {"rss": _rss_bytes, **({"heap": heap} if heap is not None else {})}
-    base = {k: read() for k, read in readers.items()}
-    peak = dict(base)
-    stop = threading.Event()
-
-    def sample():
-        for k, read in readers.items():
-            peak[k] = max(peak[k], read())
-
-    def poll():
-        while not stop.is_set():
-            sample()
-            time.sleep(poll_s)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    tic = time.perf_counter()
-    poller.start()
-    try:
-        fn()
-    finally:
-        wall = time.perf_counter() - tic
-        stop.set()
-        poller.join()
-    sample()
-    out = {f"{k}_mb": (peak[k] - base[k]) / 2**20 for k in readers}
-    out.setdefault("heap_mb", None)
-    return {**out, "wall_s": wall}
+def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: float) -> pd.DataFrame:
+    """The ``ab_dynamics.tsv`` table from :func:`ab_statistics` (same rows as :func:`ab_dynamics_table`)."""
+    values: dict[str, dict[str, dict[str, float]]] = {}
+    for key, tensor in tensors.items():
+        state, rest = key.split("/", 1)
+        if "/sv/" in rest:
+            name, quantity = rest.split("/sv/")
+            value = float(energy_rank(np.asarray(tensor, dtype=np.float64), energy_fraction))
+        else:
+            name, quantity = rest.rsplit("/", 1)
+            value = float(np.asarray(tensor))
+        values.setdefault(state, {}).setdefault(name, {})[quantity] = value
+    order = [*SPECTRA, "grad_norm_A", "grad_norm_B", "grad_norm_ratio_B_A"]
+    order += ["dW_from_A_norm", "dW_from_B_norm", "dW_cos", "cka_a_code_vs_b_out_grad"]
+    rows = []
+    for name in sorted(values["trained"]):
+        layer = _layer_index(name)
+        base = {"module": name, "layer": layer, "depth": (layer + 1) / n_layers}
+        for state in ("trained", "untrained"):
+            rows += [
+                {**base, "quantity": q, "state": state, "value": values[state][name][q]}
+                for q in order
+            ]
+        for q in RATIO_QUANTITIES:
+            t, u = values["trained"][name][q], values["untrained"][name][q]
+            rows.append(
+                {**base, "quantity": q, "state": "ratio", "value": t / u if u != 0 else math.nan}
+            )
+    return pd.DataFrame(rows, columns=["module", "layer", "depth", "quantity", "state", "value"])
 
 
-def ab_memory_probe(
-    run: TrainedRun, cfg: dict, seed: int, n_utterances: int, poll_s: float = 0.005
-) -> dict:
-    """Peak memory of the A/B dynamics on a balanced training sample of ``n_utterances``.
+# --------------------------------------------------------------------------- the workflow's analysis
 
-    For ``bench/``: run one size per fresh process. Waveforms are loaded first, then two
-    calls are measured, polling every ``poll_s`` s both the RSS and the C heap in use
-    (glibc ``mallinfo2``; torch's CPU tensors live there):
 
-    * ``one_batch_peak_{rss,heap}_mb``: the analysis on the sample's ``batch_size`` longest
-      clips alone, i.e. the largest batch plus the per-module accumulators;
-    * ``peak_{rss,heap}_delta_mb``: then the analysis on the whole sample, above what the
-      first call left. Streaming keeps the heap delta at about one batch whatever
-      ``n_utterances``. The RSS delta creeps up with the number of batches because glibc
-      keeps freed, fragmented heap (with ``MALLOC_MMAP_THRESHOLD_=65536`` in the
-      environment it stays flat too).
+def _compute(run, settings) -> pd.DataFrame:
+    from safetensors import safe_open
 
-    Also ``n_utterances`` (as sampled; fewer if a class runs out), ``n_frames`` (audio
-    frames per pass), ``max_batch_frames`` (largest batch size x padded length),
-    ``cuda_peak_mb`` (peak GPU allocation above the start of the whole-sample call, or
-    None) and ``wall_s`` (of the whole-sample call). ``*_heap_*`` are None off glibc.
-    """
-    train = run.splits["train"]
-    if train.waves is None:
-        train.load()
-    indices = balanced_sample(train.labels, n_utterances, seed)
-    batch_size, fraction, init_std = (
-        cfg["batch_size"],
-        cfg["energy_fraction"],
-        cfg["untrained_init_std"],
+    path = run.path("ab")
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        n_layers = int(handle.metadata()["n_layers"])
+    return ab_table_from_statistics(tensors, n_layers, settings["energy_fraction"])
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures import ab_dynamics_figure
+
+    return ab_dynamics_figure(tables["ab_dynamics"], model, context["energy_fraction"])
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="ab_dynamics",
+        compute=_compute,
+        applies_to=lambda method: method.kind == "lora",
+        reads=frozenset({"ab"}),
+        keys=("energy_fraction",),
+        table=TableSpec(("module", "layer", "depth", "quantity", "state")),
+        figures=(
+            FigureSpec(
+                "ab_dynamics", _draw, ("ab_dynamics",), "A/B dynamics", keys=("energy_fraction",)
+            ),
+        ),
+        doc="energy ranks, gradient norms and ΔW contributions of LoRA's A and B, trained vs untrained",
     )
-    n_frames, max_batch_frames = 0, 0
-    for _, batch in run.batches(train, batch_size, indices):
-        n_frames += int(batch.frame_mask.sum())
-        max_batch_frames = max(max_batch_frames, batch.frame_mask.numel())
-    longest = indices[np.argsort(train.durations[indices], kind="stable")[-batch_size:]]
-    one_batch = _peak_memory(
-        lambda: ab_dynamics_table(run, longest, batch_size, fraction, init_std, seed), poll_s
-    )
-    device = next(run.encoder.parameters()).device
-    cuda_base = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_base = torch.cuda.memory_allocated(device)
-    whole = _peak_memory(
-        lambda: ab_dynamics_table(run, indices, batch_size, fraction, init_std, seed), poll_s
-    )
-    cuda_peak = None
-    if cuda_base is not None:
-        cuda_peak = (torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20
-    return {
-        "n_utterances": int(len(indices)),
-        "n_frames": n_frames,
-        "max_batch_frames": max_batch_frames,
-        "one_batch_peak_rss_mb": one_batch["rss_mb"],
-        "one_batch_peak_heap_mb": one_batch["heap_mb"],
-        "peak_rss_delta_mb": whole["rss_mb"],
-        "peak_heap_delta_mb": whole["heap_mb"],
-        "cuda_peak_mb": cuda_peak,
-        "wall_s": whole["wall_s"],
-    }
+
+
+SPEC = _spec()

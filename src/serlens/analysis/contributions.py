@@ -192,3 +192,95 @@ def compute_contributions(run, cfg: dict, seed: int) -> pd.DataFrame:
         for metric in METRICS
     ]
     return pd.DataFrame(rows).astype({"value": np.float64})
+
+
+# --------------------------------------------------------------------------- the workflow's analysis
+
+
+def contributions_from_states(own, base, is_adapted: bool) -> pd.DataFrame:
+    """The table of :func:`compute_contributions` from stored per-utterance frame sums.
+
+    ``value = Σ_u sum_u / Σ_u frames_u`` over the fold's test utterances (each audio frame
+    weighs the same), per variant (``adapted`` from the run's own pass, ``base`` from the
+    pre-trained encoder's pass).
+    """
+    variants = {"adapted": own, "base": base} if is_adapted else {"base": own}
+    rows = []
+    for variant, states in variants.items():
+        sums, frames = states["test/contrib"], states["test/frames"]
+        n_frames = int(frames.sum())
+        if n_frames == 0:
+            raise ValueError(f"{states.path}: the test split holds no audio frames.")
+        totals = sums.sum(axis=0) / n_frames  # (L, components, metrics)
+        n_layers = totals.shape[0]
+        for layer in range(1, n_layers + 1):
+            for c, component in enumerate(COMPONENTS):
+                for m, metric in enumerate(METRICS):
+                    rows.append(
+                        {
+                            "variant": variant,
+                            "layer": layer,
+                            "depth": layer / n_layers,
+                            "component": component,
+                            "metric": metric,
+                            "value": float(totals[layer - 1, c, m]),
+                            "n_frames": n_frames,
+                        }
+                    )
+    return pd.DataFrame(rows).astype({"value": np.float64})
+
+
+def adapter_delta(long: pd.DataFrame, run_columns: list[str]) -> pd.DataFrame:
+    """``variant = delta`` = ``adapted − base`` of the same run, per fold (before averaging)."""
+    if not {"adapted", "base"} <= set(long["variant"]):
+        return long.iloc[:0]
+    keys = [*run_columns, "layer", "depth", "component", "metric"]
+    adapted = long[long["variant"] == "adapted"].set_index(keys)["value"]
+    base = long[long["variant"] == "base"].set_index(keys)["value"]
+    return (adapted - base).dropna().reset_index().assign(variant="delta")
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    adapted = run.method.trains_encoder
+    return contributions_from_states(
+        run.states("states"), run.states("base_states") if adapted else None, adapted
+    )
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures import contributions_figure
+
+    return contributions_figure(tables["contributions"], model)
+
+
+def _draw_depth(tables, model, context):
+    from serlens.report.figures import contributions_depth_figure
+
+    return contributions_depth_figure(tables["contributions"], context["models"])
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="contributions",
+        compute=_compute,
+        applies_to=lambda method: method.readout == "last",
+        reads=frozenset({"states", "base_states"}),
+        keys=(),
+        table=TableSpec(("variant", "layer", "depth", "component", "metric"), derive=adapter_delta),
+        figures=(
+            FigureSpec("contributions", _draw, ("contributions",), "Layer contributions"),
+            FigureSpec(
+                "contributions_depth",
+                _draw_depth,
+                ("contributions",),
+                "Layer contributions",
+                per_model=False,
+            ),
+        ),
+        doc="norm ratio and cosine of each block's attention and MLP update to the residual stream",
+    )
+
+
+SPEC = _spec()

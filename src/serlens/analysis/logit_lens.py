@@ -222,32 +222,52 @@ def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
     own = "adapted" if run.is_lora else "base"
     variants = [own, "base"] if run.is_lora else [own]
     test = run.splits["test"]
-    n_layers = len(run.encoder.layers)
-    n_classes = len(run.classes)
-    head = copy.deepcopy(run.head).cpu().eval()  # the lens works on pooled states, on the CPU
     states = _collect(run, test, cfg["batch_size"], variants)
+    train_states = None
+    if cfg["tuned_lens"]:
+        train = run.splits["train"]
+        sample = balanced_sample(train.labels, cfg["train_sample"], seed)
+        train_states = _collect(run, train, cfg["batch_size"], [own], sample)[own]
+    return logit_lens_table(
+        run.head, states, own, test.labels, len(run.classes), train_states, cfg["tuned_lens_steps"]
+    )
+
+
+def logit_lens_table(
+    head: nn.Module,
+    states: dict[str, torch.Tensor],
+    own: str,
+    labels: np.ndarray,
+    n_classes: int,
+    train_states: torch.Tensor | None = None,
+    tuned_lens_steps: int = 0,
+) -> pd.DataFrame:
+    """The lens table from pooled normalised states ``(N, L + 1, D)`` per variant.
+
+    ``own`` is the variant the run classifies with (its last layer is the reference output);
+    the tuned lens is fitted on ``train_states`` (the analysis sample) when given.
+    """
+    head = copy.deepcopy(head).cpu().eval()  # the lens works on pooled states, on the CPU
+    n_layers = next(iter(states.values())).shape[1] - 1
     with torch.inference_mode():
         logits = {v: logit_lens(head, s) for v, s in states.items()}
     final_logits = logits[own][:, -1]
 
     rows = []
-    for variant in variants:
+    for variant in states:
         rows += [
             {"lens": "logit", "variant": variant, **r}
-            for r in lens_metrics(logits[variant], final_logits, test.labels, n_classes)
+            for r in lens_metrics(logits[variant], final_logits, labels, n_classes)
         ]
 
-    if cfg["tuned_lens"]:
-        train = run.splits["train"]
-        sample = balanced_sample(train.labels, cfg["train_sample"], seed)
-        train_states = _collect(run, train, cfg["batch_size"], [own], sample)[own]
+    if train_states is not None:
         with torch.enable_grad():
-            lens = fit_tuned_lens(head, train_states, cfg["tuned_lens_steps"])
+            lens = fit_tuned_lens(head, train_states, tuned_lens_steps)
         with torch.inference_mode():
             tuned_logits = lens(states[own])
             fit_logits = lens(train_states)
             fit_kl = kl_divergence(fit_logits[:, -1:], fit_logits).mean(dim=0)
-        tuned_rows = lens_metrics(tuned_logits, final_logits, test.labels, n_classes)
+        tuned_rows = lens_metrics(tuned_logits, final_logits, labels, n_classes)
         tuned_rows += [
             {"layer": layer, "metric": "fit_kl", "value": float(fit_kl[layer])}
             for layer in range(n_layers + 1)
@@ -257,3 +277,55 @@ def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("layer") + 1, "depth", table["layer"] / n_layers)
     return table.sort_values(["lens", "variant", "layer"], kind="stable", ignore_index=True)
+
+
+# --------------------------------------------------------------------------- the workflow's analysis
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    own_states = run.states("states")
+    test = run.splits["test"]
+    if own_states.utt_ids("test") != list(test.utt_ids):
+        raise ValueError(
+            f"{own_states.path}: test utterances differ from the fold's; rerun its pass."
+        )
+    own = "adapted" if run.method.trains_encoder else "base"
+    states = {own: torch.from_numpy(own_states["test/normalised"])}
+    if run.method.trains_encoder:
+        states["base"] = torch.from_numpy(run.states("base_states")["test/normalised"])
+    train_states = None
+    if settings["tuned_lens"]:
+        train_states = torch.from_numpy(own_states["train_sample/normalised"])
+    return logit_lens_table(
+        run.head(),
+        states,
+        own,
+        test.labels,
+        len(run.classes),
+        train_states,
+        settings["tuned_lens_steps"],
+    )
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures import logit_lens_figure
+
+    return logit_lens_figure(tables["logit_lens"], model, context["n_classes"])
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="logit_lens",
+        compute=_compute,
+        applies_to=lambda method: method.readout == "last",
+        reads=frozenset({"states", "base_states", "head"}),
+        keys=("tuned_lens", "tuned_lens_steps"),
+        table=TableSpec(("lens", "variant", "layer", "depth", "metric")),
+        figures=(FigureSpec("logit_lens", _draw, ("logit_lens",), "Logit lens"),),
+        doc="the run's head read off every layer (logit lens) and through fitted translators (tuned lens)",
+    )
+
+
+SPEC = _spec()

@@ -309,3 +309,159 @@ def write_subspace_similarity(
     table = subspace_similarity_table(adapters, model, fold)
     write_tsv_atomic(table, Path(output))
     return table
+
+
+# --------------------------------------------------------------------------- the workflow's analyses
+
+
+def load_lora_factors(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """``{module: (A, B, scaling)}`` (float64) from a PEFT ``adapter/`` folder, no peft needed.
+
+    ``scaling = lora_alpha / r`` (Hu et al. 2021), or ``lora_alpha / sqrt(r)`` with rsLoRA
+    (Kalajdzievski 2023), as PEFT computes it.
+    """
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    path = adapter_dir / "adapter_model.safetensors"
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(path)).items():
+        match = _ADAPTER_KEY.match(key)
+        if match:
+            factors.setdefault(match["module"], {})[match["which"]] = value.astype(np.float64)
+    if not factors:
+        raise ValueError(f"{path}: no LoRA weights (keys like '...v_proj.lora_A.weight')")
+    out = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{path}: module {module} lacks lora_{({'A', 'B'} - set(pair)).pop()}")
+        rank = pair["A"].shape[0]
+        alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
+        rank_cfg = config.get("rank_pattern", {}).get(module, config["r"])
+        if rank_cfg != rank:
+            raise ValueError(f"{path}: module {module} has rank {rank}, its config says {rank_cfg}")
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        out[module] = (pair["A"], pair["B"], float(scaling))
+    return out
+
+
+def encoder_weights(model_dir: Path, modules) -> dict[str, np.ndarray]:
+    """Pre-trained ``W0`` (float64) of encoder modules, read from the model's safetensors.
+
+    ``modules`` are encoder-relative names (``layers.3.self_attn.v_proj``); checkpoints name
+    them ``model.encoder.<module>.weight`` (or ``encoder.<module>.weight``), in one file or
+    sharded under ``model.safetensors.index.json``.
+    """
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text())["weight_map"]
+    else:
+        single = model_dir / "model.safetensors"
+        if not single.is_file():
+            raise FileNotFoundError(f"{model_dir}: no model.safetensors; rerun the weights rule.")
+        with safe_open(str(single), framework="numpy") as handle:
+            shards = dict.fromkeys(handle.keys(), "model.safetensors")
+    out = {}
+    for module in modules:
+        key = next(
+            (
+                f"{p}{module}.weight"
+                for p in ("model.encoder.", "encoder.")
+                if f"{p}{module}.weight" in shards
+            ),
+            None,
+        )
+        if key is None:
+            raise KeyError(f"{model_dir}: no weight for encoder module {module!r}")
+        with safe_open(str(model_dir / shards[key]), framework="numpy") as handle:
+            out[module] = handle.get_tensor(key).astype(np.float64)
+    return out
+
+
+def svd_from_files(adapter_dir: Path, model_dir: Path, cfg) -> pd.DataFrame:
+    """:func:`compute_svd` from the adapter folder and the pre-trained weights (no model built)."""
+    factors = load_lora_factors(adapter_dir)
+    base = encoder_weights(model_dir, factors)
+    n_layers = _n_layers(adapter_dir, factors)
+    tables = []
+    for name in sorted(factors, key=_module_order):
+        A, B, scaling = factors[name]
+        table = lora_update_spectra(
+            A,
+            B,
+            scaling,
+            base[name],
+            energy_fraction=cfg["energy_fraction"],
+            intruder_k=cfg["intruder_k"],
+            intruder_epsilon=cfg["intruder_epsilon"],
+        )
+        layer = layer_index(name)
+        table.insert(0, "depth", _depth(layer, n_layers))
+        table.insert(0, "layer", layer)
+        table.insert(0, "module", name)
+        tables.append(table)
+    out = pd.concat(tables, ignore_index=True)[SVD_COLUMNS]
+    out["layer"] = out["layer"].astype("Int64")
+    return out
+
+
+def _svd(run, settings) -> pd.DataFrame:
+    from serlens.steps import model_path
+
+    return svd_from_files(run.path("adapter"), model_path(run.path("weights")), settings)
+
+
+def _subspace(runs, settings) -> pd.DataFrame:
+    """``runs``: ``{rank: RunData}`` of one model, seed and fold."""
+    first = next(iter(runs.values()))
+    table = subspace_similarity_table(
+        {rank: data.path("adapter") for rank, data in runs.items()}, first.model, first.fold
+    )
+    table.insert(table.columns.get_loc("fold"), "seed", int(first.seed))
+    return table
+
+
+def _draw_spectra(tables, model, context):
+    from serlens.report.figures import spectra_figure
+
+    return spectra_figure(tables["svd"], tables["subspace"], model, context["intruder_epsilon"])
+
+
+def _specs():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    has_update = lambda method: method.has_adapter  # noqa: E731
+    svd = AnalysisSpec(
+        name="svd",
+        compute=_svd,
+        applies_to=has_update,
+        reads=frozenset({"adapter", "weights"}),
+        keys=("energy_fraction", "intruder_k", "intruder_epsilon"),
+        table=TableSpec(("module", "layer", "depth", "matrix", "quantity", "index")),
+        figures=(
+            FigureSpec(
+                "spectra",
+                _draw_spectra,
+                ("svd", "subspace"),
+                "LoRA spectra",
+                keys=("intruder_epsilon",),
+            ),
+        ),
+        doc="singular spectra, effective and energy ranks of ΔW = s·BA, intruder dimensions",
+    )
+    subspace = AnalysisSpec(
+        name="subspace",
+        compute=_subspace,
+        applies_to=has_update,
+        reads=frozenset({"adapter"}),
+        keys=(),
+        table=TableSpec(("module", "layer", "depth", "rank_a", "rank_b", "i", "j"), ("phi",)),
+        scope="lora_ranks",
+        doc="Grassmann similarity of the A subspaces of two ranks (Hu et al. 2021, §7.2)",
+    )
+    return svd, subspace
+
+
+SPEC, SUBSPACE_SPEC = _specs()

@@ -341,3 +341,70 @@ def compute_probing(
         cv=cfg["probe_cv_folds"],
         seed=seed,
     )
+
+
+# --------------------------------------------------------------------------- the workflow's analysis
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    """States: the frozen encoder's from the feature cache; a LoRA run's from its own pass."""
+    from serlens.train.features import load_features
+
+    train, test = run.splits["train"], run.splits["test"]
+    if run.method.trains_encoder:
+        states = run.states("states")
+        for split, name in ((train, "train"), (test, "test")):
+            if states.utt_ids(name) != list(split.utt_ids):
+                raise ValueError(
+                    f"{states.path}: {name} utterances differ from the fold's; rerun its pass."
+                )
+        train_states, test_states = states["train/pooled"], states["test/pooled"]
+    else:
+        features = run.path("features")
+        train_states = load_features(features, train.utt_ids).numpy()
+        test_states = load_features(features, test.utt_ids).numpy()
+    source = str(run.path("manifest"))
+    return probe_layers(
+        train_states,
+        train.labels,
+        _lookup_speakers(run.speakers, train.utt_ids, source),
+        test_states,
+        test.labels,
+        _lookup_speakers(run.speakers, test.utt_ids, source),
+        n_classes=len(run.classes),
+        Cs=settings["probe_Cs"],
+        cv=settings["probe_cv_folds"],
+        seed=settings["seed"],
+    )
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures import probing_figure
+
+    return probing_figure(tables["probing"], model, context["n_classes"])
+
+
+def _reads(method) -> bool:
+    return method.readout == "last"
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="probing",
+        compute=_compute,
+        applies_to=_reads,
+        reads=frozenset({"states", "features"}),
+        keys=("probe_cv_folds", "probe_Cs"),
+        uses_seed=True,
+        table=TableSpec(
+            ("layer", "depth", "task"),
+            ("uar", "war", "selectivity_uar", "selectivity_war", "cv_uar", "C"),
+        ),
+        figures=(FigureSpec("probing", _draw, ("probing",), "Probing"),),
+        doc="speaker-grouped logistic probes of every layer, with a within-speaker control task",
+    )
+
+
+SPEC = _spec()

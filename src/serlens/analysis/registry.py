@@ -1,108 +1,241 @@
-"""The analyses the workflow runs on each trained run, and which config keys each depends on."""
+"""One declaration per analysis; the workflow's rules, tables, figures and report follow from it.
+
+An analysis module declares ``SPEC = AnalysisSpec(...)``: what it computes (a light function
+of the run's stored encoder states and files, no transformers or peft), which runs it applies
+to, which products it reads, which keys of ``config["analysis"]`` it reads, how its table is
+aggregated, its figures and their captions (``workflow/report/{figure}.rst``). The registry
+finds every :class:`AnalysisSpec` defined in a module of :mod:`serlens.analysis`; ``workflow/rules/analysis.smk`` and
+``report.smk`` loop over :data:`ANALYSES`.
+
+A job's settings are ``settings(config)``: exactly the declared keys, passed as the rule's
+``params`` and handed to ``compute`` as a :class:`Settings`, which refuses any key that was
+not declared. So what triggers a rerun and what the code reads are the same list.
+"""
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 
-from serlens.io import write_tsv_atomic
+from serlens.methods import Method
 
-
-@dataclass(frozen=True)
-class Analysis:
-    name: str
-    module: str
-    function: str
-    lora_only: bool
-    keys: tuple[str, ...]  # keys of config["analysis"] it reads (rerun triggers)
-
-
-ANALYSES = {
-    a.name: a
-    for a in [
-        Analysis(
-            "contributions",
-            "serlens.analysis.contributions",
-            "compute_contributions",
-            False,
-            ("batch_size",),
-        ),
-        Analysis(
-            "logit_lens",
-            "serlens.analysis.logit_lens",
-            "compute_logit_lens",
-            False,
-            ("batch_size", "train_sample", "tuned_lens", "tuned_lens_steps"),
-        ),
-        Analysis(
-            "probing",
-            "serlens.analysis.probing",
-            "compute_probing",
-            False,
-            ("batch_size", "probe_cv_folds", "probe_Cs"),
-        ),
-        Analysis(
-            "svd",
-            "serlens.analysis.lora_spectra",
-            "compute_svd",
-            True,
-            ("energy_fraction", "intruder_k", "intruder_epsilon"),
-        ),
-        Analysis(
-            "ab_dynamics",
-            "serlens.analysis.ab_dynamics",
-            "compute_ab_dynamics",
-            True,
-            ("batch_size", "train_sample", "energy_fraction", "untrained_init_std"),
-        ),
-        Analysis(
-            "cka",
-            "serlens.analysis.representations",
-            "compute_cka",
-            True,
-            ("batch_size", "rbf_threshold"),
-        ),
-    ]
+#: What an analysis can read of a run (the rule's inputs are derived from these).
+PRODUCTS = {
+    "states": "the run's own encoder states (states.safetensors of its pass, or the base pass)",
+    "base_states": "the pre-trained encoder's states on the same fold (base pass)",
+    "ab": "A/B activation and gradient statistics of the run's pass (ab.safetensors)",
+    "features": "the cached pooled states of the pre-trained encoder (every utterance)",
+    "head": "the run's trained head (head.safetensors)",
+    "adapter": "the run's adapter folder (adapter/)",
+    "weights": "the resolved pre-trained weights (models/{model}.json)",
 }
 
 
-def analysis_params(config: dict, name: str) -> dict:
-    """The slice of the config an analysis depends on (what Snakemake's params trigger on)."""
-    keys = ANALYSES[name].keys
-    return {
-        "seed": config["seed"],
-        "audio": config["audio"],
-        **{k: config["analysis"][k] for k in keys},
-    }
+class Settings(Mapping):
+    """A read-only mapping of a job's settings (its rule's params).
+
+    Asked for a key it was not given, it raises naming the job and the keys it has, so a job
+    cannot read a setting its rule does not pass (and Snakemake would not rerun it for).
+    ``accessed`` records the keys read, so tests can check the converse: that every key the
+    rule passes is read. :meth:`plain` gives the values without recording (for digests).
+    """
+
+    def __init__(self, owner: str, values: Mapping):
+        self._owner, self._values = owner, dict(values)
+        self.accessed: set = set()
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            raise KeyError(
+                f"{self._owner} read setting {key!r}, which it does not declare "
+                f"(declared: {sorted(self._values)}); add it to its spec's keys."
+            )
+        self.accessed.add(key)
+        return self._values[key]
+
+    def plain(self) -> dict:
+        return {k: v.plain() if isinstance(v, Settings) else v for k, v in self._values.items()}
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
 
 
-def run_analysis(
-    name: str,
-    config: dict,
-    model: str,
-    method: str,
-    fold: int,
-    manifest: Path,
-    folds: Path,
-    weights: Path,
-    run_dir: Path,
-    output: Path,
-    features: Path | None = None,
-    device: str = "cpu",
-) -> pd.DataFrame:
-    """Load the run, compute one analysis, write its tidy TSV (with model/method/fold columns)."""
-    from serlens.analysis.runs import load_run
+@dataclass(frozen=True)
+class TableSpec:
+    """How the per-run tables are aggregated over folds (:mod:`serlens.report.aggregate`).
 
-    spec = ANALYSES[name]
-    run = load_run(config, model, method, fold, manifest, folds, weights, run_dir, device)
-    compute = getattr(importlib.import_module(spec.module), spec.function)
-    kwargs = {"features_path": features, "manifest_path": manifest} if name == "probing" else {}
-    table = compute(run, config["analysis"], config["seed"], **kwargs)
-    table.insert(0, "fold", int(fold))
-    table.insert(0, "method", method)
-    table.insert(0, "model", model)
-    write_tsv_atomic(table, output)
+    ``keys`` identify one observation within a run; ``values`` are the measured columns
+    (several are melted to ``metric, value``).
+    """
+
+    keys: tuple[str, ...]
+    values: tuple[str, ...] = ("value",)
+    #: ``derive(long, run_columns)``: extra long-form rows formed per run before averaging
+    #: (a per-fold difference has the spread of the difference), or None.
+    derive: Callable | None = None
+
+    @property
+    def melted(self) -> bool:
+        return len(self.values) > 1
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """A figure drawn from aggregated tables: ``figures/{name}/{model}.png`` or ``figures/{name}.png``.
+
+    ``draw(tables, model, context)`` returns a matplotlib figure; ``tables`` maps table
+    names (``tables``) to frames; ``context`` holds ``n_classes``, ``models`` and the
+    declared ``keys`` of ``config["analysis"]``. The caption is ``workflow/report/{name}.rst``.
+    """
+
+    name: str
+    draw: Callable
+    tables: tuple[str, ...]
+    category: str
+    per_model: bool = True
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """One analysis: see the module docstring.
+
+    ``scope``: ``run`` (one table per run) or ``lora_ranks`` (one table per model, seed and
+    fold, comparing the LoRA ranks; written where a method goes, as ``lora``).
+    """
+
+    name: str
+    compute: Callable  # (RunData, Settings) -> DataFrame (scope run) or (dict, Settings) -> ...
+    applies_to: Callable[[Method], bool]
+    reads: frozenset[str]
+    keys: tuple[str, ...]
+    table: TableSpec
+    figures: tuple[FigureSpec, ...] = ()
+    scope: str = "run"
+    uses_seed: bool = False  # reads the workflow's seed (sampling, CV splits)
+    doc: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.reads) - set(PRODUCTS)
+        if unknown:
+            raise ValueError(f"analysis {self.name}: unknown products {sorted(unknown)}")
+
+    def settings(self, config: dict) -> dict:
+        """The slice of the config the analysis reads (its rule's params)."""
+        values = {key: config["analysis"][key] for key in self.keys}
+        if self.uses_seed:
+            values["seed"] = config["seed"]
+        return values
+
+    def methods(self, methods: Mapping[str, Method]) -> list[str]:
+        return [name for name, method in methods.items() if self.applies_to(method)]
+
+
+def _discover() -> dict[str, AnalysisSpec]:
+    import serlens.analysis as package
+
+    specs = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for spec in vars(module).values():
+            if isinstance(spec, AnalysisSpec) and spec.compute.__module__ == module.__name__:
+                if spec.name in specs:
+                    raise ValueError(f"two analyses are named {spec.name!r}")
+                specs[spec.name] = spec
+    return dict(
+        sorted(specs.items(), key=lambda item: ORDER.index(item[0]) if item[0] in ORDER else 99)
+    )
+
+
+# Report order of the analyses this package ships (others follow, by name).
+ORDER = ["contributions", "logit_lens", "probing", "svd", "subspace", "ab_dynamics", "cka"]
+
+
+@dataclass
+class RunData:
+    """What a light analysis job of one run gets: its identity and its input files, lazily read."""
+
+    corpus: str
+    model: str
+    method: Method
+    seed: int
+    fold: int
+    classes: list[str]
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+    def _input(self, name: str) -> str:
+        if name not in self.inputs:
+            raise KeyError(
+                f"{self.model}/{self.method.name}/fold{self.fold}: input {name!r} was not declared "
+                f"by the analysis (declared: {sorted(self.inputs)})"
+            )
+        return self.inputs[name]
+
+    @cached_property
+    def splits(self):
+        from serlens.train.data import read_fold_splits
+
+        return read_fold_splits(
+            self._input("manifest"), self._input("folds"), self.fold, self.classes
+        )
+
+    @cached_property
+    def speakers(self) -> dict[str, str]:
+        from serlens.analysis.probing import speakers_from_manifest
+
+        return speakers_from_manifest(Path(self._input("manifest")))
+
+    def states(self, which: str = "states"):
+        """The run's own states (``states``) or the pre-trained encoder's (``base_states``),
+        as ``{split}/{name}`` arrays of this fold; the base pass is viewed through the fold."""
+        from serlens.analysis.passes import States
+
+        own_is_base = which == "states" and not self.method.trains_encoder
+        if which == "base_states" or own_is_base:
+            return States(self._input(which)).fold_view(self.fold)
+        return States(self._input(which))
+
+    def head(self):
+        from serlens.train.heads import load_head
+
+        return load_head(self._input("head"))
+
+    def path(self, name: str) -> Path:
+        return Path(self._input(name))
+
+
+def run_analysis(spec_name: str, data, settings: Mapping, output: Path | str) -> pd.DataFrame:
+    """Compute one analysis from its inputs and write its tidy TSV with the run's key columns."""
+    from serlens.io import write_tsv_atomic
+
+    spec = __getattr__("ANALYSES")[spec_name]
+    table = spec.compute(data, Settings(f"analysis {spec.name}", settings))
+    if spec.scope == "run":
+        table.insert(0, "fold", int(data.fold))
+        table.insert(0, "seed", int(data.seed))
+        table.insert(0, "method", data.method.name)
+        table.insert(0, "model", data.model)
+    write_tsv_atomic(table, Path(output))
     return table
+
+
+_ANALYSES: dict[str, AnalysisSpec] | None = None
+
+
+def __getattr__(name: str):
+    # ANALYSES is built on first use, so an analysis module can import this one for its SPEC.
+    global _ANALYSES
+    if name == "ANALYSES":
+        if _ANALYSES is None:
+            _ANALYSES = _discover()
+        return _ANALYSES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

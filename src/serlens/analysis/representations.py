@@ -97,3 +97,41 @@ def compute_cka(run, cfg: dict, seed: int) -> pd.DataFrame:
         )
     frozen, lora = frozen_and_lora_states(run, "test", cfg["batch_size"])
     return cka_table(frozen, lora, cfg["rbf_threshold"])
+
+
+# --------------------------------------------------------------------------- the workflow's analysis
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    own, base = run.states("states"), run.states("base_states")
+    if own.utt_ids("test") != base.utt_ids("test"):
+        raise ValueError(
+            f"{own.path} and {base.path} hold different test utterances; rerun both passes."
+        )
+    frozen = base["test/pooled"].astype(np.float64).transpose(1, 0, 2)
+    lora = own["test/pooled"].astype(np.float64).transpose(1, 0, 2)
+    return cka_table(frozen, lora, settings["rbf_threshold"])
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures import cka_figure
+
+    return cka_figure(tables["cka"], model)
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="cka",
+        compute=_compute,
+        applies_to=lambda method: method.trains_encoder,
+        reads=frozenset({"states", "base_states"}),
+        keys=("rbf_threshold",),
+        table=TableSpec(("layer_frozen", "layer_lora", "depth_frozen", "depth_lora", "kind")),
+        figures=(FigureSpec("cka", _draw, ("cka",), "CKA"),),
+        doc="linear, debiased and RBF CKA between every frozen and adapted layer",
+    )
+
+
+SPEC = _spec()

@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 from torch import nn
 
 from serlens.audio import LogMel, MelBatch, load_audio
 from serlens.models.encoder import load_encoder
-from serlens.steps import model_path, parse_method
+from serlens.steps import model_path
 from serlens.train.data import Split, read_fold_splits
-from serlens.train.heads import EmotionHead
+from serlens.train.heads import EmotionHead, load_head
 
 
 @dataclass
@@ -95,50 +94,64 @@ def balanced_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 
 def load_run(
-    config: dict,
+    settings: dict,
     model: str,
     method: str,
     fold: int,
     manifest_path: Path,
     folds_path: Path,
     weights_json: Path,
-    run_dir: Path,
+    run_dir: Path | None = None,
     device: str = "cpu",
 ) -> TrainedRun:
-    """Rebuild a run from its files: weights, adapter (LoRA), head (last-layer head for frozen)."""
-    classes = config["corpus"]["classes"]
-    splits = read_fold_splits(manifest_path, folds_path, fold, classes)
+    """Rebuild a run from its files: weights, adapter and head (``method = "base"``: the
+    pre-trained encoder alone). ``settings`` gives ``classes`` and ``audio``."""
+    from serlens.methods import parse_method
+
+    classes = list(settings["classes"])
+    if method == "base":  # every utterance of the corpus, in manifest order
+        from serlens.corpus.manifest import read_manifest
+        from serlens.train.data import label_indices
+
+        manifest = read_manifest(manifest_path)
+        splits = {
+            "all": Split(
+                utt_ids=manifest["utt_id"].tolist(),
+                labels=label_indices(manifest["label"], classes),
+                durations=manifest["duration_s"].to_numpy(dtype=np.float64),
+                paths=manifest["path"].tolist(),
+            )
+        }
+    else:
+        splits = read_fold_splits(manifest_path, folds_path, fold, classes)
     encoder = load_encoder(model_path(weights_json))
     for p in encoder.parameters():
         p.requires_grad_(False)
-    rank = parse_method(method)
+    spec = None if method == "base" else parse_method(method)
     peft_encoder = None
-    run_dir = Path(run_dir)
-    if rank is not None:
+    head = None
+    if spec is not None and spec.has_adapter:
         from peft import PeftModel
 
-        peft_encoder = PeftModel.from_pretrained(encoder, run_dir / "adapter", is_trainable=False)
+        peft_encoder = PeftModel.from_pretrained(
+            encoder, Path(run_dir) / "adapter", is_trainable=False
+        )
         peft_encoder.eval()
         encoder = peft_encoder.base_model.model
-    state = load_file(str(run_dir / "head.safetensors"))
-    head = EmotionHead(
-        state["projector.weight"].shape[1], len(classes), state["projector.weight"].shape[0]
-    )
-    head.load_state_dict(state)
-    head.eval()
+    if spec is not None:
+        head = load_head(Path(run_dir) / "head.safetensors").to(device)
     encoder.to(device)
-    head.to(device)
     return TrainedRun(
         model=model,
         method=method,
-        fold=int(fold),
+        fold=0 if fold is None else int(fold),
         encoder=encoder,
         head=head,
         splits=splits,
         classes=classes,
-        policy=config["audio"]["input_policy"],
-        max_seconds=config["audio"]["max_seconds"],
-        rank=rank,
+        policy=settings["audio"]["input_policy"],
+        max_seconds=settings["audio"]["max_seconds"],
+        rank=None if spec is None else spec.rank,
         peft_encoder=peft_encoder,
         device=device,
     )

@@ -1,9 +1,10 @@
 """Fold-aggregated analysis tables: mean and standard deviation over folds, one observation per row.
 
-Every analysis writes one tidy TSV per ``model x method x fold`` run
-(``results/analysis/{model}/{method}/fold{fold}/{analysis}.tsv``; the cross-rank subspace
-similarity one per ``model x fold`` under ``method = lora``). :func:`aggregate_analysis` reads
-the runs of the configured grid (or :func:`aggregate_runs` the files it is given) and writes ``results/tables/{analysis}.tsv`` with columns::
+Every analysis writes one tidy TSV per run
+(``results/{corpus}/analysis/{model}/{method}/seed{seed}/fold{fold}/{analysis}.tsv``; the
+cross-rank subspace similarity one per model, seed and fold under ``method = lora``).
+:func:`aggregate_runs` reads the files it is given and writes
+``results/{corpus}/tables/{analysis}.tsv`` with columns::
 
     model, method, <the analysis' keys>, [metric,] mean, std, n_folds, missing_folds
 
@@ -13,12 +14,10 @@ over the folds that hold the observation; ``n_folds`` says how many that is and
 over fewer folds is never mistaken for a mean over all of them (:func:`missing_runs`).
 
 Analyses whose per-run table is wide (``probing``: ``uar``, ``war``, ``selectivity_*``...)
-are melted to ``metric, value`` first. A few differences are formed *per fold, before*
-averaging, so that their spread is the spread of the difference:
-
-* ``contributions``: ``variant = delta`` = ``adapted - base`` of the same LoRA run.
-* ``ab_dynamics``: ``quantity = grad_norm_ratio_B_A`` = ``‖∂L/∂B‖_F / ‖∂L/∂A‖_F`` for the
-  trained and the untrained adapter.
+are melted to ``metric, value`` first. An analysis may derive rows *per fold, before*
+averaging (its spec's ``table.derive``), so that their spread is the spread of the
+difference: ``contributions`` adds ``variant = delta`` = ``adapted - base`` of the same
+LoRA run.
 
 :func:`confusion_table` sums the confusion matrices of every fold of a model and method
 (recomputed from ``predictions.tsv``) into ``results/tables/confusion.tsv``.
@@ -27,14 +26,14 @@ averaging, so that their spread is the spread of the difference:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from serlens.report.tables import prediction_files, read_predictions
+from serlens.report.tables import read_predictions
 from serlens.train.data import write_tsv_atomic
 
 log = logging.getLogger(__name__)
@@ -45,82 +44,30 @@ SUMMARY_COLUMNS = ("mean", "std", "n_folds", "missing_folds")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """How one analysis' per-run table is aggregated.
+    """How one analysis' per-run table is aggregated (built from the analysis' spec).
 
     ``keys`` identify one observation within a run; ``values`` are the measured columns.
-    With one value column named ``value`` (or ``phi``) the table is already long; with
-    several, they are melted into ``metric, value``.
+    With one value column the table is already long; with several, they are melted into
+    ``metric, value``.
     """
 
     name: str
     keys: tuple[str, ...]
     values: tuple[str, ...]
-    lora_only: bool = False
-    cross_rank: bool = False  # one table per model x fold under method "lora" (subspace similarity)
 
     @property
     def melted(self) -> bool:
         return len(self.values) > 1
 
 
-TABLES: dict[str, TableSpec] = {
-    spec.name: spec
-    for spec in [
-        TableSpec(
-            "contributions", ("variant", "layer", "depth", "component", "metric"), ("value",)
-        ),
-        TableSpec("logit_lens", ("lens", "variant", "layer", "depth", "metric"), ("value",)),
-        TableSpec(
-            "probing",
-            ("layer", "depth", "task"),
-            ("uar", "war", "selectivity_uar", "selectivity_war", "cv_uar", "C"),
-        ),
-        TableSpec(
-            "svd",
-            ("module", "layer", "depth", "matrix", "quantity", "index"),
-            ("value",),
-            lora_only=True,
-        ),
-        TableSpec(
-            "ab_dynamics",
-            ("module", "layer", "depth", "quantity", "state"),
-            ("value",),
-            lora_only=True,
-        ),
-        TableSpec(
-            "cka",
-            ("layer_frozen", "layer_lora", "depth_frozen", "depth_lora", "kind"),
-            ("value",),
-            lora_only=True,
-        ),
-        TableSpec(
-            "subspace",
-            ("module", "layer", "depth", "rank_a", "rank_b", "i", "j"),
-            ("phi",),
-            lora_only=True,
-            cross_rank=True,
-        ),
-    ]
-}
+def table_spec(name: str) -> TableSpec:
+    """The aggregation of analysis ``name``, from its :class:`serlens.analysis.registry.AnalysisSpec`."""
+    from serlens.analysis.registry import ANALYSES
 
-
-def expected_runs(
-    name: str, results: Path, models: Sequence[str], methods: Sequence[str], folds: Iterable
-) -> dict:
-    """``{(model, method, fold): path}`` of every per-run table of ``name`` the grid should hold."""
-    spec = TABLES[name]
-    root = Path(results) / "analysis"
-    if spec.cross_rank:
-        has_lora = any(m != "frozen" for m in methods)
-        methods = ["lora"] if has_lora else []
-    elif spec.lora_only:
-        methods = [m for m in methods if m != "frozen"]
-    return {
-        (model, method, int(fold)): root / model / method / f"fold{fold}" / f"{name}.tsv"
-        for model in models
-        for method in methods
-        for fold in folds
-    }
+    if name not in ANALYSES:
+        raise ValueError(f"unknown analysis table {name!r}; known: {', '.join(ANALYSES)}")
+    table = ANALYSES[name].table
+    return TableSpec(name, table.keys, table.values)
 
 
 def missing_runs(files: Mapping[tuple, Path]) -> list[tuple]:
@@ -152,6 +99,9 @@ def long_form(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
         raise ValueError(
             f"{spec.name}: the per-run tables lack the columns {missing}; have {list(runs.columns)}"
         )
+    if runs.empty:  # no run of the grid has this table (cross-rank similarity with one rank)
+        columns = [*RUN_COLUMNS, *spec.keys, *(["metric"] if spec.melted else []), "value"]
+        return pd.DataFrame(columns=columns)
     if spec.melted:
         long = runs.melt(
             id_vars=[*RUN_COLUMNS, *spec.keys],
@@ -168,33 +118,16 @@ def long_form(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 
 
 def add_derived(long: pd.DataFrame, name: str) -> pd.DataFrame:
-    """Per-fold differences and ratios (see the module docstring), appended as rows."""
-    if name == "contributions" and {"adapted", "base"} <= set(long["variant"]):
-        keys = [*RUN_COLUMNS, "layer", "depth", "component", "metric"]
-        adapted = long[long["variant"] == "adapted"].set_index(keys)["value"]
-        base = long[long["variant"] == "base"].set_index(keys)["value"]
-        delta = (adapted - base).dropna().reset_index().assign(variant="delta")
-        return pd.concat([long, delta[long.columns]], ignore_index=True)
-    # ab_dynamics writes grad_norm_ratio_B_A itself; derive it only for tables that lack it.
-    if (
-        name == "ab_dynamics"
-        and {"grad_norm_A", "grad_norm_B"} <= set(long["quantity"])
-        and "grad_norm_ratio_B_A" not in set(long["quantity"])
-    ):
-        keys = [*RUN_COLUMNS, "module", "layer", "depth", "state"]
-        states = long["state"].isin(
-            ["trained", "untrained"]
-        )  # not the trained/untrained ratio rows
-        norm_a = long[states & (long["quantity"] == "grad_norm_A")].set_index(keys)["value"]
-        norm_b = long[states & (long["quantity"] == "grad_norm_B")].set_index(keys)["value"]
-        ratio = (
-            (norm_b / norm_a.replace(0, np.nan))
-            .dropna()
-            .reset_index()
-            .assign(quantity="grad_norm_ratio_B_A")
-        )
-        return pd.concat([long, ratio[long.columns]], ignore_index=True)
-    return long
+    """Per-fold derived rows of analysis ``name`` (its spec's ``table.derive``), appended."""
+    from serlens.analysis.registry import ANALYSES
+
+    derive = ANALYSES[name].table.derive if name in ANALYSES else None
+    if derive is None or long.empty:
+        return long
+    extra = derive(long, list(RUN_COLUMNS))
+    if extra is None or extra.empty:
+        return long
+    return pd.concat([long, extra[long.columns]], ignore_index=True)
 
 
 def fold_summary(long: pd.DataFrame, spec: TableSpec, missing: Sequence[tuple]) -> pd.DataFrame:
@@ -230,9 +163,7 @@ def aggregate_runs(
     Files that do not exist are named in a warning and in ``missing_folds``, not averaged over.
     Returns the table and writes it to ``output`` if given.
     """
-    if name not in TABLES:
-        raise ValueError(f"unknown analysis table {name!r}; known: {', '.join(TABLES)}")
-    spec = TABLES[name]
+    spec = table_spec(name)
     files = {(str(m), str(me), int(f)): Path(path) for (m, me, f), path in files.items()}
     missing = missing_runs(files)
     if missing:
@@ -246,31 +177,6 @@ def aggregate_runs(
     if output is not None:
         write_tsv_atomic(summary, output)
     return summary
-
-
-def aggregate_analysis(
-    name: str,
-    results: Path,
-    models: Sequence[str],
-    methods: Sequence[str],
-    folds: Iterable,
-    output: Path | None = None,
-) -> pd.DataFrame:
-    """:func:`aggregate_runs` over every run of ``name`` the grid should hold under ``results``."""
-    return aggregate_runs(name, expected_runs(name, results, models, methods, list(folds)), output)
-
-
-def confusion_table(
-    results: Path,
-    models: Sequence[str],
-    methods: Sequence[str],
-    folds: Iterable,
-    classes: Sequence[str],
-    output: Path | None = None,
-) -> pd.DataFrame:
-    """:func:`confusion_from_predictions` over the grid's ``predictions.tsv`` (and ``predictions_wsum.tsv``)."""
-    files = prediction_files(Path(results), models, methods, list(folds))
-    return confusion_from_predictions(files, classes, output)
 
 
 def confusion_from_predictions(

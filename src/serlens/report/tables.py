@@ -16,17 +16,21 @@ log = logging.getLogger(__name__)
 METRICS = ("uar", "war", "macro_f1")
 
 
-def prediction_files(results: Path, models, methods, folds) -> dict[tuple[str, str, int], Path]:
-    """Expected predictions of the grid, frozen runs contributing their weighted-sum head as ``frozen_wsum``."""
-    files = {}
-    for model in models:
-        for method in methods:
-            for fold in folds:
-                run = Path(results) / "train" / model / method / f"fold{fold}"
-                files[(model, method, int(fold))] = run / "predictions.tsv"
-                if method == "frozen":
-                    files[(model, "frozen_wsum", int(fold))] = run / "predictions_wsum.tsv"
-    return files
+def prediction_files(
+    results, corpus: str, models, methods, seeds, folds
+) -> dict[tuple[str, str, int], Path]:
+    """``{(model, method, fold): predictions.tsv}`` of every run of the grid (one seed per key)."""
+    from serlens.paths import Paths
+
+    paths = Paths(str(results))
+    return {
+        (model, method, int(fold)): Path(paths.run(corpus, model, method, seed, fold))
+        / "predictions.tsv"
+        for model in models
+        for method in methods
+        for seed in seeds
+        for fold in folds
+    }
 
 
 def read_predictions(files: dict) -> tuple[dict, list]:
@@ -124,8 +128,8 @@ def significance_table(
 
 
 def write_performance_tables(
-    results,
-    expected: dict,
+    files: dict,
+    folds,
     classes: list[str],
     performance_out,
     summary_out,
@@ -133,8 +137,11 @@ def write_performance_tables(
     resamples: int,
     seed: int,
 ) -> None:
-    """performance.tsv (one row per model x method x fold), its fold summary, and the significance tests."""
-    files = prediction_files(results, expected["models"], expected["methods"], expected["folds"])
+    """performance.tsv (one row per model x method x fold), its fold summary, and the significance tests.
+
+    ``files``: ``{(model, method, fold): predictions.tsv}`` of the grid; ``folds``: the folds run.
+    """
+    files = {key: Path(path) for key, path in files.items()}
     predictions, missing = read_predictions(files)
     if missing:
         log.warning(
@@ -143,5 +150,5 @@ def write_performance_tables(
         )
     performance = performance_table(predictions, classes)
     write_tsv_atomic(performance, performance_out)
-    write_tsv_atomic(summary_table(performance, expected["folds"], missing), summary_out)
+    write_tsv_atomic(summary_table(performance, folds, missing), summary_out)
     write_tsv_atomic(significance_table(predictions, classes, resamples, seed), significance_out)

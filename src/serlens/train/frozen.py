@@ -98,10 +98,17 @@ def run_frozen(
     out_dir: Path,
     checkpoint_dir: Path,
     run_info: dict,
+    readouts: tuple[str, ...] = ("last",),
 ) -> None:
-    """Train both heads and write head, history, predictions and metrics for each."""
+    """Train the head of each readout (``last``, ``wsum``) and write its run files.
+
+    With one readout (what the workflow does: ``frozen`` and ``frozen_wsum`` are methods of
+    their own, each with its run folder) the files are ``head.safetensors``, ``history.tsv``,
+    ``predictions.tsv`` and ``metrics.json``; with several, each but ``last`` gets its suffix.
+    """
     out_dir = Path(out_dir)
-    for kind, suffix in HEADS.items():
+    for kind in readouts:
+        suffix = HEADS[kind] if len(readouts) > 1 else ""
         tic = time.perf_counter()
         head, result, pick = train_frozen_head(
             kind, features, splits, classes, train_cfg, seed, Path(checkpoint_dir) / f"{kind}.pt"
@@ -114,7 +121,7 @@ def run_frozen(
         metrics = metrics_from_predictions(predictions, classes)
         metrics.update(
             run_info,
-            method="frozen" + suffix,
+            method="frozen" + HEADS[kind],
             head=kind,
             best_epoch=result.best_epoch,
             best_dev_uar=result.best_dev_uar,

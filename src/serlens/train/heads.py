@@ -35,3 +35,15 @@ class EmotionHead(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled states: (B, D), or (B, L + 1, D) for a weighted-sum head."""
         return self.classifier(self.projector(self.combine(pooled)))
+
+
+def load_head(path) -> EmotionHead:
+    """A head saved as ``head.safetensors`` (shapes, and the weighted sum, read from its tensors)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    proj = state["projector.weight"]
+    n_layers = state["layer_weights"].shape[0] if "layer_weights" in state else None
+    head = EmotionHead(proj.shape[1], state["classifier.weight"].shape[0], proj.shape[0], n_layers)
+    head.load_state_dict(state)
+    return head.eval()

@@ -2,14 +2,22 @@
 
 AdamW, linear warm-up then linear decay, gradient clipping, model selection on the dev
 split only (best dev UAR with patience), a checkpoint after every epoch so a killed run
-resumes where it stopped and ends where an uninterrupted run would. Checkpoints hold only
-tensors and plain values and are loaded with ``weights_only=True``.
+resumes where it stopped and ends where an uninterrupted run would (the checkpoint holds
+the torch CPU, CUDA, numpy and python random states as well as the model, optimiser and
+schedule). Checkpoints hold only tensors and plain values and are loaded with
+``weights_only=True``.
+
+A step whose loss or clipped gradient norm is not finite does not update the model; such
+steps are counted per epoch in the history's ``skipped_steps``, and an epoch in which every
+step was skipped stops the run with :class:`NonFiniteTrainingError`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +64,10 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Every step of an epoch had a non-finite loss or gradient, so the model never trained."""
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the parameters that train (LoRA matrices and head), by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -81,6 +93,78 @@ def warmup_linear_decay(total_steps: int, warmup_fraction: float) -> Callable[[i
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return factor
+
+
+def _rng_state() -> dict:
+    """The random states a resumed run needs, as tensors and plain values (``weights_only``-safe).
+
+    ``cuda`` is there only when CUDA is available: dropout on the GPU draws from the CUDA
+    generators, not the CPU one.
+    """
+    np_state = np.random.get_state(legacy=False)
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": [py_version, list(py_internal), py_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(saved: dict, desc: str) -> None:
+    """Restore what :func:`_rng_state` saved; a CUDA state that cannot be restored only warns.
+
+    Checkpoints written before the random states were grouped hold just the torch CPU state,
+    under ``"rng"``.
+    """
+    state = saved["rng"] if isinstance(saved["rng"], dict) else {"torch": saved["rng"]}
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np_state = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": np_state["bit_generator"],
+                "state": {
+                    "key": np_state["key"].numpy().astype(np.uint32),
+                    "pos": np_state["pos"],
+                },
+                "has_gauss": np_state["has_gauss"],
+                "gauss": np_state["gauss"],
+            }
+        )
+    if "python" in state:
+        py_version, py_internal, py_gauss = state["python"]
+        random.setstate((py_version, tuple(py_internal), py_gauss))
+
+    cuda_here, cuda_saved = torch.cuda.is_available(), "cuda" in state
+    reason = None
+    if cuda_here and not cuda_saved:
+        reason = "the checkpoint holds none (it was written on a machine without CUDA)"
+    elif cuda_saved and not cuda_here:
+        reason = "CUDA is not available on this machine"
+    elif cuda_saved:
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except Exception as error:  # a wrong device count, a malformed state, ...: warn, go on
+            reason = (
+                f"restoring the {len(state['cuda'])} saved generator state(s) on "
+                f"{torch.cuda.device_count()} visible device(s) failed: {error}"
+            )
+    if reason is not None:
+        log.warning(
+            "%s: the CUDA random state could not be restored: %s; GPU dropout will draw "
+            "differently from an uninterrupted run",
+            desc,
+            reason,
+        )
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -121,7 +205,7 @@ def fit(
         load_trainable(model, saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+        _restore_rng_state(saved, desc)
         history, best, elapsed = saved["history"], saved["best"], saved["elapsed"]
         start_epoch = saved["epoch"] + 1
         log.info("%s: resumed from %s after epoch %d", desc, checkpoint, saved["epoch"])
@@ -132,18 +216,51 @@ def fit(
             break
         tic = time.perf_counter()
         model.train()
-        total_loss, seen = 0.0, 0
+        total_loss, seen, trained, steps, skipped = 0.0, 0, 0, 0, 0
         for batch in tqdm(batches(epoch), desc=f"{desc} epoch {epoch}", leave=False, disable=None):
             loss, n = loss_on(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * n
+            steps += 1
             seen += n
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if finite:
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                finite = bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                total_loss += float(loss.detach()) * n
+                trained += n
+            else:
+                # No update: no AdamW step (so no weight decay and no moment update either),
+                # and no NaN/inf gradients left behind.
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+            # The schedule still advances on a skipped step: the learning rate is a function of
+            # the position in the run (it reaches 0 at the last planned step, and a resumed run
+            # lands on the same factor), not of how many updates happened to succeed. Torch warns
+            # when the schedule steps before the optimiser ever has; on a skipped step that is meant.
+            with warnings.catch_warnings():
+                if not finite:
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
         train_s = time.perf_counter() - tic
+        if steps and skipped == steps:
+            # Raised before the dev pass and the checkpoint, so the last checkpoint is still the
+            # last epoch that trained.
+            raise NonFiniteTrainingError(
+                f"{desc} epoch {epoch}: all {steps} steps had a non-finite loss or gradient "
+                f"norm, so the model did not train; try a lower learning rate (lr={cfg.lr:g}) "
+                f"or a smaller train.grad_clip (now {cfg.grad_clip:g})"
+            )
+        if skipped:
+            log.warning(
+                "%s epoch %d: skipped %d of %d steps with a non-finite loss or gradient norm",
+                desc,
+                epoch,
+                skipped,
+                steps,
+            )
         model.eval()
         uar = dev_uar()
         epoch_s = time.perf_counter() - tic
@@ -156,12 +273,15 @@ def fit(
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": total_loss / max(seen, 1),
+                # mean loss of the utterances in steps that updated the model
+                "train_loss": total_loss / max(trained, 1),
                 "dev_uar": uar,
                 "lr": scheduler.get_last_lr()[0],
                 "utt_per_s": seen / train_s if train_s > 0 else float("nan"),
                 "epoch_s": epoch_s,
                 "best": improved,
+                # steps of this epoch with a non-finite loss or gradient norm (no update)
+                "skipped_steps": skipped,
             }
         )
         log.info(
@@ -181,7 +301,7 @@ def fit(
                     "model": trainable_state(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    "rng": _rng_state(),
                     "history": history,
                     "best": best,
                     "elapsed": elapsed,

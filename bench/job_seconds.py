@@ -1,0 +1,83 @@
+"""Job-seconds of one workflow run, from Snakemake's `benchmark:` files, split into compute and overhead.
+
+    .venv/bin/python bench/job_seconds.py [results]
+
+Every rule declares `benchmark:` (results/benchmarks/{rule}/<output path>.tsv: wall seconds
+`s`, max RSS, ...). Heavy jobs (scripts: corpus, features, training, encoder passes) also log
+`job compute: X s` (serlens.steps.COMPUTE_LINE) around their encoder passes or training
+steps; the rest of their wall time is overhead: interpreter start-up, imports, model loads,
+writing files. Light jobs run in Snakemake's own process (`run:` rules): all of their time
+counts as compute (reading stored states, fitting probes, drawing), they pay no start-up.
+Prints one line per rule and the totals, with the overhead share of all job-seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+COMPUTE = re.compile(r"job compute: ([0-9.]+) s")
+
+
+def job_seconds(results: Path) -> pd.DataFrame:
+    """One row per job: rule, wall seconds, compute seconds (None when the job logs none)."""
+    rows = []
+    for bench in sorted((results / "benchmarks").rglob("*.tsv")):
+        rule = bench.relative_to(results / "benchmarks").parts[0].removesuffix(".tsv")
+        wall = float(pd.read_csv(bench, sep="\t")["s"].iloc[-1])
+        below = (
+            bench.relative_to(results / "benchmarks" / rule)
+            if bench.parent != results / "benchmarks"
+            else None
+        )
+        log = (
+            results / "logs" / (str(below).removesuffix(".tsv") + ".log")
+            if below
+            else results / "logs" / f"{rule}.log"
+        )
+        compute = None
+        if log.is_file():
+            found = COMPUTE.findall(log.read_text(errors="replace"))
+            if found:
+                compute = float(found[-1])
+        rows.append({"rule": rule, "wall_s": wall, "compute_s": compute})
+    return pd.DataFrame(rows)
+
+
+def main(results: Path) -> None:
+    jobs = job_seconds(results)
+    if jobs.empty:
+        sys.exit(f"{results}/benchmarks holds no benchmark files: run the workflow first")
+    scripted = jobs["compute_s"].notna()
+    # A script job without a compute line (weights, manifest, folds, rulegraph) is all overhead.
+    script_rules = {"weights", "manifest", "folds", "figure_rulegraph"}
+    jobs["kind"] = [
+        "script" if s or r in script_rules else "in-process"
+        for s, r in zip(scripted, jobs["rule"], strict=True)
+    ]
+    jobs["compute_s"] = jobs["compute_s"].where(jobs["kind"] == "script", jobs["wall_s"])
+    jobs["compute_s"] = jobs["compute_s"].fillna(0.0).clip(upper=jobs["wall_s"])
+    jobs["overhead_s"] = jobs["wall_s"] - jobs["compute_s"]
+    per_rule = jobs.groupby("rule").agg(
+        jobs=("wall_s", "size"),
+        wall_s=("wall_s", "sum"),
+        compute_s=("compute_s", "sum"),
+        overhead_s=("overhead_s", "sum"),
+        kind=("kind", "first"),
+    )
+    print(per_rule.sort_values("wall_s", ascending=False).round(1).to_string())
+    total = defaultdict(float, jobs[["wall_s", "compute_s", "overhead_s"]].sum().to_dict())
+    share = total["overhead_s"] / total["wall_s"] if total["wall_s"] else float("nan")
+    print(
+        f"\njob-seconds of {len(jobs)} jobs: {total['wall_s']:.0f} s = compute {total['compute_s']:.0f} s"
+        f" + overhead {total['overhead_s']:.0f} s (start-up, imports, model loads); "
+        f"overhead share {share:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results"))

@@ -1,0 +1,113 @@
+"""Config validation with messages that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from serlens.errors import ConfigError, CorpusError
+
+# Package data, so a non-editable install finds it; workflow/schemas/ links to it.
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+
+
+def load_schema(path: Path = SCHEMA) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def describe_error(error) -> str:
+    """One line per schema violation: the dotted key, the bad value and what the schema allows."""
+    key = _key(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        if allowed:
+            return f"config key {key}: unknown key(s) {extra}; allowed keys: {allowed}"
+    if error.validator == "enum":
+        return (
+            f"config key {key}: {error.instance!r} is not allowed; allowed values: {schema['enum']}"
+        )
+    if error.validator == "pattern" and key.startswith("models."):
+        return (
+            f"config key {key}: weight source {error.instance!r} is not understood; use "
+            "'bundled:tiny.en', 'hf:openai/whisper-<size>' or 'local:/path/to/model'"
+        )
+    return f"config key {key}: {error.message}"
+
+
+def _fill_defaults(instance: dict, schema: dict) -> None:
+    for name, sub in schema.get("properties", {}).items():
+        if "default" in sub and name not in instance:
+            default = sub["default"]
+            instance[name] = json.loads(json.dumps(default))
+        if isinstance(instance.get(name), dict) and sub.get("type") == "object":
+            _fill_defaults(instance[name], sub)
+
+
+def default_config() -> dict:
+    """Every key at its schema default (no validation; for scripts and benchmarks)."""
+    config: dict = {}
+    _fill_defaults(config, load_schema())
+    return config
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Fill defaults in place, then check the schema and the cross-key rules; ConfigError lists every problem."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    _fill_defaults(config, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [
+        describe_error(e)
+        for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    ]
+    if not problems:
+        problems = semantic_problems(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
+def semantic_problems(config: dict) -> list[str]:
+    """Rules a JSON schema cannot say: paths that must exist, keys that must agree."""
+    problems = []
+    from serlens.corpus.registry import speaker_groups
+
+    corpus = config["corpus"]
+    groups = None
+    try:
+        groups = speaker_groups(corpus, config["resources_dir"])
+    except (ConfigError, CorpusError) as error:
+        problems.append(str(error))
+    bad_merge = {k: v for k, v in corpus["merge"].items() if v not in corpus["classes"]}
+    if bad_merge:
+        problems.append(
+            f"config key corpus.merge: target(s) {bad_merge} are not in corpus.classes {corpus['classes']}"
+        )
+    if groups is not None:
+        beyond = [f for f in config["folds"]["run"] if not 1 <= f <= len(groups)]
+        if beyond:
+            problems.append(
+                f"config key folds.run: fold(s) {beyond} do not exist; the corpus has "
+                f"{len(groups)} speaker groups {groups}, so allowed values are 1..{len(groups)}"
+            )
+    unknown = sorted(set(config["model_resources"]) - set(config["models"]) - {"default"})
+    if unknown:
+        problems.append(
+            f"config key model_resources: unknown model key(s) {unknown}; allowed: {sorted(config['models'])} or 'default'"
+        )
+    return problems
+
+
+def digest(obj) -> str:
+    """A short, stable digest of a JSON-able value (recorded in metrics.json)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

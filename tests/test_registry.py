@@ -1,0 +1,57 @@
+"""Every analysis is one declaration, and everything the workflow builds from it is consistent."""
+
+from pathlib import Path
+
+import pytest
+
+from serlens.analysis.registry import ANALYSES, PRODUCTS, Settings
+from serlens.config import load_schema, validate_config
+from serlens.methods import configured_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_analysis_module_is_found():
+    assert list(ANALYSES) == [
+        "contributions",
+        "logit_lens",
+        "probing",
+        "svd",
+        "subspace",
+        "ab_dynamics",
+        "cka",
+    ]
+
+
+@pytest.mark.parametrize("name", list(ANALYSES))
+def test_spec_is_complete(name):
+    spec = ANALYSES[name]
+    schema = load_schema()["properties"]["analysis"]["properties"]
+    for key in spec.keys:
+        assert key in schema, f"{name} reads analysis.{key}, which the schema does not declare"
+    assert set(spec.reads) <= set(PRODUCTS)
+    for figure in spec.figures:
+        caption = ROOT / "workflow/report" / f"{figure.name}.rst"
+        assert caption.is_file(), f"{name}: figure {figure.name} has no caption {caption}"
+        for key in figure.keys:
+            assert key in schema
+    methods = configured_methods(validate_config({"lora": {"ranks": [4, 8]}}))
+    assert spec.methods(methods), f"{name} applies to no configured method"
+    settings = spec.settings(validate_config({}))
+    assert set(settings) == set(spec.keys) | ({"seed"} if spec.uses_seed else set())
+
+
+def test_settings_refuse_undeclared_keys():
+    settings = Settings("analysis probing", {"probe_Cs": [1.0]})
+    assert settings["probe_Cs"] == [1.0]
+    with pytest.raises(
+        KeyError, match=r"analysis probing read setting 'batch_size'.*declared: \['probe_Cs'\]"
+    ):
+        settings["batch_size"]
+
+
+def test_no_analysis_applies_to_a_weighted_sum_head_or_frozen_update():
+    methods = configured_methods(validate_config({}))
+    assert not any("frozen_wsum" in spec.methods(methods) for spec in ANALYSES.values())
+    for name in ("svd", "ab_dynamics", "cka", "subspace"):
+        assert "frozen" not in ANALYSES[name].methods(methods)

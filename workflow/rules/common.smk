@@ -1,0 +1,239 @@
+import re
+
+from serlens.analysis.registry import ANALYSES
+from serlens.config import validate_config
+from serlens.errors import ConfigError
+from serlens.methods import configured_methods
+from serlens.paths import Paths
+
+# Validate before any job is scheduled; the message names the key and what is allowed.
+try:
+    validate_config(config)
+except ConfigError as error:
+    raise ValueError(str(error)) from None
+
+
+PATHS = Paths(config["results"])
+RESOURCES = config["resources_dir"]
+CORPUS = config["corpus"]["name"] or config["corpus"]["kind"]
+MODELS = list(config["models"])
+METHODS = configured_methods(config)  # name -> serlens.methods.Method
+SEEDS = [config["seed"]]
+FOLDS = config["folds"]["run"]
+CLASSES = config["corpus"]["classes"]
+ENV = "../envs/serlens.yaml"
+
+# Resources of one encoder job per model; mem_mb and runtime grow with the attempt number
+# so `--retries` recovers from out-of-memory and time-limit kills.
+RESOURCE_DEFAULTS = {"mem_mb": 4000, "runtime": 60, "gpu": 0}
+
+
+def alternatives(names):
+    return "|".join(map(re.escape, names)) if names else "(?!)"
+
+
+wildcard_constraints:
+    corpus=re.escape(CORPUS),
+    model=alternatives(MODELS),
+    method=alternatives(METHODS),
+    seed=r"\d+",
+    fold=r"\d+",
+
+
+# Every rule's log and benchmark sit at the same place below results/ as its first output.
+def log_of(path):
+    return PATHS.log(path)
+
+
+def bench_of(rule_name, path):
+    return PATHS.benchmark(rule_name, path)
+
+
+def model_resource(key):
+    def get(wildcards, attempt):
+        table = config["model_resources"]
+        value = table.get(wildcards.model, table.get("default", {})).get(
+            key, RESOURCE_DEFAULTS[key]
+        )
+        return value * attempt if key in ("mem_mb", "runtime") else value
+
+    return get
+
+
+def methods_where(predicate):
+    return [name for name, method in METHODS.items() if predicate(method)]
+
+
+RUN = PATHS.run("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
+RUN_FILES = ["metrics.json", "predictions.tsv", "history.tsv", "head.safetensors"]
+FEATURES = PATHS.features("{corpus}", "{model}")
+CORPUS_TABLES = {
+    "manifest": PATHS.corpus("{corpus}", "manifest.tsv"),
+    "folds": PATHS.corpus("{corpus}", "folds.tsv"),
+}
+BASE_STATES = f"{PATHS.states('{corpus}', '{model}', 'base')}/states.safetensors"
+RUN_STATES = f"{PATHS.states('{corpus}', '{model}', '{method}', '{seed}', '{fold}')}/states.safetensors"
+RUN_AB = f"{PATHS.states('{corpus}', '{model}', '{method}', '{seed}', '{fold}')}/ab.safetensors"
+
+GRID = dict(corpus=[CORPUS], model=MODELS, seed=SEEDS, fold=FOLDS)
+
+
+def grid(pattern, methods=None, **fixed):
+    """``pattern`` expanded over the grid (methods: those given, or every configured one)."""
+    dims = {**GRID, "method": list(METHODS) if methods is None else methods, **fixed}
+    return expand(pattern, **dims)
+
+
+def all_targets():
+    return [
+        PATHS.corpus(CORPUS, "manifest.tsv"),
+        PATHS.corpus(CORPUS, "folds.tsv"),
+        *expand(PATHS.weights("{model}"), model=MODELS),
+        *grid(f"{RUN}/predictions.tsv"),
+        *analysis_targets(),
+        *report_targets(),
+    ]
+
+
+# --- inputs, params and targets of the rules (one function each) ---
+
+
+def train_settings(wildcards):
+    return {"classes": CLASSES, **METHODS[wildcards.method].train_settings(config)}
+
+
+def analysis_inputs(spec):
+    """The files an analysis of one run reads, from the products its spec declares."""
+
+    def inputs(wildcards):
+        method = METHODS[wildcards.method]
+        run = RUN.format(**wildcards)
+        own = RUN_STATES if method.trains_encoder else BASE_STATES
+        files = {
+            "manifest": CORPUS_TABLES["manifest"],
+            "folds": CORPUS_TABLES["folds"],
+            "states": own,
+            "base_states": BASE_STATES,
+            "ab": RUN_AB,
+            "features": FEATURES,
+            "head": f"{run}/head.safetensors",
+            "adapter": f"{run}/adapter",
+            "weights": PATHS.weights("{model}"),
+        }
+        wanted = {"manifest", "folds", *spec.reads}
+        if not method.trains_encoder:
+            wanted.discard("base_states")  # its own states are the base pass
+        if not method.uses_features:
+            wanted.discard("features")
+        return {k: v.format(**wildcards) for k, v in files.items() if k in wanted}
+
+    return inputs
+
+
+def lora_rank_inputs(wildcards):
+    lora = methods_where(lambda m: m.kind == "lora")
+    return {
+        f"adapter_{m}": f"{RUN.format(method=m, **wildcards)}/adapter" for m in lora
+    }
+
+
+def analysis_output(spec):
+    method = "{method}" if spec.scope == "run" else "lora"
+    return PATHS.analysis("{corpus}", "{model}", method, "{seed}", "{fold}", spec.name)
+
+
+def analysis_runs(spec):
+    """Every per-run table of an analysis in the grid, as (keys, files)."""
+    if spec.scope == "run":
+        methods = spec.methods(METHODS)
+    else:
+        methods = ["lora"] if len(methods_where(lambda m: m.kind == "lora")) > 1 else []
+    keys, files = [], []
+    for model in MODELS:
+        for method in methods:
+            for seed in SEEDS:
+                for fold in FOLDS:
+                    keys.append([model, method, fold])
+                    files.append(
+                        PATHS.analysis(CORPUS, model, method, seed, fold, spec.name)
+                    )
+    return keys, files
+
+
+def analysis_targets():
+    return [path for spec in ANALYSES.values() for path in analysis_runs(spec)[1]]
+
+
+def figure(path, caption, category, subcategory, **labels):
+    """A PNG registered in the report, with its caption in workflow/report/."""
+    return report(
+        path,
+        caption=f"../report/{caption}.rst",
+        category=category,
+        subcategory=subcategory,
+        labels=labels or None,
+    )
+
+
+def predictions():
+    keys, files = [], []
+    for model in MODELS:
+        for method in METHODS:
+            for seed in SEEDS:
+                for fold in FOLDS:
+                    keys.append([model, method, fold])
+                    files.append(
+                        f"{PATHS.run(CORPUS, model, method, seed, fold)}/predictions.tsv"
+                    )
+    return keys, files
+
+
+def histories(wildcards):
+    keys, files = [], []
+    for method in METHODS:
+        for seed in SEEDS:
+            for fold in FOLDS:
+                keys.append([method, fold])
+                files.append(
+                    f"{PATHS.run(CORPUS, wildcards.model, method, seed, fold)}/history.tsv"
+                )
+    return keys, files
+
+
+def figure_context(spec_keys):
+    return {
+        "n_classes": len(CLASSES),
+        "models": MODELS,
+        **{key: config["analysis"][key] for key in spec_keys},
+    }
+
+
+def tables_of(figure_spec):
+    return {name: PATHS.table(CORPUS, name) for name in figure_spec.tables}
+
+
+def report_targets():
+    targets = [
+        PATHS.table(CORPUS, name)
+        for name in ("performance", "performance_summary", "significance", "confusion")
+    ]
+    for spec in ANALYSES.values():
+        if analysis_runs(spec)[1]:
+            targets.append(PATHS.table(CORPUS, spec.name))
+        for fig in spec.figures:
+            if not all(
+                analysis_runs(ANALYSES[t])[1] or t == "subspace" for t in fig.tables
+            ):
+                continue
+            models = MODELS if fig.per_model else [None]
+            for model in models:
+                for ext in ("png", "svg"):
+                    targets.append(PATHS.figure(CORPUS, fig.name, model, ext))
+    for name in ("performance", "confusion", "rulegraph"):
+        targets += [PATHS.figure(CORPUS, name, None, ext) for ext in ("png", "svg")]
+    targets += expand(
+        PATHS.figure(CORPUS, "training_curves", "{model}", "{ext}"),
+        model=MODELS,
+        ext=["png", "svg"],
+    )
+    return targets
