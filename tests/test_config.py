@@ -203,6 +203,14 @@ def test_folds_come_from_the_data(tmp_path):
 
 def test_schema_ships_as_package_data(tmp_path):
     """A non-editable install finds the schema inside the package and validates a config."""
+    import shutil
+
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(
+        ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
     wheel_dir = tmp_path / "wheel"
     build = subprocess.run(
         [
@@ -215,7 +223,7 @@ def test_schema_ships_as_package_data(tmp_path):
             "-q",
             "-w",
             str(wheel_dir),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
