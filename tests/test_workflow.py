@@ -277,3 +277,32 @@ def test_training_reads_exactly_the_settings_its_rule_passes(workflow, method, t
         f"{paths.run('synthetic', 'tiny.en', method, 0, 1)}/predictions.tsv", sep="\t"
     )
     pd.testing.assert_frame_equal(ours, theirs)
+
+
+def test_svd_from_the_files_equals_svd_of_the_loaded_model(workflow):
+    """The light SVD job (adapter + pre-trained safetensors, no peft) = the SVD of the live peft model."""
+    from serlens.analysis.lora_spectra import compute_svd
+    from serlens.analysis.runs import load_run
+    from serlens.paths import Paths
+
+    tmp, config = workflow
+    config = effective_config(config)
+    paths = Paths(config["results"])
+    run = load_run(
+        {"classes": config["corpus"]["classes"], "audio": config["audio"]},
+        "tiny.en",
+        "lora_r4",
+        1,
+        paths.corpus("synthetic", "manifest.tsv"),
+        paths.corpus("synthetic", "folds.tsv"),
+        paths.weights("tiny.en"),
+        paths.run("synthetic", "tiny.en", "lora_r4", 0, 1),
+    )
+    live = compute_svd(run, config["analysis"], 0)
+    stored = pd.read_csv(paths.analysis("synthetic", "tiny.en", "lora_r4", 0, 1, "svd"), sep="\t")
+    assert len(stored) == len(live) > 0
+    assert list(stored["module"]) == list(live["module"])
+    assert (stored["quantity"] == live["quantity"]).all()
+    assert stored["value"].to_numpy() == pytest.approx(
+        live["value"].to_numpy(), rel=1e-6, abs=1e-9, nan_ok=True
+    )

@@ -168,18 +168,31 @@ def compute_svd(run, cfg: dict, seed: int) -> pd.DataFrame:
         raise ValueError(
             f"svd: run {run.model}/{run.method}/fold{run.fold} has no LoRA modules (a frozen run?)"
         )
-    n_layers = len(run.encoder.layers)
-    tables = []
+    factors, base = {}, {}
     for name, module in modules.items():
         if "default" not in module.lora_A:
             raise ValueError(
                 f"svd: module {name} has no 'default' adapter (adapters: {list(module.lora_A)})"
             )
-        table = lora_update_spectra(
+        factors[name] = (
             _as_numpy(module.lora_A["default"].weight),
             _as_numpy(module.lora_B["default"].weight),
             float(module.scaling["default"]),
-            _as_numpy(module.base_layer.weight),
+        )
+        base[name] = _as_numpy(module.base_layer.weight)
+    return svd_table(factors, base, len(run.encoder.layers), cfg)
+
+
+def svd_table(factors: dict, base: dict, n_layers: int, cfg) -> pd.DataFrame:
+    """``svd.tsv`` from ``{module: (A, B, scaling)}`` and ``{module: W0}`` (module order by layer)."""
+    tables = []
+    for name in sorted(factors, key=_module_order):
+        A, B, scaling = factors[name]
+        table = lora_update_spectra(
+            A,
+            B,
+            scaling,
+            base[name],
             energy_fraction=cfg["energy_fraction"],
             intruder_k=cfg["intruder_k"],
             intruder_epsilon=cfg["intruder_epsilon"],
@@ -384,27 +397,7 @@ def svd_from_files(adapter_dir: Path, model_dir: Path, cfg) -> pd.DataFrame:
     """:func:`compute_svd` from the adapter folder and the pre-trained weights (no model built)."""
     factors = load_lora_factors(adapter_dir)
     base = encoder_weights(model_dir, factors)
-    n_layers = _n_layers(adapter_dir, factors)
-    tables = []
-    for name in sorted(factors, key=_module_order):
-        A, B, scaling = factors[name]
-        table = lora_update_spectra(
-            A,
-            B,
-            scaling,
-            base[name],
-            energy_fraction=cfg["energy_fraction"],
-            intruder_k=cfg["intruder_k"],
-            intruder_epsilon=cfg["intruder_epsilon"],
-        )
-        layer = layer_index(name)
-        table.insert(0, "depth", _depth(layer, n_layers))
-        table.insert(0, "layer", layer)
-        table.insert(0, "module", name)
-        tables.append(table)
-    out = pd.concat(tables, ignore_index=True)[SVD_COLUMNS]
-    out["layer"] = out["layer"].astype("Int64")
-    return out
+    return svd_table(factors, base, _n_layers(adapter_dir, factors), cfg)
 
 
 def _svd(run, settings) -> pd.DataFrame:
