@@ -21,7 +21,8 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores 1 --report results/report.html
-	@echo "results: $(CURDIR)/results (tables in results/tables, figures in results/figures)"
+	@echo "results: $(CURDIR)/results (per corpus: results/<corpus>/tables, results/<corpus>/figures)"
+	@$(BIN)/python bench/job_seconds.py results | tail -1
 	@echo "report: $(CURDIR)/results/report.html"
 
 test: install
