@@ -647,6 +647,21 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
 # --------------------------------------------------------------------------- the workflow's analysis
 
 
+def gradient_norm_ratio(long: pd.DataFrame, run_columns: list[str]) -> pd.DataFrame:
+    """``quantity = grad_norm_ratio_B_A`` = ‖∂L/∂B‖_F / ‖∂L/∂A‖_F per run and state, for
+    tables that do not hold it already (tables written before it was a row of their own)."""
+    if "grad_norm_ratio_B_A" in set(long["quantity"]) or not {"grad_norm_A", "grad_norm_B"} <= set(
+        long["quantity"]
+    ):
+        return long.iloc[:0]
+    keys = [*run_columns, "module", "layer", "depth", "state"]
+    states = long["state"].isin(["trained", "untrained"])  # not the trained/untrained ratio rows
+    norm_a = long[states & (long["quantity"] == "grad_norm_A")].set_index(keys)["value"]
+    norm_b = long[states & (long["quantity"] == "grad_norm_B")].set_index(keys)["value"]
+    ratio = norm_b / norm_a.replace(0, np.nan)
+    return ratio.dropna().reset_index().assign(quantity="grad_norm_ratio_B_A")
+
+
 def _compute(run, settings) -> pd.DataFrame:
     from safetensors import safe_open
 
@@ -672,7 +687,9 @@ def _spec():
         applies_to=lambda method: method.kind == "lora",
         reads=frozenset({"ab"}),
         keys=("energy_fraction",),
-        table=TableSpec(("module", "layer", "depth", "quantity", "state")),
+        table=TableSpec(
+            ("module", "layer", "depth", "quantity", "state"), derive=gradient_norm_ratio
+        ),
         figures=(
             FigureSpec(
                 "ab_dynamics", _draw, ("ab_dynamics",), "A/B dynamics", keys=("energy_fraction",)

@@ -17,7 +17,7 @@ Analyses whose per-run table is wide (``probing``: ``uar``, ``war``, ``selectivi
 are melted to ``metric, value`` first. An analysis may derive rows *per fold, before*
 averaging (its spec's ``table.derive``), so that their spread is the spread of the
 difference: ``contributions`` adds ``variant = delta`` = ``adapted - base`` of the same
-LoRA run.
+LoRA run; ``ab_dynamics`` the B/A gradient-norm ratio where a table lacks it.
 
 :func:`confusion_table` sums the confusion matrices of every fold of a model and method
 (recomputed from ``predictions.tsv``) into ``results/tables/confusion.tsv``.
