@@ -47,6 +47,18 @@ def expected_runs(name, results, models, methods, folds):
     }
 
 
+def history_files(train_root, model, methods, folds):
+    """``{(method, fold): history.tsv}`` of this test's tree (frozen_wsum beside frozen)."""
+    files = {}
+    for method in methods:
+        for fold in folds:
+            run = Path(train_root) / model / method / f"fold{fold}"
+            files[(method, int(fold))] = run / "history.tsv"
+            if method == "frozen":
+                files[("frozen_wsum", int(fold))] = run / "history_wsum.tsv"
+    return files
+
+
 def aggregate_analysis(name, results, models, methods, folds, output=None):
     return aggregate_runs(name, expected_runs(name, results, models, methods, folds), output)
 
@@ -355,7 +367,7 @@ def figure_cases(results: Path) -> dict:
             table(results, "confusion"), [MODEL], CLASSES
         ),
         "training_curves": lambda: figures.training_curves_figure(
-            figures.load_histories(figures.history_files(results / "train", MODEL, METHODS, FOLDS)),
+            figures.load_histories(history_files(results / "train", MODEL, METHODS, FOLDS)),
             MODEL,
             len(CLASSES),
         ),

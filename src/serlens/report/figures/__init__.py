@@ -67,7 +67,7 @@ from .style import rank_of as rank_of
 from .style import rows as rows
 from .style import save
 from .style import spread_note as spread_note
-from .training import history_files, load_histories, training_curves_figure
+from .training import load_histories, training_curves_figure
 from .training import selected_epoch as selected_epoch
 
 __all__ = [
@@ -76,7 +76,6 @@ __all__ = [
     "confusion_figure",
     "contributions_depth_figure",
     "contributions_figure",
-    "history_files",
     "load_histories",
     "logit_lens_figure",
     "performance_figure",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib
@@ -20,20 +20,8 @@ from .style import (
 )
 
 
-def history_files(train_root: Path, model: str, methods: Sequence[str], folds: Iterable) -> dict:
-    """``{(method, fold): history.tsv}`` of one model; frozen runs also give ``frozen_wsum`` (history_wsum.tsv)."""
-    files = {}
-    for method in methods:
-        for fold in folds:
-            run = Path(train_root) / model / method / f"fold{fold}"
-            files[(method, int(fold))] = run / "history.tsv"
-            if method == "frozen":
-                files[("frozen_wsum", int(fold))] = run / "history_wsum.tsv"
-    return files
-
-
 def load_histories(files: Mapping[tuple[str, int], Path]) -> dict[tuple[str, int], pd.DataFrame]:
-    """Read ``{(method, fold): path}`` (see :func:`history_files`); absent files are left out."""
+    """Read ``{(method, fold): history.tsv}`` of one model; absent files are left out."""
     return {
         (str(method), int(fold)): pd.read_csv(path, sep="\t")
         for (method, fold), path in files.items()
