@@ -46,6 +46,30 @@ def build_run(model_dir, device):
     return run, config, speakers
 
 
+def every_utterance(run):
+    """The run as the base pass sees the corpus (one split ``all``) and the folds table."""
+    import dataclasses
+
+    import numpy as np
+    import pandas as pd
+
+    from serlens.train.data import Split
+
+    names = ("train", "dev", "test")
+    parts = [run.splits[n] for n in names]
+    every = Split(
+        [u for s in parts for u in s.utt_ids],
+        np.concatenate([s.labels for s in parts]),
+        np.concatenate([s.durations for s in parts]),
+        [p for s in parts for p in s.paths],
+        [w for s in parts for w in s.waves],
+    )
+    folds = pd.DataFrame(
+        [{"utt_id": u, "fold": 1, "split": n} for n in names for u in run.splits[n].utt_ids]
+    )
+    return dataclasses.replace(run, splits={"all": every}), folds
+
+
 def main():
     import tempfile
     from pathlib import Path
@@ -57,22 +81,25 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny-en", required=True)
+    parser.add_argument(
+        "--devices", nargs=2, default=["cpu", "cuda"], help="the two devices compared"
+    )
     args = parser.parse_args()
+    first, second = args.devices
     out = Path(tempfile.mkdtemp(prefix="serlens-gpu-passes-"))
     settings = {"batch_size": 8, "train_sample": 32, "untrained_init_std": 0.02, "seed": 0}
     files, times = {}, {}
-    for device in ("cpu", "cuda"):
+    for side, device in (("cpu", first), ("cuda", second)):
         run, _, _ = build_run(args.tiny_en, device)
+        base_run, folds = every_utterance(run)
         tic = time.perf_counter()
-        base_pass(run, settings, out / device / "base.safetensors")
-        adapted_pass(
-            run, settings, out / device / "run.safetensors", out / device / "ab.safetensors"
-        )
-        if device == "cuda":
+        base_pass(base_run, folds, settings, out / side / "base.safetensors")
+        adapted_pass(run, settings, out / side / "run.safetensors", out / side / "ab.safetensors")
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times[device] = time.perf_counter() - tic
-        files[device] = {
-            name: load_file(str(out / device / f"{name}.safetensors"))
+        times[side] = time.perf_counter() - tic
+        files[side] = {
+            name: load_file(str(out / side / f"{name}.safetensors"))
             for name in ("base", "run", "ab")
         }
     for name in ("base", "run", "ab"):
@@ -85,7 +112,7 @@ def main():
             )
             scale = float(np.abs(cpu).max()) if cpu.size else 0.0
             print(f"{name:5s} {key:60s} max |cpu - cuda| {diff:.2e} (max |cpu| {scale:.2e})")
-    print(f"passes: cpu {times['cpu']:.1f} s, cuda {times['cuda']:.1f} s")
+    print(f"passes: {first} {times['cpu']:.1f} s, {second} {times['cuda']:.1f} s")
 
 
 if __name__ == "__main__":
