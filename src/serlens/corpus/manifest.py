@@ -63,10 +63,6 @@ def check_audio(path: Path, where: str) -> tuple[float, int]:
         raise CorpusError(f"{path}: empty audio file; labelled at {where}.")
     if float(np.abs(data).max()) < SILENCE_PEAK:
         raise CorpusError(f"{path}: silent audio (peak < {SILENCE_PEAK}); labelled at {where}.")
-    if rate != SAMPLE_RATE:
-        log.warning(
-            "%s: sample rate %d Hz; it will be resampled to %d Hz on load.", path, rate, SAMPLE_RATE
-        )
     return data.shape[0] / rate, rate
 
 
@@ -139,14 +135,17 @@ def build_manifest(
     ``on_bad_audio``: "error" stops at the first missing/unreadable/empty/silent file; "drop"
     leaves such utterances out and counts them in the summary under ``bad_audio``.
     """
-    rows, summary = [], Counter()
+    rows, summary, rates = [], Counter(), Counter()
+    example = {}
     for cand in candidates:
         label = map_label(cand.raw_label, classes, merge)
         if label is None:
             summary[(cand.raw_label, "", "dropped: label outside classes and merge map")] += 1
             continue
         try:
-            duration, _ = check_audio(cand.path, cand.where)
+            duration, rate = check_audio(cand.path, cand.where)
+            rates[rate] += 1
+            example.setdefault(rate, cand.path)
         except CorpusError as exc:
             if on_bad_audio == "error":
                 raise
@@ -165,6 +164,15 @@ def build_manifest(
                 round(duration, 4),
             ]
         )
+    for rate, n in sorted(rates.items()):
+        if rate != SAMPLE_RATE:  # one line per rate, not one per file
+            log.warning(
+                "%d file(s) at %d Hz (e.g. %s): resampled to %d Hz on load.",
+                n,
+                rate,
+                example[rate],
+                SAMPLE_RATE,
+            )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:
         raise CorpusError(

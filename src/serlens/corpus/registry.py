@@ -75,12 +75,45 @@ def _manifest_sessions(root: Path, settings: dict) -> list[str]:
         return sorted({(row["session"] or "").strip() for row in reader} - {""})
 
 
+def _emodb_read(root: Path) -> list:
+    from serlens.corpus.emodb import read_emodb, speaker_groups
+    from serlens.corpus.manifest import Candidate
+
+    groups = speaker_groups()
+    return [
+        Candidate(
+            utt_id=u.utt_id,
+            path=u.path,
+            session=groups[u.speaker],
+            speaker=u.speaker,
+            gender=u.gender,
+            raw_label=u.raw_label,
+            where=str(u.path),
+        )
+        for u in read_emodb(root)
+    ]
+
+
+def _emodb_groups(root: Path, settings: dict) -> list[str]:
+    from serlens.corpus.emodb import read_emodb, speaker_groups
+
+    groups = speaker_groups()
+    return sorted({groups[u.speaker] for u in read_emodb(root)})
+
+
 CORPORA: dict[str, CorpusKind] = {
     kind.name: kind
     for kind in [
         CorpusKind("synthetic", _iemocap_read, _synthetic_sessions, generated=True),
         CorpusKind("iemocap", _iemocap_read, _iemocap_sessions),
         CorpusKind("manifest", _manifest_read, _manifest_sessions, root_is="a TSV file"),
+        CorpusKind(
+            "emodb",
+            _emodb_read,
+            _emodb_groups,
+            protocol="leave_one_speaker_group_out",
+            root_is="an EmoDB folder holding wav/",
+        ),
     ]
 }
 

@@ -1,0 +1,114 @@
+"""EmoDB (Berlin Database of Emotional Speech; Burkhardt et al., Interspeech 2005) from its file names.
+
+Layout: ``{root}/wav/SSTTTEV.wav``, e.g. ``03a01Fa.wav``: speaker ``SS`` (two digits), text
+code ``TTT`` (``a01``…``b10``), emotion ``E`` (the German initial) and version ``V`` (a
+letter, when a sentence was recorded more than once). The file name is the only source of
+the label (the CSV shipped with some copies mislabels a few files).
+
+Emotions map to the project's short codes: W (Ärger/Wut) → ``ang``, L (Langeweile) →
+``bor``, E (Ekel) → ``dis``, A (Angst) → ``fea``, F (Freude) → ``hap``, T (Trauer) →
+``sad``, N → ``neu``; ``corpus.classes`` and ``corpus.merge`` then pick the class set (the
+default ``neu, hap, ang, sad`` keeps four, the other three are dropped and counted).
+
+EmoDB has no sessions. Speaker-independent folds use speaker groups of one male and one
+female speaker each (five folds for the ten actors), paired in speaker order: the k-th male
+with the k-th female speaker, group ``g{k}``. Speakers outside the published ten are an
+error (their gender is unknown).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from serlens.errors import CorpusError
+
+EMOTIONS = {
+    "W": "ang",
+    "L": "bor",
+    "E": "dis",
+    "A": "fea",
+    "F": "hap",
+    "T": "sad",
+    "N": "neu",
+}
+#: The ten actors and their gender (Burkhardt et al. 2005).
+SPEAKERS = {
+    "03": "M",
+    "10": "M",
+    "11": "M",
+    "12": "M",
+    "15": "M",
+    "08": "F",
+    "09": "F",
+    "13": "F",
+    "14": "F",
+    "16": "F",
+}
+NAME = re.compile(r"^(?P<speaker>\d{2})(?P<text>[ab]\d{2})(?P<emotion>[A-Z])(?P<version>[a-z])$")
+
+
+@dataclass(frozen=True)
+class EmodbUtterance:
+    utt_id: str
+    path: Path
+    speaker: str
+    gender: str
+    text: str  # the sentence's code: the same ten sentences recur across speakers
+    raw_label: str
+
+
+def speaker_groups() -> dict[str, str]:
+    """speaker -> ``g{k}``: the k-th male with the k-th female speaker (speaker order)."""
+    males = sorted(s for s, g in SPEAKERS.items() if g == "M")
+    females = sorted(s for s, g in SPEAKERS.items() if g == "F")
+    groups = {}
+    for k, (m, f) in enumerate(zip(males, females, strict=True), start=1):
+        groups[m] = groups[f] = f"g{k}"
+    return groups
+
+
+def parse_name(path: Path) -> EmodbUtterance:
+    """One file's utterance; CorpusError naming the file and the expected form otherwise."""
+    match = NAME.match(path.stem)
+    if path.suffix.lower() != ".wav" or match is None:
+        raise CorpusError(
+            f"{path}: not an EmoDB file name; expected SSTTTEV.wav (speaker, text, emotion, "
+            "version), e.g. 03a01Fa.wav"
+        )
+    emotion = match["emotion"]
+    if emotion not in EMOTIONS:
+        raise CorpusError(
+            f"{path}: emotion letter {emotion!r} is not one of EmoDB's {sorted(EMOTIONS)}"
+        )
+    speaker = match["speaker"]
+    if speaker not in SPEAKERS:
+        raise CorpusError(
+            f"{path}: speaker {speaker!r} is not one of EmoDB's ten actors {sorted(SPEAKERS)}"
+        )
+    return EmodbUtterance(
+        utt_id=path.stem,
+        path=path,
+        speaker=speaker,
+        gender=SPEAKERS[speaker],
+        text=match["text"],
+        raw_label=EMOTIONS[emotion],
+    )
+
+
+def wav_dir(root: Path) -> Path:
+    folder = Path(root) / "wav"
+    if not folder.is_dir():
+        raise CorpusError(
+            f"{root}: no wav/ folder; corpus.root must be the EmoDB folder holding wav/"
+        )
+    return folder
+
+
+def read_emodb(root: Path) -> list[EmodbUtterance]:
+    """Every ``wav/*.wav`` of an EmoDB tree, in file-name order (other files are ignored)."""
+    files = sorted(p for p in wav_dir(root).iterdir() if p.suffix.lower() == ".wav")
+    if not files:
+        raise CorpusError(f"{wav_dir(root)}: holds no .wav files")
+    return [parse_name(p) for p in files]
