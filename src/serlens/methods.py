@@ -142,11 +142,11 @@ def configured_methods(config: dict) -> dict[str, Method]:
 
 
 def method_label(name: str) -> str:
-    """How a method is written in figures: ``frozen (last layer)``, ``LoRA r = 8``."""
+    """How a method is written in figures: ``frozen, last layer``, ``LoRA r = 8``."""
     method = parse_method(name)
     if method.kind == "lora":
         return f"LoRA r = {method.rank}"
-    return {"last": "frozen (last layer)", "wsum": "frozen (weighted sum)"}[method.readout]
+    return {"last": "frozen, last layer", "wsum": "frozen, weighted sum"}[method.readout]
 
 
 def method_sort_key(name: str) -> tuple[int, int]:

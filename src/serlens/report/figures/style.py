@@ -91,37 +91,44 @@ def save(fig: Figure, png: Path, svg: Path) -> None:
         fig.savefig(svg, metadata={"Date": None})
 
 
+def _method(name: str):
+    """The :class:`serlens.methods.Method` of a name, or None for a name no method has."""
+    from serlens.errors import ConfigError
+    from serlens.methods import parse_method
+
+    try:
+        return parse_method(name)
+    except ConfigError:
+        return None
+
+
 def rank_of(method: str) -> int | None:
-    match = re.fullmatch(r"lora_r(\d+)", method)
-    return int(match[1]) if match else None
+    spec = _method(method)
+    return spec.rank if spec is not None else None
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """frozen, frozen_wsum, then LoRA runs by rank."""
-    fixed = {"frozen": -2, "frozen_wsum": -1}
+    """Report order (serlens.methods.method_sort_key): frozen heads, then LoRA by rank; unknown names last."""
+    from serlens.methods import method_sort_key
 
     def key(m):
-        return (fixed.get(m, rank_of(m) if rank_of(m) is not None else 10**9), m)
+        return (method_sort_key(m) if _method(m) is not None else (9, 0), m)
 
     return sorted(dict.fromkeys(methods), key=key)
 
 
 def method_label(method: str) -> str:
-    if method == "frozen":
-        return "frozen, last layer"
-    if method == "frozen_wsum":
-        return "frozen, weighted sum"
-    rank = rank_of(method)
-    return f"LoRA r = {rank}" if rank is not None else method
+    from serlens.methods import method_label as label
+
+    return label(method) if _method(method) is not None else method
 
 
 def method_colors(methods: Iterable[str]) -> dict[str, str]:
     colors, k = {}, 0
     for method in method_order(methods):
-        if method == "frozen":
-            colors[method] = FROZEN_COLOR
-        elif method == "frozen_wsum":
-            colors[method] = WSUM_COLOR
+        spec = _method(method)
+        if spec is not None and not spec.has_adapter:
+            colors[method] = FROZEN_COLOR if spec.readout == "last" else WSUM_COLOR
         else:
             colors[method] = RANK_COLORS[k % len(RANK_COLORS)]
             k += 1
