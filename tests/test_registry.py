@@ -55,3 +55,27 @@ def test_no_analysis_applies_to_a_weighted_sum_head_or_frozen_update():
     assert not any("frozen_wsum" in spec.methods(methods) for spec in ANALYSES.values())
     for name in ("svd", "ab_dynamics", "cka", "subspace"):
         assert "frozen" not in ANALYSES[name].methods(methods)
+
+
+def test_run_inputs_map_products_to_the_run_and_pass_files():
+    from serlens.analysis.registry import run_inputs
+    from serlens.methods import parse_method
+    from serlens.paths import Paths
+
+    paths = Paths("r")
+    frozen = run_inputs(ANALYSES["probing"], parse_method("frozen"), paths, "c", "m", 0, 1)
+    assert frozen["states"] == "r/c/states/m/base/states.safetensors"  # the base pass is its own
+    assert frozen["features"] == "r/c/features/m/pooled.safetensors"
+    assert "base_states" not in frozen and set(frozen) == {
+        "manifest",
+        "folds",
+        "states",
+        "features",
+    }
+    lora = run_inputs(ANALYSES["cka"], parse_method("lora_r8"), paths, "c", "m", 0, 1)
+    assert lora["states"] == "r/c/states/m/lora_r8/seed0/fold1/states.safetensors"
+    assert lora["base_states"] == "r/c/states/m/base/states.safetensors"
+    assert set(lora) == {"manifest", "folds", "states", "base_states"}
+    svd = run_inputs(ANALYSES["svd"], parse_method("lora_r8"), paths, "c", "m", 0, 1)
+    assert svd["adapter"] == "r/c/train/m/lora_r8/seed0/fold1/adapter"
+    assert svd["weights"] == "r/models/m.json"

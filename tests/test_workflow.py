@@ -200,7 +200,7 @@ def test_each_analysis_reads_exactly_the_settings_its_rule_passes(workflow):
     """spec -> params -> what the code reads: computed again on the run's files, every analysis
     reads every key its rule passes (a trigger it ignores would be a needless rerun) and no
     other (Settings refuses undeclared keys, so a key read from elsewhere would fail here)."""
-    from serlens.analysis.registry import ANALYSES, RunData, Settings
+    from serlens.analysis.registry import ANALYSES, RunData, Settings, run_inputs
     from serlens.methods import parse_method
     from serlens.paths import Paths
 
@@ -212,23 +212,7 @@ def test_each_analysis_reads_exactly_the_settings_its_rule_passes(workflow):
         settings = Settings(name, spec.settings(config))
         if spec.scope == "run":
             method = spec.methods({m: parse_method(m) for m in ("frozen", "lora_r4")})[-1]
-            run = paths.run(corpus, "tiny.en", method, 0, 1)
-            own = (
-                f"{paths.states(corpus, 'tiny.en', method, 0, 1)}/states.safetensors"
-                if parse_method(method).trains_encoder
-                else f"{paths.states(corpus, 'tiny.en', 'base')}/states.safetensors"
-            )
-            inputs = {
-                "manifest": paths.corpus(corpus, "manifest.tsv"),
-                "folds": paths.corpus(corpus, "folds.tsv"),
-                "states": own,
-                "base_states": f"{paths.states(corpus, 'tiny.en', 'base')}/states.safetensors",
-                "ab": f"{paths.states(corpus, 'tiny.en', method, 0, 1)}/ab.safetensors",
-                "features": paths.features(corpus, "tiny.en"),
-                "head": f"{run}/head.safetensors",
-                "adapter": f"{run}/adapter",
-                "weights": paths.weights("tiny.en"),
-            }
+            inputs = run_inputs(spec, parse_method(method), paths, corpus, "tiny.en", 0, 1)
             data = RunData(
                 corpus, "tiny.en", parse_method(method), 0, 1, config["corpus"]["classes"], inputs
             )

@@ -54,6 +54,14 @@ class Paths:
             return f"{self.results}/{corpus}/states/{model}/base"
         return f"{self.results}/{corpus}/states/{model}/{variant}/seed{seed}/fold{fold}"
 
+    def states_file(self, corpus: str, model: str, variant: str, seed=None, fold=None) -> str:
+        """``states.safetensors`` of a pass (see :meth:`states`)."""
+        return f"{self.states(corpus, model, variant, seed, fold)}/states.safetensors"
+
+    def ab_file(self, corpus: str, model: str, method: str, seed, fold) -> str:
+        """``ab.safetensors``: the A/B statistics of a LoRA run's pass."""
+        return f"{self.states(corpus, model, method, seed, fold)}/ab.safetensors"
+
     def analysis(self, corpus: str, model: str, method: str, seed, fold, name: str) -> str:
         return f"{self.results}/{corpus}/analysis/{model}/{method}/seed{seed}/fold{fold}/{name}.tsv"
 
@@ -65,9 +73,6 @@ class Paths:
         """A per-model figure (``family/{model}.png``) or an all-model one (``family.png``)."""
         stem = f"{family}/{model}" if model is not None else family
         return f"{self.results}/{corpus}/figures/{stem}.{ext}"
-
-    def report(self) -> str:
-        return f"{self.results}/report.html"
 
     # --- bookkeeping ----------------------------------------------------------------------
     def log(self, path: str) -> str:

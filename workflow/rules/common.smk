@@ -1,6 +1,6 @@
 import re
 
-from serlens.analysis.registry import ANALYSES
+from serlens.analysis.registry import ANALYSES, run_inputs
 from serlens.config import validate_config
 from serlens.errors import ConfigError
 from serlens.methods import configured_methods
@@ -71,9 +71,9 @@ CORPUS_TABLES = {
     "manifest": PATHS.corpus("{corpus}", "manifest.tsv"),
     "folds": PATHS.corpus("{corpus}", "folds.tsv"),
 }
-BASE_STATES = f"{PATHS.states('{corpus}', '{model}', 'base')}/states.safetensors"
-RUN_STATES = f"{PATHS.states('{corpus}', '{model}', '{method}', '{seed}', '{fold}')}/states.safetensors"
-RUN_AB = f"{PATHS.states('{corpus}', '{model}', '{method}', '{seed}', '{fold}')}/ab.safetensors"
+BASE_STATES = PATHS.states_file("{corpus}", "{model}", "base")
+RUN_STATES = PATHS.states_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
+RUN_AB = PATHS.ab_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 
 GRID = dict(corpus=[CORPUS], model=MODELS, seed=SEEDS, fold=FOLDS)
 
@@ -103,29 +103,13 @@ def train_settings(wildcards):
 
 
 def analysis_inputs(spec):
-    """The files an analysis of one run reads, from the products its spec declares."""
+    """The files an analysis of one run reads (serlens.analysis.registry.run_inputs)."""
 
     def inputs(wildcards):
-        method = METHODS[wildcards.method]
-        run = RUN.format(**wildcards)
-        own = RUN_STATES if method.trains_encoder else BASE_STATES
-        files = {
-            "manifest": CORPUS_TABLES["manifest"],
-            "folds": CORPUS_TABLES["folds"],
-            "states": own,
-            "base_states": BASE_STATES,
-            "ab": RUN_AB,
-            "features": FEATURES,
-            "head": f"{run}/head.safetensors",
-            "adapter": f"{run}/adapter",
-            "weights": PATHS.weights("{model}"),
-        }
-        wanted = {"manifest", "folds", *spec.reads}
-        if not method.trains_encoder:
-            wanted.discard("base_states")  # its own states are the base pass
-        if not method.uses_features:
-            wanted.discard("features")
-        return {k: v.format(**wildcards) for k, v in files.items() if k in wanted}
+        w = wildcards
+        return run_inputs(
+            spec, METHODS[w.method], PATHS, w.corpus, w.model, w.seed, w.fold
+        )
 
     return inputs
 

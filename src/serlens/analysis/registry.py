@@ -140,6 +140,34 @@ class AnalysisSpec:
         return [name for name, method in methods.items() if self.applies_to(method)]
 
 
+def run_inputs(spec: AnalysisSpec, method: Method, paths, corpus, model, seed, fold) -> dict:
+    """The files an analysis of one run reads: the corpus tables and the products its spec
+    declares, as paths (values, or Snakemake wildcard patterns such as ``"{model}"``).
+
+    A method without an encoder of its own reads the base pass as its ``states`` (so it gets
+    no separate ``base_states``), and only methods trained on the cached features read them.
+    """
+    run = paths.run(corpus, model, method.name, seed, fold)
+    variant = method.encoder_variant
+    files = {
+        "manifest": paths.corpus(corpus, "manifest.tsv"),
+        "folds": paths.corpus(corpus, "folds.tsv"),
+        "states": paths.states_file(corpus, model, variant, seed, fold),
+        "base_states": paths.states_file(corpus, model, "base"),
+        "ab": paths.ab_file(corpus, model, method.name, seed, fold),
+        "features": paths.features(corpus, model),
+        "head": f"{run}/head.safetensors",
+        "adapter": f"{run}/adapter",
+        "weights": paths.weights(model),
+    }
+    wanted = {"manifest", "folds", *spec.reads}
+    if variant == "base":
+        wanted.discard("base_states")
+    if not method.uses_features:
+        wanted.discard("features")
+    return {name: path for name, path in files.items() if name in wanted}
+
+
 def _discover() -> dict[str, AnalysisSpec]:
     import serlens.analysis as package
 
