@@ -46,30 +46,6 @@ def build_run(model_dir, device):
     return run, config, speakers
 
 
-def every_utterance(run):
-    """The run as the base pass sees the corpus (one split ``all``) and the folds table."""
-    import dataclasses
-
-    import numpy as np
-    import pandas as pd
-
-    from serlens.train.data import Split
-
-    names = ("train", "dev", "test")
-    parts = [run.splits[n] for n in names]
-    every = Split(
-        [u for s in parts for u in s.utt_ids],
-        np.concatenate([s.labels for s in parts]),
-        np.concatenate([s.durations for s in parts]),
-        [p for s in parts for p in s.paths],
-        [w for s in parts for w in s.waves],
-    )
-    folds = pd.DataFrame(
-        [{"utt_id": u, "fold": 1, "split": n} for n in names for u in run.splits[n].utt_ids]
-    )
-    return dataclasses.replace(run, splits={"all": every}), folds
-
-
 def main():
     import tempfile
     from pathlib import Path
@@ -77,7 +53,7 @@ def main():
     import numpy as np
     from safetensors.numpy import load_file
 
-    from serlens.analysis.passes import adapted_pass, base_pass
+    from serlens.analysis.passes import adapted_pass, base_pass, every_utterance
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny-en", required=True)

@@ -1,7 +1,5 @@
 """The encoder passes store what the analyses used to compute in memory: same numbers, one model load."""
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,33 +13,17 @@ from serlens.analysis.logit_lens import (
     logit_lens_table,
     pooled_normalised_states,
 )
-from serlens.analysis.passes import States, adapted_pass, analysis_sample, base_pass
+from serlens.analysis.passes import (
+    States,
+    adapted_pass,
+    analysis_sample,
+    base_pass,
+    every_utterance,
+)
 from serlens.analysis.representations import cka_table, compute_cka
 from serlens.models.encoder import pooled_layer_states
-from serlens.train.data import Split
 
 SETTINGS = {**CFG, "seed": 0}
-
-
-def every_utterance(run):
-    """The run with one split ``all`` (train, dev, test), as the base pass sees the corpus,
-    and the folds table that puts them back."""
-    splits = [run.splits[name] for name in ("train", "dev", "test")]
-    every = Split(
-        [u for s in splits for u in s.utt_ids],
-        np.concatenate([s.labels for s in splits]),
-        np.concatenate([s.durations for s in splits]),
-        [p for s in splits for p in s.paths],
-        [w for s in splits for w in s.waves],
-    )
-    folds = pd.DataFrame(
-        [
-            {"utt_id": u, "fold": 1, "split": name}
-            for name in ("train", "dev", "test")
-            for u in run.splits[name].utt_ids
-        ]
-    )
-    return dataclasses.replace(run, splits={"all": every}), folds
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,36 @@ def analysis_sample(run, settings: dict) -> np.ndarray:
     return balanced_sample(run.splits["train"].labels, settings["train_sample"], settings["seed"])
 
 
+def every_utterance(run):
+    """A fold's run as the base pass sees a corpus: one split ``all`` (train, dev, test in
+    that order) and the folds table that puts them back (``fold`` 1)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from serlens.train.data import Split
+
+    names = ("train", "dev", "test")
+    parts = [run.splits[name] for name in names]
+    every = Split(
+        [u for part in parts for u in part.utt_ids],
+        np.concatenate([part.labels for part in parts]),
+        np.concatenate([part.durations for part in parts]),
+        [p for part in parts for p in part.paths],
+        None
+        if any(part.waves is None for part in parts)
+        else [w for part in parts for w in part.waves],
+    )
+    folds = pd.DataFrame(
+        [
+            {"utt_id": u, "fold": 1, "split": name}
+            for name in names
+            for u in run.splits[name].utt_ids
+        ]
+    )
+    return dataclasses.replace(run, splits={"all": every}), folds
+
+
 def base_pass(run, folds, settings: dict, out: Path) -> None:
     """The pre-trained encoder's states on every utterance (``run.splits["all"]``), with each
     fold's test split and analysis sample recorded as row ids (``folds``: folds.tsv)."""

@@ -111,17 +111,10 @@ def load_run(
     classes = list(settings["classes"])
     if method == "base":  # every utterance of the corpus, in manifest order
         from serlens.corpus.manifest import read_manifest
-        from serlens.train.data import label_indices
+        from serlens.train.data import manifest_split
 
         manifest = read_manifest(manifest_path)
-        splits = {
-            "all": Split(
-                utt_ids=manifest["utt_id"].tolist(),
-                labels=label_indices(manifest["label"], classes),
-                durations=manifest["duration_s"].to_numpy(dtype=np.float64),
-                paths=manifest["path"].tolist(),
-            )
-        }
+        splits = {"all": manifest_split(manifest, manifest["utt_id"].tolist(), classes)}
     else:
         splits = read_fold_splits(manifest_path, folds_path, fold, classes)
     encoder = load_encoder(model_path(weights_json))

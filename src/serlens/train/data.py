@@ -44,22 +44,25 @@ def label_indices(labels, classes: list[str]) -> np.ndarray:
     return np.array([index[x] for x in labels], dtype=np.int64)
 
 
+def manifest_split(manifest: pd.DataFrame, utt_ids: list[str], classes: list[str]) -> Split:
+    """The manifest's utterances ``utt_ids``, in that order, as a :class:`Split`."""
+    rows = manifest.set_index("utt_id").loc[utt_ids]
+    return Split(
+        utt_ids=list(utt_ids),
+        labels=label_indices(rows["label"], classes),
+        durations=rows["duration_s"].to_numpy(dtype=np.float64),
+        paths=rows["path"].tolist(),
+    )
+
+
 def fold_splits(
     manifest: pd.DataFrame, folds: pd.DataFrame, fold: int, classes: list[str]
 ) -> dict[str, Split]:
     """train/dev/test of one fold, each in manifest order."""
-    by_id = manifest.set_index("utt_id")
-    out = {}
-    for split in ("train", "dev", "test"):
-        ids = fold_split(folds, fold, split)
-        rows = by_id.loc[ids]
-        out[split] = Split(
-            utt_ids=ids,
-            labels=label_indices(rows["label"], classes),
-            durations=rows["duration_s"].to_numpy(dtype=np.float64),
-            paths=rows["path"].tolist(),
-        )
-    return out
+    return {
+        split: manifest_split(manifest, fold_split(folds, fold, split), classes)
+        for split in ("train", "dev", "test")
+    }
 
 
 def read_fold_splits(
