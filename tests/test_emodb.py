@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from serlens.config import validate_config
-from serlens.corpus.emodb import SPEAKERS, parse_name, read_emodb, speaker_groups
+from serlens.corpus.emodb import EMOTIONS, SPEAKERS, parse_name, read_emodb, speaker_groups
 from serlens.corpus.folds import leave_one_session_out
 from serlens.corpus.manifest import build_manifest
 from serlens.corpus.registry import read_candidates
@@ -106,20 +106,9 @@ def test_missing_folder_and_unknown_kind_are_config_errors(tmp_path):
 def test_the_real_copy_reads_as_its_readme_counts():
     utterances = read_emodb(EMODB)
     assert len(utterances) == 535
-    letters = {
-        v: k
-        for k, v in {
-            "W": "ang",
-            "L": "bor",
-            "E": "dis",
-            "A": "fea",
-            "F": "hap",
-            "T": "sad",
-            "N": "neu",
-        }.items()
-    }
-    counts = Counter(letters[u.raw_label] for u in utterances)
+    counts = Counter(u.utt_id[5] for u in utterances)  # the emotion letter of SSTTTEV
     assert counts == {"W": 127, "L": 81, "N": 79, "F": 71, "A": 69, "T": 62, "E": 46}
+    assert all(u.raw_label == EMOTIONS[u.utt_id[5]] for u in utterances)
     per_speaker = Counter(u.speaker for u in utterances)
     assert set(per_speaker) == set(SPEAKERS) and min(per_speaker.values()) == 35
     assert max(per_speaker.values()) == 71

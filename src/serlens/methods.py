@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serlens.errors import ConfigError
 
@@ -47,7 +47,6 @@ class Method:
     kind: str
     readout: str = "last"
     rank: int | None = None
-    options: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def has_adapter(self) -> bool:
