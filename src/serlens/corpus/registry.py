@@ -1,4 +1,4 @@
-"""Corpus kinds: kind -> reader, fold protocol and the speaker groups the folds are cut along.
+"""Corpus kinds: kind -> reader and the speaker groups the folds hold out, one at a time.
 
 ``config["corpus"]["kind"]`` is looked up here and nowhere else. An unknown kind is a
 config error naming the known ones (it is never read as IEMOCAP), and the number of folds
@@ -22,16 +22,17 @@ from serlens.errors import ConfigError, CorpusError
 class CorpusKind:
     """One kind of corpus.
 
-    ``read(root)`` gives the manifest candidates; ``groups(root, settings)`` the sorted
-    names of the speaker groups folds hold out (IEMOCAP's sessions), read cheaply from the
-    tree (no audio); ``protocol`` names the fold scheme; ``generated`` marks corpora the
-    workflow writes itself (``root`` is then ``{resources}/corpus/{kind}``).
+    ``read(root)`` gives the manifest candidates, each with the speaker group its folds hold
+    out in ``session`` (IEMOCAP's sessions, EmoDB's speaker pairs): every kind's folds are
+    leave-one-group-out over that column (:func:`serlens.corpus.folds.leave_one_session_out`).
+    ``groups(root, settings)`` gives the sorted group names, read cheaply from the tree (no
+    audio), so the fold list is known when the workflow builds its DAG; ``generated`` marks
+    corpora the workflow writes itself (``root`` is then ``{resources}/corpus/{kind}``).
     """
 
     name: str
     read: Callable[[Path], list]
     groups: Callable[[Path, dict], list[str]]
-    protocol: str = "leave_one_session_out"
     generated: bool = False
     root_is: str = "a folder"
 
@@ -111,7 +112,6 @@ CORPORA: dict[str, CorpusKind] = {
             "emodb",
             _emodb_read,
             _emodb_groups,
-            protocol="leave_one_speaker_group_out",
             root_is="an EmoDB folder holding wav/",
         ),
     ]
