@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,32 +41,14 @@ RUN_COLUMNS = ("model", "method", "fold")
 SUMMARY_COLUMNS = ("mean", "std", "n_folds", "missing_folds")
 
 
-@dataclass(frozen=True)
-class TableSpec:
-    """How one analysis' per-run table is aggregated (built from the analysis' spec).
-
-    ``keys`` identify one observation within a run; ``values`` are the measured columns.
-    With one value column the table is already long; with several, they are melted into
-    ``metric, value``.
-    """
-
-    name: str
-    keys: tuple[str, ...]
-    values: tuple[str, ...]
-
-    @property
-    def melted(self) -> bool:
-        return len(self.values) > 1
-
-
-def table_spec(name: str) -> TableSpec:
-    """The aggregation of analysis ``name``, from its :class:`serlens.analysis.registry.AnalysisSpec`."""
+def table_spec(name: str):
+    """How analysis ``name``'s tables are aggregated: its spec's
+    :class:`serlens.analysis.registry.TableSpec`."""
     from serlens.analysis.registry import ANALYSES
 
     if name not in ANALYSES:
         raise ValueError(f"unknown analysis table {name!r}; known: {', '.join(ANALYSES)}")
-    table = ANALYSES[name].table
-    return TableSpec(name, table.keys, table.values)
+    return ANALYSES[name].table
 
 
 def missing_runs(files: Mapping[tuple, Path]) -> list[tuple]:
@@ -92,12 +73,12 @@ def read_runs(files: Mapping[tuple[str, str, int], Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def long_form(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+def long_form(runs: pd.DataFrame, spec, name: str) -> pd.DataFrame:
     """Per-run rows in long form: ``model, method, fold, <keys>, [metric,] value`` (NaN values dropped)."""
     missing = [c for c in (*spec.keys, *spec.values) if c not in runs.columns]
     if missing and len(runs):
         raise ValueError(
-            f"{spec.name}: the per-run tables lack the columns {missing}; have {list(runs.columns)}"
+            f"{name}: the per-run tables lack the columns {missing}; have {list(runs.columns)}"
         )
     if runs.empty:  # no run of the grid has this table (cross-rank similarity with one rank)
         columns = [*RUN_COLUMNS, *spec.keys, *(["metric"] if spec.melted else []), "value"]
@@ -130,7 +111,7 @@ def add_derived(long: pd.DataFrame, name: str) -> pd.DataFrame:
     return pd.concat([long, extra[long.columns]], ignore_index=True)
 
 
-def fold_summary(long: pd.DataFrame, spec: TableSpec, missing: Sequence[tuple]) -> pd.DataFrame:
+def fold_summary(long: pd.DataFrame, spec, missing: Sequence[tuple]) -> pd.DataFrame:
     """Mean, std (ddof 1), n_folds and missing_folds of ``value`` per model, method and observation."""
     group = ["model", "method", *spec.keys, *(["metric"] if spec.melted else [])]
     columns = [*group, *SUMMARY_COLUMNS]
@@ -172,7 +153,7 @@ def aggregate_runs(
             name,
             ", ".join(f"{m}/{me}/fold{f}" for m, me, f in missing),
         )
-    long = add_derived(long_form(read_runs(files), spec), name)
+    long = add_derived(long_form(read_runs(files), spec, name), name)
     summary = fold_summary(long, spec, missing)
     if output is not None:
         write_tsv_atomic(summary, output)
