@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: install demo test test-fast lint format bench paper-dry-run report clean
+.PHONY: install demo test test-fast lint config-readme format bench paper-dry-run report clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -ra -m "not slow and not slurm"
+
+# config/README.md's key table, from the schema (a test fails when it is out of date)
+config-readme: install
+	$(BIN)/python -c "from serlens.config import write_readme_table; write_readme_table('config/README.md')"
 
 lint: install
 	$(BIN)/ruff check .

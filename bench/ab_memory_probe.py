@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from serlens.analysis.ab_dynamics import ab_dynamics_table
+from serlens.analysis.ab_dynamics import ab_dynamics_table, baseline_settings
 from serlens.analysis.runs import TrainedRun, balanced_sample
 
 
@@ -123,18 +123,16 @@ def ab_memory_probe(
     if train.waves is None:
         train.load()
     indices = balanced_sample(train.labels, n_utterances, seed)
-    batch_size, fraction, init_std = (
-        cfg["batch_size"],
-        cfg["energy_fraction"],
-        cfg["untrained_init_std"],
-    )
+    batch_size, fraction = cfg["batch_size"], cfg["energy_fraction"]
+    baseline, init_std = baseline_settings(cfg)
     n_frames, max_batch_frames = 0, 0
     for _, batch in run.batches(train, batch_size, indices):
         n_frames += int(batch.frame_mask.sum())
         max_batch_frames = max(max_batch_frames, batch.frame_mask.numel())
     longest = indices[np.argsort(train.durations[indices], kind="stable")[-batch_size:]]
     one_batch = _peak_memory(
-        lambda: ab_dynamics_table(run, longest, batch_size, fraction, init_std, seed), poll_s
+        lambda: ab_dynamics_table(run, longest, batch_size, fraction, baseline, seed, init_std),
+        poll_s,
     )
     device = next(run.encoder.parameters()).device
     cuda_base = None
@@ -143,7 +141,8 @@ def ab_memory_probe(
         torch.cuda.reset_peak_memory_stats(device)
         cuda_base = torch.cuda.memory_allocated(device)
     whole = _peak_memory(
-        lambda: ab_dynamics_table(run, indices, batch_size, fraction, init_std, seed), poll_s
+        lambda: ab_dynamics_table(run, indices, batch_size, fraction, baseline, seed, init_std),
+        poll_s,
     )
     cuda_peak = None
     if cuda_base is not None:

@@ -63,7 +63,10 @@ def main():
     args = parser.parse_args()
     first, second = args.devices
     out = Path(tempfile.mkdtemp(prefix="serlens-gpu-passes-"))
-    settings = {"batch_size": 8, "train_sample": 32, "untrained_init_std": 0.02, "seed": 0}
+    from serlens.analysis.passes import pass_settings
+    from serlens.config import default_config
+
+    settings = pass_settings(default_config())
     files, times = {}, {}
     for side, device in (("cpu", first), ("cuda", second)):
         run, _, _ = build_run(args.tiny_en, device)

@@ -1,5 +1,6 @@
 """Known answers of serlens.analysis.ab_dynamics, and the analysis on the real tiny.en encoder."""
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -10,15 +11,18 @@ import pytest
 import torch
 
 from serlens.analysis.ab_dynamics import (
+    SPECTRA,
     FrameReservoir,
     GramAccumulator,
     _layer_index,
     ab_dynamics_table,
+    ab_table_from_statistics,
     compute_ab_dynamics,
     delta_w_comparison,
     delta_w_from_factor_steps,
     gram_singular_values,
     lora_factor_gradients,
+    max_rank,
     product_singular_values,
     stream_ab_statistics,
     trained_state,
@@ -137,6 +141,97 @@ def test_product_singular_values_equal_svd_of_b():
         )
 
 
+def test_centred_gram_from_accumulators_equals_numpy_covariance():
+    """G - s sᵀ / n from the accumulated Gram, column sums and count = (n - 1) x np.cov."""
+    rng = _rng(5)
+    X = rng.standard_normal((257, 6)) @ rng.standard_normal((6, 6)) + rng.normal(3.0, 2.0, 6)
+    acc = GramAccumulator(6)
+    for lo, hi in [(0, 1), (1, 100), (100, 257)]:
+        acc.add(torch.from_numpy(X[lo:hi]))
+    assert acc.n_rows == 257
+    np.testing.assert_allclose(acc.total.numpy(), X.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(acc.gram.numpy(), X.T @ X, rtol=1e-12)
+    np.testing.assert_allclose(
+        acc.centred_gram().numpy(), np.cov(X, rowvar=False) * (257 - 1), rtol=1e-9, atol=1e-9
+    )
+    s = np.linalg.svd(X - X.mean(axis=0), compute_uv=False)
+    np.testing.assert_allclose(acc.singular_values(centred=True), s, rtol=1e-8)
+    assert GramAccumulator(3).singular_values(centred=True).size == 0  # nothing seen
+
+
+def test_offset_plus_isotropic_noise_has_uncentred_rank_one_and_a_high_centred_rank():
+    """A shared offset holds the uncentred energy; the mean removed, the noise is isotropic."""
+    rng = _rng(6)
+    n, d = 4000, 32
+    offset = 10.0 * rng.standard_normal(d)  # ‖μ‖² ≈ 100 d ≫ the noise energy d per frame
+    X = offset + rng.standard_normal((n, d))
+    acc = GramAccumulator(d)
+    for block in np.array_split(X, 7):
+        acc.add(torch.from_numpy(block))
+    assert acc.energy_rank(0.9) == 1
+    centred = acc.energy_rank(0.9, centred=True)
+    # isotropic: ceil(0.9 d) = 29 in the limit; the sample spectrum (n / d = 125) spreads ±18 %
+    assert 0.8 * d <= centred <= math.ceil(0.9 * d)
+    # the B output b = a Bᵀ: its centred spectrum from the centred Gram of a
+    B = rng.standard_normal((50, d))
+    b = X @ B.T
+    s_c = np.linalg.svd(b - b.mean(axis=0), compute_uv=False)[:d]
+    np.testing.assert_allclose(
+        product_singular_values(acc.centred_gram(), B), s_c, rtol=1e-6, atol=1e-8 * s_c[0]
+    )
+    assert energy_rank(product_singular_values(acc.gram, B), 0.9) == 1
+
+
+def _stats(state, name, spectra, scalars):
+    out = {}
+    for kind, by_q in spectra.items():
+        for q, sv in by_q.items():
+            out[f"{state}/{name}/{kind}/{q}"] = torch.tensor(sv, dtype=torch.float64)
+    for key, value in scalars.items():
+        out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+    return out
+
+
+def test_table_from_statistics_counts_shares_and_ratios_known_answers():
+    """Counts on known spectra; shares = count / min(n_frames [- 1 centred], len(σ)); ratios."""
+    name = "layers.1.self_attn.v_proj"
+    flat4, one4 = [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]
+    # b_out_grad: 10 stored values but only 6 frames -> at most rank 6 (5 once centred).
+    grad10 = [1.0] * 6 + [0.0] * 4
+    trained = {
+        "sv": {"a_out": one4, "b_out": one4, "a_out_grad": flat4, "b_out_grad": grad10},
+        "sv_centred": {"a_out": flat4, "b_out": flat4, "a_out_grad": flat4, "b_out_grad": grad10},
+    }
+    untrained = {
+        "sv": {q: flat4 for q in ("a_out", "b_out", "a_out_grad")} | {"b_out_grad": grad10},
+        "sv_centred": {q: flat4 for q in ("a_out", "b_out", "a_out_grad")}
+        | {"b_out_grad": [1.0] * 5 + [0.0] * 5},
+    }
+    scalars_t = {"grad_norm_A": 2.0, "grad_norm_B": 6.0, "grad_norm_ratio_B_A": 3.0}
+    scalars_u = {"grad_norm_A": 1.0, "grad_norm_B": 1.5, "grad_norm_ratio_B_A": 1.5}
+    tensors = {
+        **_stats("trained", name, trained, {**scalars_t, "n_frames": 6}),
+        **_stats("untrained", name, untrained, {**scalars_u, "n_frames": 6}),
+    }
+    table = ab_table_from_statistics(tensors, n_layers=2, energy_fraction=0.9)
+    assert (table["layer"] == 1).all() and np.allclose(table["depth"], 1.0)
+    v = table.set_index(["state", "quantity"])["value"]
+    # 90 % of four equal values needs 4; one non-zero value needs 1; six equal ones need 6.
+    assert v["trained", "a_out"] == 1 and v["trained", "a_out_centred"] == 4
+    assert v["trained", "a_out_frac"] == pytest.approx(1 / 4)
+    assert v["trained", "a_out_centred_frac"] == pytest.approx(4 / 4)  # min(6 - 1, 4) = 4
+    assert v["trained", "b_out_grad"] == 6 and v["trained", "b_out_grad_frac"] == 1.0
+    assert v["trained", "b_out_grad_centred"] == 6  # 6 equal values (a made-up spectrum)
+    assert v["trained", "b_out_grad_centred_frac"] == pytest.approx(6 / 5)
+    assert v["untrained", "b_out_grad_centred"] == 5
+    assert v["untrained", "b_out_grad_centred_frac"] == pytest.approx(1.0)
+    assert v["ratio", "a_out"] == pytest.approx(1 / 4)
+    assert v["ratio", "grad_norm_ratio_B_A"] == pytest.approx(2.0)
+    assert v["ratio", "a_out_centred"] == 1.0
+    assert ("ratio", "a_out_frac") not in v.index  # same bound for both states: the count's ratio
+    assert max_rank(10, 6, centred=False) == 6 and max_rank(4, 6, centred=True) == 4
+
+
 # --------------------------------------------------------------------------- reservoir
 
 
@@ -180,7 +275,13 @@ def test_layer_index():
 # --------------------------------------------------------------------------- the real encoder
 
 
-CFG = {"batch_size": 3, "train_sample": 8, "energy_fraction": 0.9, "untrained_init_std": 0.02}
+CFG = {
+    "batch_size": 3,
+    "train_sample": 8,
+    "energy_fraction": 0.9,
+    "untrained_baseline": "matched_scale",
+}
+PAPER = {**CFG, "untrained_baseline": "paper", "untrained_init_std": 0.02}
 
 
 def _snapshot(run):
@@ -211,13 +312,20 @@ def test_compute_ab_dynamics_table_and_run_left_unchanged(lora_run):
     np.testing.assert_allclose(table["depth"], (table["layer"] + 1) / 4)
     assert set(table["state"]) == {"trained", "untrained", "ratio"}
     wide = table.pivot_table(index=["module", "quantity"], columns="state", values="value")
+    n_frames = wide.xs("n_frames", level="quantity")[["trained", "untrained"]].to_numpy()
+    n = n_frames[0, 0]
+    assert np.all(n_frames == n) and 4 < n < 384  # the same frames in each state
     for q, hi in [("a_out", 4), ("a_out_grad", 4), ("b_out", 4), ("b_out_grad", 384)]:
-        ranks = wide.xs(q, level="quantity")[["trained", "untrained"]].to_numpy()
-        assert np.all((ranks >= 1) & (ranks <= hi)) and np.all(ranks == np.round(ranks))
+        for suffix, bound in (("", min(n, hi)), ("_centred", min(n - 1, hi))):
+            ranks = wide.xs(q + suffix, level="quantity")[["trained", "untrained"]].to_numpy()
+            assert np.all((ranks >= 1) & (ranks <= hi)) and np.all(ranks == np.round(ranks))
+            shares = wide.xs(f"{q}{suffix}_frac", level="quantity")[["trained", "untrained"]]
+            np.testing.assert_allclose(shares.to_numpy(), ranks / bound)
     ratios = wide.dropna(subset=["ratio"])
     np.testing.assert_allclose(ratios["ratio"], ratios["trained"] / ratios["untrained"], rtol=1e-12)
-    for q in ("dW_cos", "grad_norm_ratio_B_A", "cka_a_code_vs_b_out_grad"):
+    for q in ("dW_cos", "cka_a_code_vs_b_out_grad", "n_frames", "a_out_frac"):
         assert wide.xs(q, level="quantity")["ratio"].isna().all()
+    assert wide.xs("grad_norm_ratio_B_A", level="quantity")["ratio"].notna().all()
     for state in ("trained", "untrained"):
         by_q = wide[state].unstack("quantity")
         np.testing.assert_allclose(
@@ -291,21 +399,131 @@ def test_streamed_gradients_match_one_batch_autograd_and_full_weight_gradient(lo
         lora_run.head.zero_grad(set_to_none=True)
 
 
-def test_untrained_state_is_seeded_and_leaves_the_run_alone(lora_run):
+def test_matched_scale_baseline_has_the_trained_norms_and_keeps_the_head(lora_run):
+    """Per module ‖A_u‖_F = ‖A‖_F and ‖B_u‖_F = ‖B‖_F, random directions; the trained head itself."""
     before = _snapshot(lora_run)
-    one, two = untrained_state(lora_run, 0.02, seed=3), untrained_state(lora_run, 0.02, seed=3)
-    other = untrained_state(lora_run, 0.02, seed=4)
+    rng_state = torch.random.get_rng_state()
+    one = untrained_state(lora_run, "matched_scale", seed=3)
+    two = untrained_state(lora_run, "matched_scale", seed=3)
+    other = untrained_state(lora_run, "matched_scale", seed=4)
+    assert torch.equal(rng_state, torch.random.get_rng_state())
+    trained = trained_state(lora_run).weights
+    assert one.weights.keys() == trained.keys() and len(trained) == 4
+    for name, (A, B) in trained.items():
+        A_u, B_u = one.weights[name]
+        assert A_u.shape == A.shape and B_u.shape == B.shape and A_u.dtype == A.dtype
+        for mine, theirs in ((A_u, A), (B_u, B)):
+            norm = torch.linalg.matrix_norm(theirs.double())
+            torch.testing.assert_close(
+                torch.linalg.matrix_norm(mine.double()), norm, rtol=1e-6, atol=0
+            )
+            cos = (mine.double() * theirs.double()).sum() / norm**2
+            assert abs(float(cos)) < 0.2  # a random direction, not the trained one
+        assert torch.equal(A_u, two.weights[name][0]) and torch.equal(B_u, two.weights[name][1])
+        assert not torch.equal(A_u, other.weights[name][0])
+    # the head is the run's own: its weights bit-identical, before and after a whole table
+    assert one.head is lora_run.head
+    compute_ab_dynamics(lora_run, CFG, seed=0)
+    after = _snapshot(lora_run)
+    assert all(torch.equal(before["head"][k], after["head"][k]) for k in before["head"])
+    assert all(torch.equal(before["encoder"][k], after["encoder"][k]) for k in before["encoder"])
+
+
+def test_paper_baseline_is_seeded_with_its_std_and_a_fresh_head(lora_run):
+    before = _snapshot(lora_run)
+    one, two = (
+        untrained_state(lora_run, "paper", 3, 0.02),
+        untrained_state(lora_run, "paper", 3, 0.02),
+    )
+    other = untrained_state(lora_run, "paper", 4, 0.02)
     name = next(iter(one.weights))
     assert torch.equal(one.weights[name][0], two.weights[name][0])
     assert not torch.equal(one.weights[name][0], other.weights[name][0])
     A, B = one.weights[name]
-    assert (
-        A.abs().max() <= 1 / math.sqrt(A.shape[1]) + 1e-6
-    )  # kaiming_uniform(a=√5) bound = 1/√d_in
-    assert B.std().item() == pytest.approx(0.02, rel=0.2)
+    assert A.std().item() == pytest.approx(0.02, rel=0.1)
+    assert B.std().item() == pytest.approx(0.02, rel=0.1)
+    assert one.head is not lora_run.head
     assert not torch.equal(one.head.projector.weight, lora_run.head.projector.weight)
+    assert torch.equal(one.head.projector.weight, two.head.projector.weight)
     after = _snapshot(lora_run)
     assert all(torch.equal(before["encoder"][k], after["encoder"][k]) for k in before["encoder"])
+    with pytest.raises(ValueError, match="untrained_init_std"):
+        untrained_state(lora_run, "paper", 3)
+    with pytest.raises(ValueError, match="not one of"):
+        untrained_state(lora_run, "kaiming", 3)
+
+
+@contextlib.contextmanager
+def _factors_scaled(run, scale_A, scale_B):
+    """The run's adapters with A x scale_A and B x scale_B inside, restored on exit."""
+    weights = [
+        (m.lora_A["default"].weight, m.lora_B["default"].weight)
+        for m in run.lora_modules().values()
+    ]
+    saved = [(A.detach().clone(), B.detach().clone()) for A, B in weights]
+    try:
+        with torch.no_grad():
+            for A, B in weights:
+                A.mul_(scale_A)
+                B.mul_(scale_B)
+        yield
+    finally:
+        with torch.no_grad():
+            for (A, B), (A0, B0) in zip(weights, saved, strict=True):
+                A.copy_(A0)
+                B.copy_(B0)
+
+
+def _wide(table):
+    return table.pivot_table(index=["module", "quantity"], columns="state", values="value")
+
+
+def test_matched_scale_ratios_are_invariant_to_rebalancing_the_factors(lora_run):
+    """A -> cA, B -> B/c leaves ΔW = sBA, hence the function and G, unchanged, and multiplies
+    ‖∂L/∂B‖ / ‖∂L/∂A‖ by c². The matched-scale baseline follows (its factors are rescaled by
+    the same c), so trained ÷ untrained does not move; the paper baseline's is multiplied by c²."""
+    c = 3.0
+    base = _wide(compute_ab_dynamics(lora_run, CFG, seed=0))
+    base_paper = _wide(compute_ab_dynamics(lora_run, PAPER, seed=0))
+    with _factors_scaled(lora_run, c, 1 / c):
+        scaled = _wide(compute_ab_dynamics(lora_run, CFG, seed=0))
+        scaled_paper = _wide(compute_ab_dynamics(lora_run, PAPER, seed=0))
+    ratio = "grad_norm_ratio_B_A"
+    for state in ("trained", "untrained"):
+        np.testing.assert_allclose(
+            scaled.xs(ratio, level="quantity")[state],
+            c**2 * base.xs(ratio, level="quantity")[state],
+            rtol=2e-3,
+        )
+    np.testing.assert_allclose(
+        scaled.xs(ratio, level="quantity")["ratio"],
+        base.xs(ratio, level="quantity")["ratio"],
+        rtol=2e-3,
+    )
+    np.testing.assert_allclose(
+        scaled_paper.xs(ratio, level="quantity")["ratio"],
+        c**2 * base_paper.xs(ratio, level="quantity")["ratio"],
+        rtol=2e-3,
+    )
+    # energy ranks do not depend on the scale of a factor either
+    for q in (*SPECTRA, *(f"{q}_centred" for q in SPECTRA)):
+        np.testing.assert_array_equal(
+            scaled.xs(q, level="quantity")["untrained"], base.xs(q, level="quantity")["untrained"]
+        )
+
+
+def test_matched_scale_baseline_follows_the_trained_scale(lora_run):
+    """Both trained factors x c: the baseline is the same draw, c times larger (paper's is fixed)."""
+    c = 2.5
+    base = untrained_state(lora_run, "matched_scale", seed=0).weights
+    paper = untrained_state(lora_run, "paper", 0, 0.02).weights
+    with _factors_scaled(lora_run, c, c):
+        scaled = untrained_state(lora_run, "matched_scale", seed=0).weights
+        scaled_paper = untrained_state(lora_run, "paper", 0, 0.02).weights
+    for name in base:
+        for k in (0, 1):
+            torch.testing.assert_close(scaled[name][k], c * base[name][k], rtol=1e-5, atol=1e-8)
+            assert torch.equal(scaled_paper[name][k], paper[name][k])
 
 
 def test_trained_weights_restored_after_an_error(lora_run, monkeypatch):
@@ -323,7 +541,7 @@ def test_trained_weights_restored_after_an_error(lora_run, monkeypatch):
 
     monkeypatch.setattr(ab, "run_encoder", encoder_failing_on_second_call)
     with pytest.raises(RuntimeError, match="boom"):
-        ab_dynamics_table(lora_run, np.arange(4), 4, 0.9, 0.02, seed=0)
+        ab_dynamics_table(lora_run, np.arange(4), 4, 0.9, "matched_scale", seed=0)
     after = _snapshot(lora_run)
     assert all(torch.equal(before["encoder"][k], after["encoder"][k]) for k in before["encoder"])
     assert (

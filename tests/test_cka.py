@@ -1,18 +1,28 @@
 """Known answers and invariances of serlens.analysis.cka."""
 
+import itertools
+
 import numpy as np
 import pytest
 
 from serlens.analysis.cka import (
     _u_center,
     center_gram,
+    cka_cluster_bootstrap,
+    cka_layers,
     cka_matrix,
+    cka_permutation_null,
+    cluster_bootstrap_weights,
     debiased_cka_gram,
     debiased_linear_cka,
     hsic_unbiased,
+    hsic_unbiased_weighted,
     linear_cka,
     linear_cka_gram,
+    permutation_indices,
     rbf_cka,
+    rbf_gram,
+    weighted_cka_gram,
 )
 
 
@@ -237,3 +247,234 @@ def test_validation_errors():
         cka_matrix([X], [np.zeros((9, 3))])
     with pytest.raises(ValueError, match="threshold"):
         rbf_cka(X, X, threshold=0.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        rbf_cka(X, X, bandwidth="mean")
+    with pytest.raises(ValueError, match="perms"):
+        cka_layers([X], [X], perms=np.zeros((3, 9), dtype=int))
+    with pytest.raises(ValueError, match="weights"):
+        weighted_cka_gram(np.eye(10), np.eye(10), -np.ones(10))
+
+
+# --------------------------------------------------------------------------- RBF bandwidth
+
+
+def _kornblith_example():
+    """Kornblith et al.'s colab example: ``np.random.seed(1337); X = randn(100, 10);
+    Y = randn(100, 10) + X`` (a RandomState seeded alike draws the same numbers)."""
+    state = np.random.RandomState(1337)
+    X = state.randn(100, 10)
+    Y = state.randn(100, 10) + X
+    return X, Y
+
+
+def _reference_gram_rbf(x, threshold=1.0):
+    """Kornblith et al.'s ``gram_rbf``, re-typed: median of ALL squared distances."""
+    dot_products = x.dot(x.T)
+    sq_norms = np.diag(dot_products)
+    sq_distances = -2 * dot_products + sq_norms[:, None] + sq_norms[None, :]
+    sq_median_distance = np.median(sq_distances)
+    return np.exp(-sq_distances / (2 * threshold**2 * sq_median_distance))
+
+
+def _reference_distinct_pairs_gram(x, threshold):
+    """σ = threshold x median distance over the n(n-1)/2 distinct pairs."""
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    sigma = threshold * np.median(np.sqrt(sq[np.triu_indices(len(x), k=1)]))
+    return np.exp(-sq / (2 * sigma**2))
+
+
+def _reference_center_gram(gram):
+    """Kornblith et al.'s ``center_gram(unbiased=False)``."""
+    gram = gram.copy()
+    means = np.mean(gram, 0, dtype=np.float64)
+    means -= np.mean(means) / 2
+    gram -= means[:, None]
+    gram -= means[None, :]
+    return gram
+
+
+def _reference_cka(gram_x, gram_y):
+    """Kornblith et al.'s ``cka``: <Kc, Lc> / (‖Kc‖ ‖Lc‖) of the centred Grams."""
+    gram_x, gram_y = _reference_center_gram(gram_x), _reference_center_gram(gram_y)
+    scaled_hsic = gram_x.ravel().dot(gram_y.ravel())
+    return scaled_hsic / (np.linalg.norm(gram_x) * np.linalg.norm(gram_y))
+
+
+def test_rbf_cka_matches_kornblith_reference_example():
+    """Default bandwidth = the reference code's; its example gives 0.6548 (distinct pairs: 0.6540)."""
+    X, Y = _kornblith_example()
+    reference = _reference_cka(_reference_gram_rbf(X, 0.5), _reference_gram_rbf(Y, 0.5))
+    assert rbf_cka(X, Y, threshold=0.5) == pytest.approx(reference, abs=1e-10)
+    assert rbf_cka(X, Y, 0.5, "kornblith") == pytest.approx(reference, abs=1e-10)
+    assert round(reference, 4) == 0.6548
+    distinct = _reference_cka(
+        _reference_distinct_pairs_gram(X, 0.5), _reference_distinct_pairs_gram(Y, 0.5)
+    )
+    assert rbf_cka(X, Y, 0.5, bandwidth="distinct_pairs") == pytest.approx(distinct, abs=1e-10)
+    assert round(distinct, 4) == 0.6540
+    # The Gram matrix itself, not only the CKA, is the reference's.
+    np.testing.assert_allclose(rbf_gram(X, 0.5), _reference_gram_rbf(X, 0.5), atol=1e-10)
+    # The linear kinds of the same example (as printed in the colab): 0.5576 and 0.5135.
+    assert round(linear_cka(X, Y), 4) == 0.5576
+    assert round(debiased_linear_cka(X, Y), 4) == 0.5135
+
+
+@pytest.mark.parametrize("bandwidth", ["kornblith", "distinct_pairs"])
+def test_cka_matrix_rbf_uses_the_bandwidth(bandwidth):
+    X, Y = _kornblith_example()
+    out = cka_matrix([X], [Y], "rbf", threshold=0.5, bandwidth=bandwidth)
+    assert out[0, 0] == pytest.approx(rbf_cka(X, Y, 0.5, bandwidth), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- permutation null
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+def test_permutation_null_equals_cka_recomputed_on_shuffled_rows(kind):
+    """Permuting a prepared Gram (K[p][:, p]) is CKA recomputed from the permuted features:
+    centring, U-centring and the median bandwidth commute with permutations."""
+    fn = {"linear": linear_cka, "debiased": debiased_linear_cka, "rbf": rbf_cka}[kind]
+    X, Y = _correlated_pair(n=30, seed=21)
+    null = cka_permutation_null(X, Y, kind, 12, np.random.default_rng(5))
+    perms = permutation_indices(30, 12, np.random.default_rng(5))
+    expected = [fn(X, Y[p]) for p in perms]
+    np.testing.assert_allclose(null, expected, atol=1e-12)
+    assert len(cka_permutation_null(X, Y, kind, 0, 0)) == 0
+
+
+def test_debiased_null_is_centred_at_zero_and_holds_independent_data():
+    """Independent Gaussians: the debiased null's mean is ~0 and the observed value lies in
+    the null; biased linear CKA's null is far from 0 at n = 60, d = 20."""
+    n, d = 60, 20
+    for seed in range(5):
+        rng = _rng(300 + seed)
+        X, Y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+        null = cka_permutation_null(X, Y, "debiased", 200, rng)
+        assert abs(null.mean()) < 0.01
+        assert null.min() <= debiased_linear_cka(X, Y) <= null.max()
+        biased = cka_permutation_null(X, Y, "linear", 200, rng)
+        assert biased.mean() > 0.2
+        assert biased.min() <= linear_cka(X, Y) <= biased.max()
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+def test_dependent_data_exceed_the_null(kind):
+    fn = {"linear": linear_cka, "debiased": debiased_linear_cka, "rbf": rbf_cka}[kind]
+    rng = _rng(20)
+    n, d = 60, 20
+    X = rng.standard_normal((n, d))
+    Y = 0.3 * X @ rng.standard_normal((d, d)) + rng.standard_normal((n, d))
+    null = cka_permutation_null(X, Y, kind, 200, rng)
+    assert fn(X, Y) > np.quantile(null, 0.95)
+
+
+# --------------------------------------------------------------------------- cluster bootstrap
+
+
+def test_weighted_unbiased_hsic_is_the_u_statistic_over_distinct_examples():
+    """Brute force over every 4-tuple of distinct examples, each counted w_i w_j w_q w_r times."""
+    rng = _rng(30)
+    n = 7
+    X = rng.standard_normal((n, 3))
+    Y = X[:, :2] + rng.standard_normal((n, 2))
+    K, L = X @ X.T, Y @ Y.T
+    w = np.array([1.0, 2.0, 0.0, 3.0, 1.0, 1.0, 2.0])
+    num = den = 0.0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        weight = w[i] * w[j] * w[q] * w[r]
+        num += weight * (K[i, j] * L[i, j] + K[i, j] * L[q, r] - 2 * K[i, j] * L[i, q])
+        den += weight
+    assert hsic_unbiased_weighted(K, L, w) == pytest.approx(num / den, rel=1e-12)
+    # Unit weights: Song et al.'s estimator.
+    assert hsic_unbiased_weighted(K, L, np.ones(n)) == pytest.approx(hsic_unbiased(K, L), rel=1e-12)
+    # Invariant to K -> K + a1ᵀ + 1aᵀ + c, so U-centred Grams can be resampled as they are.
+    a = rng.standard_normal(n)
+    shifted = K + a[:, None] + a[None, :] + 3.0
+    assert hsic_unbiased_weighted(shifted, L, w) == pytest.approx(num / den, rel=1e-10)
+    assert hsic_unbiased_weighted(_u_center(K), _u_center(L), w) == pytest.approx(
+        num / den, rel=1e-10
+    )
+    assert np.isnan(hsic_unbiased_weighted(K, L, np.array([1.0, 1, 1, 0, 0, 0, 0])))
+
+
+def test_weighted_biased_cka_equals_repeated_rows():
+    rng = _rng(31)
+    X, Y = _correlated_pair(n=12, seed=31)
+    w = rng.integers(0, 4, 12).astype(float)
+    idx = np.repeat(np.arange(12), w.astype(int))
+    for K, L in ((X @ X.T, Y @ Y.T), (rbf_gram(X), rbf_gram(Y))):
+        repeated = linear_cka_gram(K[np.ix_(idx, idx)], L[np.ix_(idx, idx)])
+        assert weighted_cka_gram(K, L, w) == pytest.approx(repeated, abs=1e-12)
+        # an already centred Gram gives the same (weighted centring absorbs H)
+        assert weighted_cka_gram(center_gram(K), center_gram(L), w) == pytest.approx(
+            repeated, abs=1e-12
+        )
+    ones = np.ones(12)
+    K, L = X @ X.T, Y @ Y.T
+    assert weighted_cka_gram(K, L, ones) == pytest.approx(linear_cka(X, Y), abs=1e-12)
+    assert weighted_cka_gram(K, L, ones, debiased=True) == pytest.approx(
+        debiased_linear_cka(X, Y), abs=1e-12
+    )
+
+
+def test_cluster_weights():
+    groups = np.repeat(["s1", "s2", "s3"], [2, 3, 1])
+    weights = cluster_bootstrap_weights(groups, 50, _rng(32))
+    assert weights.shape == (50, 6)
+    # every utterance of a speaker shares the speaker's count; counts sum to the speaker count
+    assert (weights[:, 0] == weights[:, 1]).all() and (weights[:, 2] == weights[:, 4]).all()
+    np.testing.assert_array_equal(weights[:, [0, 2, 5]].sum(axis=1), 3)
+    assert cluster_bootstrap_weights(["a"] * 6, 50, _rng(0)) is None
+    assert cluster_bootstrap_weights(groups, 0, _rng(0)) is None
+
+
+def test_debiased_bootstrap_stays_unbiased_where_copied_rows_would_not():
+    """Independent representations, n << d: copying the drawn speakers' rows brings back the
+    bias debiasing removes (mean ~0.7); the weighted U-statistic stays near 0."""
+    rng = _rng(33)
+    n, d = 40, 200
+    X, Y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+    groups = np.repeat(list("abcd"), 10)
+    boot = cka_cluster_bootstrap(X, Y, groups, "debiased", 100, _rng(1))
+    assert abs(boot.mean()) < 0.05
+    weights = cluster_bootstrap_weights(groups, 100, _rng(1))
+    copied = [
+        debiased_linear_cka(X[idx], Y[idx])
+        for idx in (np.repeat(np.arange(n), w.astype(int)) for w in weights)
+    ]
+    assert np.mean(copied) > 0.5
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+def test_two_speakers_give_three_resamples_around_the_observed_value(kind):
+    X, Y = _correlated_pair(n=40, seed=34)
+    groups = np.repeat(["f", "m"], 20)
+    boot = cka_cluster_bootstrap(X, Y, groups, kind, 200, _rng(2))
+    observed = cka_matrix([X], [Y], kind)[0, 0]
+    assert len(np.unique(np.round(boot, 12))) == 3
+    assert np.isclose(boot, observed, atol=1e-12).any()  # one of each speaker = the fold
+    assert np.quantile(boot, 0.025) <= observed <= np.quantile(boot, 0.975)
+    assert len(cka_cluster_bootstrap(X, Y, ["f"] * 40, kind, 200, _rng(2))) == 0
+
+
+def test_cka_layers_statistics_match_the_single_pair_functions():
+    rng = _rng(35)
+    n = 24
+    Xs = [rng.standard_normal((n, 6)) for _ in range(3)]
+    Ys = [X + 0.5 * rng.standard_normal((n, 6)) for X in Xs]
+    groups = np.repeat(list("abc"), 8)
+    perms = permutation_indices(n, 20, _rng(7))
+    weights = cluster_bootstrap_weights(groups, 30, _rng(8))
+    for kind in ("linear", "debiased", "rbf"):
+        result = cka_layers(Xs, Ys, kind, perms=perms, weights=weights)
+        np.testing.assert_allclose(result.matrix, cka_matrix(Xs, Ys, kind), atol=1e-12)
+        for a in range(3):
+            null = cka_permutation_null(Xs[a], Ys[a], kind, 20, _rng(7))
+            boot = cka_cluster_bootstrap(Xs[a], Ys[a], groups, kind, 30, _rng(8))
+            np.testing.assert_allclose(result.null[a], null, atol=1e-12)
+            np.testing.assert_allclose(result.bootstrap[a], boot, atol=1e-12)
+        summary = result.summary()
+        np.testing.assert_allclose(summary["null_q95"], np.quantile(result.null, 0.95, axis=1))
+        np.testing.assert_allclose(summary["ci_low"], np.quantile(result.bootstrap, 0.025, axis=1))
+    plain = cka_layers(Xs, Ys).summary()
+    assert all(np.isnan(v).all() and len(v) == 3 for v in plain.values())

@@ -59,6 +59,9 @@ def test_default_config_is_valid_and_defaults_fill_in():
             r"model_resources: unknown model key\(s\) \['small'\]",
         ),
         (lambda c: c.update(corpuss={}), r"unknown key\(s\) \['corpuss'\]"),
+        (lambda c: c.update(seed=3), r"config key seed: replaced by seeds .*seeds: \[3\]"),
+        (lambda c: c.update(seeds=[0, 0]), r"config key seeds: .*non-unique"),
+        (lambda c: c.update(seeds=[]), r"config key seeds: .*"),
     ],
 )
 def test_bad_config_names_the_key(edit, message):
@@ -157,14 +160,25 @@ def test_paper_grid_builds_its_dag(tmp_path):
         for m in (line.split() for line in out.splitlines())
         if len(m) == 2 and m[1].isdigit()
     }
+    # 5 models x (3 ranks | 2 heads) x 3 seeds x 5 folds: the seed dimension triples training
     assert (
-        counts["train_lora"] == 5 * 3 * 5
-        and counts["train_head"] == 5 * 2 * 5
+        counts["train_lora"] == 5 * 3 * 3 * 5
+        and counts["train_head"] == 5 * 2 * 3 * 5
         and counts["weights"] == 5
     )
     # one model load per run for all analyses: a pass per LoRA run, one base pass per model
-    assert counts["pass_run"] == 75 and counts["pass_base"] == 5
-    assert counts["svd"] == 75 and counts["probing"] == 5 * 4 * 5
+    assert counts["pass_run"] == 225 and counts["pass_base"] == 5
+    assert counts["svd"] == 225 and counts["probing"] == 5 * 4 * 3 * 5
+    # the seed-to-seed floor: every seed but the first against the first, per LoRA run
+    assert counts["seed_floor"] == 5 * 3 * 2 * 5
+
+
+def test_config_readme_table_is_the_schema_s():
+    from serlens.config import README_BEGIN, README_END, readme_table
+
+    readme = (ROOT / "config/README.md").read_text()
+    table = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip()
+    assert table == readme_table(), "config/README.md is out of date: run `make config-readme`"
 
 
 def test_config_readme_documents_every_schema_key():

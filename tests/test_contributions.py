@@ -1,19 +1,25 @@
 """Layer contributions: known answers of the per-frame metrics, the residual decomposition of
-a real Whisper layer, and LoRA's adapted/base variants on the bundled tiny.en."""
+a real Whisper layer, LoRA's adapted/base variants on the bundled tiny.en, and the per-speaker
+rows of the workflow's table (their weighted mean, the adapter delta, the aggregated band)."""
 
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from serlens.analysis.contributions import (
+    COMPONENTS,
+    METRICS,
     LayerComponents,
+    adapter_delta,
     compute_contributions,
     contribution_sums,
+    contributions_from_states,
     layer_components,
     residual_cosine,
     residual_norm_ratio,
@@ -235,3 +241,136 @@ def test_trained_adapter_changes_adapted_rows_and_base_matches_frozen(tiny_weigh
     assert set(frozen["variant"]) == {"base"}
     assert not np.allclose(_values(lora, "adapted"), _values(lora, "base"))
     np.testing.assert_allclose(_values(lora, "base"), _values(frozen, "base"), atol=1e-6)
+
+
+# ---- the workflow's table: per test speaker ----------------------------------------------
+
+N_LAYERS = 2
+SPEAKERS = ["a", "b", "a", "b", "b"]
+
+
+class FakeStates(dict):
+    path = Path("fake/states.safetensors")
+
+
+def fake_states(seed: int, frames=(10, 30, 20, 5, 40)) -> FakeStates:
+    """Per-utterance frame sums of (layer, component, metric): metric value (seeded) x frames."""
+    rng = np.random.default_rng(seed)
+    frames = np.asarray(frames, dtype=np.int64)
+    means = rng.uniform(0.1, 1.0, (len(frames), N_LAYERS, len(COMPONENTS), len(METRICS)))
+    return FakeStates(
+        {"test/contrib": means * frames[:, None, None, None], "test/frames": frames}
+    ), means
+
+
+def test_each_test_utterance_weighs_the_same():
+    # two utterances of 1 and 3 frames with per-frame values 1 and 0: (1 + 0) / 2, not 1 / 4
+    contrib = np.zeros((2, 1, len(COMPONENTS), len(METRICS)))
+    contrib[0] = 1.0
+    states = FakeStates({"test/contrib": contrib, "test/frames": np.array([1, 3])})
+    table = contributions_from_states(states, None, False)
+    assert np.allclose(table["value"], 0.5) and (table["n_frames"] == 4).all()
+
+
+def test_per_speaker_rows_average_to_the_run_value():
+    states, means = fake_states(0)
+    whole = contributions_from_states(states, None, False)
+    split = contributions_from_states(states, None, False, np.array(SPEAKERS))
+    assert list(split.columns) == [
+        "variant",
+        "layer",
+        "depth",
+        "component",
+        "metric",
+        "speaker",
+        "n_utts",
+        "value",
+        "n_frames",
+    ]
+    assert len(split) == 2 * len(whole)
+    a = split[split["speaker"] == "a"]
+    assert (a["n_utts"] == 2).all() and (a["n_frames"] == 10 + 20).all()
+    first = a[(a["layer"] == 1) & (a["component"] == "attn") & (a["metric"] == "norm_ratio")]
+    assert float(first["value"].iloc[0]) == pytest.approx(
+        (means[0, 0, 0, 0] + means[2, 0, 0, 0]) / 2
+    )
+    keys = ["variant", "layer", "component", "metric"]
+    weighted = split.assign(w=split["value"] * split["n_utts"]).groupby(keys)[["w", "n_utts"]].sum()
+    run_value = (weighted["w"] / weighted["n_utts"]).rename("run").reset_index()
+    merged = whole.merge(run_value, on=keys)
+    np.testing.assert_allclose(merged["value"], merged["run"], rtol=1e-12)
+    with pytest.raises(ValueError, match="5 test utterances, 2 speakers"):
+        contributions_from_states(states, None, False, np.array(["a", "b"]))
+
+
+def test_adapter_delta_is_taken_per_speaker():
+    own, _ = fake_states(1)
+    base, _ = fake_states(2)
+    table = contributions_from_states(own, base, True, np.array(SPEAKERS))
+    run_columns = ["model", "method", "seed", "fold", "speaker", "n_utts"]
+    long = table.assign(model="m", method="lora_r4", seed=0, fold=1)
+    delta = adapter_delta(long, run_columns)
+    assert set(delta["variant"]) == {"delta"} and len(delta) == len(table) // 2
+    keys = ["speaker", "layer", "component", "metric"]
+    pick = lambda v: table[table["variant"] == v].set_index(keys)["value"]  # noqa: E731
+    expected = (pick("adapted") - pick("base")).sort_index()
+    got = delta.set_index(keys)["value"].sort_index()
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy())
+    assert set(delta["n_utts"]) == {2, 3}
+
+
+def test_aggregated_contributions_have_a_speaker_band_and_the_run_means(tmp_path):
+    from serlens.report.aggregate import aggregate_runs
+
+    files, expected = {}, []
+    for fold in (1, 2, 3):
+        own, _ = fake_states(10 + fold)
+        base, _ = fake_states(20 + fold)
+        table = contributions_from_states(own, base, True, np.array(SPEAKERS))
+        path = tmp_path / f"fold{fold}.tsv"
+        table.to_csv(path, sep="\t", index=False)
+        files[("m", "lora_r4", 0, fold)] = path
+        whole = contributions_from_states(own, base, True)
+        expected.append(whole.set_index(["variant", "layer", "component", "metric"])["value"])
+    agg = aggregate_runs("contributions", files, resamples=200)
+    assert set(agg["variant"]) == {"adapted", "base", "delta"}
+    assert agg["band_low"].notna().all() and (agg["band_low"] <= agg["band_high"]).all()
+    means = pd.concat(expected, axis=1).mean(axis=1)
+    adapted = agg[agg["variant"] != "delta"].set_index(["variant", "layer", "component", "metric"])
+    np.testing.assert_allclose(adapted["mean"], means.loc[adapted.index], rtol=1e-9)
+    delta = agg[agg["variant"] == "delta"].set_index(["layer", "component", "metric"])["mean"]
+    diff = (means.loc["adapted"] - means.loc["base"]).loc[delta.index]
+    np.testing.assert_allclose(delta, diff, rtol=1e-9, atol=1e-12)
+    norm = agg[agg["metric"] == "norm_ratio"]
+    assert (norm.loc[norm["variant"] != "delta", "band_low"] > 0).all()
+
+
+def test_analysis_reads_the_speakers_of_the_test_utterances(tmp_path):
+    from serlens.analysis.passes import write_states
+    from serlens.analysis.registry import ANALYSES, RunData, Settings
+    from serlens.methods import parse_method
+
+    own, _ = fake_states(3)
+    base, _ = fake_states(4)
+    ids = [f"te{i}" for i in range(5)]
+    write_states(
+        tmp_path / "own.safetensors",
+        {"test": {"contrib": own["test/contrib"], "frames": own["test/frames"]}},
+        {"test": ids},
+    )
+    write_states(
+        tmp_path / "base.safetensors",
+        {"all": {"contrib": base["test/contrib"], "frames": base["test/frames"]}},
+        {"all": ids, "fold1/test": ids},
+    )
+    inputs = {"states": str(tmp_path / "own.safetensors")}
+    inputs["base_states"] = str(tmp_path / "base.safetensors")
+    data = RunData("c", "m", parse_method("lora_r4"), 0, 1, CLASSES, inputs)
+    data.splits = {"test": Split(ids, np.zeros(5, int), np.ones(5), [""] * 5, None)}
+    data.speakers = dict(zip(ids, SPEAKERS, strict=True))
+    table = ANALYSES["contributions"].compute(data, Settings("analysis contributions", {}))
+    expected = contributions_from_states(own, base, True, np.array(SPEAKERS))
+    pd.testing.assert_frame_equal(table, expected)
+    data.splits = {"test": Split(ids[::-1], np.zeros(5, int), np.ones(5), [""] * 5, None)}
+    with pytest.raises(ValueError, match="test utterances differ"):
+        ANALYSES["contributions"].compute(data, Settings("analysis contributions", {}))

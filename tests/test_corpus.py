@@ -2,14 +2,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
-from iemocap_tree import tone, write_tree
+from iemocap_tree import SCRIPT, tone, write_tree
 
 from serlens.corpus.folds import leave_one_session_out
-from serlens.corpus.iemocap import emo_evaluation_files, parse_emo_evaluation, read_iemocap
+from serlens.corpus.iemocap import (
+    emo_evaluation_files,
+    normalise_text,
+    parse_emo_evaluation,
+    read_iemocap,
+)
 from serlens.corpus.manifest import (
+    MANIFEST_COLUMNS,
     build_manifest,
     iemocap_candidates,
     map_label,
+    read_manifest,
     user_manifest_candidates,
 )
 from serlens.errors import CorpusError
@@ -62,8 +69,10 @@ def test_label_mapping_drops_and_counts(tree):
         "gender",
         "label",
         "duration_s",
+        "item",
     ]
     assert manifest["duration_s"].between(0.9, 2.0).all()
+    assert (manifest["item"] == "").all()  # improvised dialogs only: no recurring item
 
 
 def test_malformed_line_names_file_and_line(tree):
@@ -104,6 +113,50 @@ def test_other_sample_rate_is_kept_and_logged(tree, caplog):
     assert "22050 Hz" in caplog.text
 
 
+@pytest.fixture()
+def scripted_tree(tmp_path):
+    return write_tree(tmp_path / "IEMOCAP_full_release", per_session=4, script_lines=3)
+
+
+def test_scripted_lines_are_items_recovered_from_the_transcriptions(scripted_tree):
+    utterances = read_iemocap(scripted_tree)
+    scripted = [u for u in utterances if "_script" in u.utt_id]
+    assert len(scripted) == 5 * 2 * 3
+    assert all(u.item == "" for u in utterances if "_impro" in u.utt_id)
+    # the same line is the same item in every session and speaker, however it was transcribed
+    expected = {normalise_text(line) for line in SCRIPT[:3]}
+    assert {u.item for u in scripted} == expected
+    for item in expected:
+        assert len({u.speaker for u in scripted if u.item == item}) == 10
+    line0 = {u.item for u in scripted if u.utt_id.endswith("000")}
+    assert line0 == {"what's he going to say"}  # "WHAT'S HE GOING TO SAY [LAUGHTER]?" too
+
+
+def test_without_a_transcription_the_item_is_script_and_turn(scripted_tree):
+    (scripted_tree / "Session2/dialog/transcriptions/Ses02M_script01_1.txt").unlink()
+    items = {u.utt_id: u.item for u in read_iemocap(scripted_tree)}
+    assert items["Ses02M_script01_1_F001"] == "script01_1/F001"
+    assert items["Ses01M_script01_1_F001"] == normalise_text(SCRIPT[1])
+    assert items["Ses02F_impro01_F000"] == ""
+
+
+def test_items_reach_the_manifest_and_old_manifests_still_read(scripted_tree, tmp_path):
+    manifest, _ = build_manifest(iemocap_candidates(scripted_tree), CLASSES, MERGE)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert set(manifest["item"]) - {""} <= {normalise_text(line) for line in SCRIPT}
+    path = tmp_path / "manifest.tsv"
+    manifest.to_csv(path, sep="\t", index=False)
+    assert read_manifest(path)["item"].tolist() == manifest["item"].tolist()
+    manifest.drop(columns="item").to_csv(path, sep="\t", index=False)
+    assert (read_manifest(path)["item"] == "").all()  # no column: no recurring item
+
+
+def test_normalised_text():
+    assert normalise_text("Okay, [BREATHING] I'm  here!") == "okay i'm here"
+    assert normalise_text("  WHAT'S he going to say [LAUGHTER]?") == "what's he going to say"
+    assert normalise_text("[LAUGHTER]") == ""
+
+
 def test_user_manifest(tmp_path, tree):
     rows = [
         {"path": str(u.wav_path), "label": u.raw_label, "speaker": u.speaker, "session": u.session}
@@ -116,6 +169,9 @@ def test_user_manifest(tmp_path, tree):
     pd.DataFrame(rows).drop(columns="speaker").to_csv(tsv, sep="\t", index=False)
     with pytest.raises(CorpusError, match=r"corpus.tsv:1: header lacks column\(s\) speaker"):
         user_manifest_candidates(tsv)
+    with_items = pd.DataFrame(rows).assign(item=["t1", ""] * (len(rows) // 2))
+    with_items.to_csv(tsv, sep="\t", index=False)
+    assert [c.item for c in user_manifest_candidates(tsv)] == list(with_items["item"])
 
 
 def test_folds_invariants(tree):

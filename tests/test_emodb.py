@@ -11,7 +11,7 @@ import soundfile as sf
 from serlens.config import validate_config
 from serlens.corpus.emodb import EMOTIONS, SPEAKERS, parse_name, read_emodb, speaker_groups
 from serlens.corpus.folds import leave_one_session_out
-from serlens.corpus.manifest import build_manifest
+from serlens.corpus.manifest import build_manifest, emodb_candidates
 from serlens.corpus.registry import read_candidates
 from serlens.errors import ConfigError, CorpusError
 
@@ -92,6 +92,18 @@ def test_tree_reads_into_a_manifest_and_speaker_independent_folds(tmp_path):
     assert sorted(tested) == sorted(manifest["utt_id"])  # every utterance tested exactly once
 
 
+def test_text_codes_are_the_recurring_items(tmp_path):
+    root = write_emodb(tmp_path / "emodb")
+    candidates = emodb_candidates(root)
+    assert all(c.item == c.utt_id[2:5] for c in candidates)
+    assert {c.session for c in candidates} == set(speaker_groups().values())
+    manifest, _ = build_manifest(candidates, ["neu", "hap", "ang", "sad"], {}, "error")
+    assert (manifest["item"] == manifest["utt_id"].str[2:5]).all()
+    assert set(manifest["item"]) == {"a01", "a02", "a05"}  # the texts of the kept emotions
+    per_item = manifest.groupby("item")["speaker"].nunique()
+    assert (per_item == 10).all()  # every actor says every text
+
+
 def test_missing_folder_and_unknown_kind_are_config_errors(tmp_path):
     with pytest.raises(
         ConfigError, match=r"corpus.root: .* does not exist; point it at an EmoDB folder"
@@ -117,3 +129,13 @@ def test_the_real_copy_reads_as_its_readme_counts():
     assert corpus["folds"]["run"] == [1, 2, 3, 4, 5]
     manifest = pd.DataFrame([u.__dict__ for u in utterances])
     assert manifest.groupby("speaker")["gender"].nunique().eq(1).all()
+
+
+@pytest.mark.skipif(not (EMODB / "wav").is_dir(), reason=f"the EmoDB copy is not at {EMODB}")
+def test_the_real_copy_has_ten_items_said_by_every_actor():
+    candidates = emodb_candidates(EMODB)
+    items = Counter(c.item for c in candidates)
+    assert len(items) == 10 and sorted(items) == sorted({u.text for u in read_emodb(EMODB)})
+    assert min(items.values()) >= 40  # each text in several emotions by every actor
+    for item in items:
+        assert len({c.speaker for c in candidates if c.item == item}) == 10

@@ -24,18 +24,20 @@ from serlens.methods import parse_method
 from serlens.report import figures
 from serlens.report.aggregate import aggregate_runs, confusion_from_predictions, table_spec
 
-TABLES = list(ANALYSES)
+# the seed-pair table needs two seeds; this tree has one (test_seed_floor_without_pairs_says_so)
+TABLES = [name for name, spec in ANALYSES.items() if spec.scope != "seed_pairs"]
 
 
 def expected_runs(name, results, models, methods, folds):
-    """{(model, method, fold): per-run table} of this test's tree, for the methods the analysis applies to."""
+    """{(model, method, seed, fold): per-run table} of this test's tree (seed 0), for the methods
+    the analysis applies to."""
     spec = ANALYSES[name]
     if spec.scope == "run":
         methods = [m for m in methods if spec.applies_to(parse_method(m))]
     else:
         methods = ["lora"]
     return {
-        (model, method, int(fold)): Path(results)
+        (model, method, 0, int(fold)): Path(results)
         / "analysis"
         / model
         / method
@@ -48,14 +50,14 @@ def expected_runs(name, results, models, methods, folds):
 
 
 def history_files(train_root, model, methods, folds):
-    """``{(method, fold): history.tsv}`` of this test's tree (frozen_wsum beside frozen)."""
+    """``{(method, seed, fold): history.tsv}`` of this test's tree (seed 0; frozen_wsum beside frozen)."""
     files = {}
     for method in methods:
         for fold in folds:
             run = Path(train_root) / model / method / f"fold{fold}"
-            files[(method, int(fold))] = run / "history.tsv"
+            files[(method, 0, int(fold))] = run / "history.tsv"
             if method == "frozen":
-                files[("frozen_wsum", int(fold))] = run / "history_wsum.tsv"
+                files[("frozen_wsum", 0, int(fold))] = run / "history_wsum.tsv"
     return files
 
 
@@ -69,9 +71,9 @@ def confusion_table(results, models, methods, folds, classes, output=None):
         for method in methods:
             for fold in folds:
                 run = Path(results) / "train" / model / method / f"fold{fold}"
-                files[(model, method, int(fold))] = run / "predictions.tsv"
+                files[(model, method, 0, int(fold))] = run / "predictions.tsv"
                 if method == "frozen":
-                    files[(model, "frozen_wsum", int(fold))] = run / "predictions_wsum.tsv"
+                    files[(model, "frozen_wsum", 0, int(fold))] = run / "predictions_wsum.tsv"
     return confusion_from_predictions(files, classes, output)
 
 
@@ -88,6 +90,30 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def write(frame: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, sep="\t", index=False)
+
+
+def probe_rows(protocol: str, layer: int, rng: np.random.Generator) -> list[dict]:
+    task, control = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.35)
+    return [
+        {
+            "protocol": protocol,
+            "layer": layer,
+            "depth": layer / N_LAYERS,
+            "task": name,
+            "status": "ok",
+            "C": 1.0,
+            "cv_uar": value,
+            "uar": value,
+            "war": value,
+            "converged": True,
+            "cv_unconverged": 0,
+            "n_train": 40,
+            "n_test": 10,
+            "selectivity_uar": task - control if name == "emotion" else np.nan,
+            "selectivity_war": task - control if name == "emotion" else np.nan,
+        }
+        for name, value in (("emotion", task), ("control", control))
+    ]
 
 
 def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
@@ -126,26 +152,10 @@ def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd
         for m in ("uar", "war", "agreement", "kl", "entropy")
     )
     probe = []
-    for layer in range(N_LAYERS + 1):
-        task, control = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.35)
-        for name, value in (("emotion", task), ("control", control)):
-            probe.append(
-                {
-                    "layer": layer,
-                    "depth": layer / N_LAYERS,
-                    "task": name,
-                    "C": 1.0,
-                    "cv_uar": value,
-                    "uar": value,
-                    "war": value,
-                    "converged": True,
-                    "cv_unconverged": 0,
-                    "n_train": 40,
-                    "n_test": 10,
-                    "selectivity_uar": task - control if name == "emotion" else np.nan,
-                    "selectivity_war": task - control if name == "emotion" else np.nan,
-                }
-            )
+    protocols = ["crossfit_test"] + ([] if lora else ["train_test"])
+    for protocol in protocols:
+        for layer in range(N_LAYERS + 1):
+            probe += probe_rows(protocol, layer, rng)
     tables["probing"] = pd.DataFrame(probe)
     if not lora:
         return tables
@@ -229,6 +239,10 @@ def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd
             "depth_lora": b / N_LAYERS,
             "kind": kind,
             "value": 1.0 if a == b == 0 else rng.uniform(-0.05 if kind == "debiased" else 0, 1),
+            "null_mean": 0.0 if a == b else np.nan,
+            "null_q95": 0.2 if a == b else np.nan,
+            "ci_low": 0.1 if a == b else np.nan,
+            "ci_high": 0.9 if a == b else np.nan,
         }
         for kind in ("linear", "debiased", "rbf")
         for a in range(N_LAYERS + 1)
@@ -251,6 +265,7 @@ def subspace_table(fold: int, rng: np.random.Generator) -> pd.DataFrame:
             "i": a,
             "j": b,
             "phi": rng.uniform(0, 1),
+            "phi_null": max(a, b) / 8,
         }
         for i, m in enumerate(MODULES)
         for a in grid
@@ -453,10 +468,21 @@ def test_aggregated_tables_are_tidy_with_fold_counts(tables_by_name):
     for name, frame in tables_by_name.items():
         spec = table_spec(name)
         keys = ["model", "method", *spec.keys, *(["metric"] if spec.melted else [])]
-        assert list(frame.columns) == [*keys, "mean", "std", "n_folds", "missing_folds"], name
+        summary = [
+            "mean",
+            "std",
+            "n_folds",
+            "n_seeds",
+            "seed_std",
+            "band_low",
+            "band_high",
+            "missing_runs",
+        ]
+        assert list(frame.columns) == [*keys, *summary], name
         assert not frame.duplicated(keys).any(), f"{name}: one observation per row"
         assert (frame["n_folds"] == len(FOLDS)).all(), name
-        assert frame["missing_folds"].isna().all(), name
+        assert (frame["n_seeds"] == 1).all() and frame["seed_std"].isna().all(), name
+        assert frame["missing_runs"].isna().all(), name
 
 
 def test_aggregate_mean_std_and_derived_rows(results, tables_by_name):
@@ -498,10 +524,10 @@ def test_missing_runs_are_named_not_averaged(results, tmp_path):
     files = expected_runs("probing", results, [MODEL], METHODS, [*FOLDS, 3])
     summary = aggregate_analysis("probing", results, [MODEL], METHODS, [*FOLDS, 3])
     assert [key for key, path in files.items() if not path.is_file()] == [
-        (MODEL, m, 3) for m in METHODS
+        (MODEL, m, 0, 3) for m in METHODS
     ]
     assert (summary["n_folds"] == 2).all()
-    assert (summary["missing_folds"] == "3").all()
+    assert (summary["missing_runs"] == "seed0/fold3").all()
 
 
 def test_confusion_sums_folds(results):
@@ -584,3 +610,85 @@ def test_figures_package_reexports_and_needs_no_pyplot(tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert_images(tmp_path / "r.png", tmp_path / "r.svg")
+
+
+def test_per_speaker_rows_give_a_speaker_band(tmp_path, monkeypatch):
+    """A per-run table with ``speaker, n_utts`` rows: the run value is the utterance-weighted
+    mean, and the band comes from resampling speakers within folds (wider when they differ)."""
+    from serlens.analysis import registry
+    from serlens.analysis.registry import AnalysisSpec, TableSpec
+
+    spec = AnalysisSpec(
+        name="toy",
+        compute=lambda data, settings: None,
+        applies_to=lambda method: True,
+        reads=frozenset(),
+        keys=(),
+        table=TableSpec(("layer",)),
+    )
+    monkeypatch.setitem(registry.ANALYSES, "toy", spec)
+    rng = np.random.default_rng(0)
+
+    def write(spread):
+        files = {}
+        for fold in (1, 2, 3):
+            rows = []
+            for k, spk in enumerate(("a", "b", "c")):
+                offset = spread * (k - 1)
+                for layer in (0, 1):
+                    value = layer + offset + rng.normal(0, 0.01)
+                    rows.append(
+                        {"layer": layer, "speaker": f"{fold}{spk}", "n_utts": 2 + k, "value": value}
+                    )
+            path = tmp_path / f"s{spread}_f{fold}.tsv"
+            pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+            files[("m", "frozen", 0, fold)] = path
+        return aggregate_runs("toy", files, resamples=400)
+
+    narrow, wide = write(0.01), write(1.0)
+    for table in (narrow, wide):
+        assert (table["band_low"] <= table["mean"]).all() and (
+            table["mean"] <= table["band_high"]
+        ).all()
+    width = lambda t: (t["band_high"] - t["band_low"]).mean()  # noqa: E731
+    assert width(wide) > 10 * width(narrow)
+    # the run value is weighted by n_utts: speakers with 2, 3, 4 utterances, offsets -1, 0, +1
+    layer0 = wide[wide["layer"] == 0].iloc[0]
+    assert layer0["mean"] == pytest.approx((2 * -1 + 3 * 0 + 4 * 1) / 9, abs=0.02)
+
+
+def test_seed_floor_without_pairs_says_so(tmp_path):
+    """With one training seed there is no pair: the table says the floor needs two seeds."""
+    from serlens.analysis.seed_floor import NEEDS_SEEDS
+
+    table = aggregate_runs("seed_floor", {}, output=tmp_path / "seed_floor.tsv")
+    assert list(table["note"]) == [NEEDS_SEEDS]
+    assert pd.read_csv(tmp_path / "seed_floor.tsv", sep="\t")["note"].iloc[0] == NEEDS_SEEDS
+
+
+def test_cka_figure_draws_the_seed_to_seed_floor(results, tmp_path):
+    floor = pd.DataFrame(
+        {
+            "model": MODEL,
+            "method": method,
+            "measure": f"cka_{kind}",
+            "module": np.nan,
+            "layer": layer,
+            "depth": layer / N_LAYERS,
+            "i": np.nan,
+            "metric": "value",
+            "mean": 0.9,
+            "std": 0.01,
+        }
+        for method in METHODS[1:]
+        for kind in ("linear", "debiased")
+        for layer in range(N_LAYERS + 1)
+    )
+    fig = figures.cka_figure(table(results, "cka"), MODEL, floor)
+    legends = [*fig.legends, *(lg for sub in fig.subfigs for lg in sub.legends)]
+    labels = {t.get_text() for legend in legends for t in legend.get_texts()}
+    assert any("seed-to-seed floor" in label for label in labels), labels
+    figures.save(fig, tmp_path / "c.png", tmp_path / "c.svg")
+    assert_images(tmp_path / "c.png", tmp_path / "c.svg")
+    without = figures.cka_figure(table(results, "cka"), MODEL)
+    assert "needs two or more training seeds" in without._suptitle.get_text()

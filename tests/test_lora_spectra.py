@@ -13,14 +13,19 @@ from threadpoolctl import threadpool_limits
 from serlens.analysis.lora_spectra import (
     SUBSPACE_COLUMNS,
     SVD_COLUMNS,
+    _haar_columns,
     compute_svd,
     layer_index,
     load_lora_a,
     lora_update_spectra,
+    null_rng,
+    product_singular_values,
+    random_subspace_phi,
     similarity_grid,
     subspace_similarity_table,
     write_subspace_similarity,
 )
+from serlens.analysis.spectra import intruder_dimensions, stable_rank, subspace_similarity
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = {"energy_fraction": 0.9, "intruder_k": 10, "intruder_epsilon": 0.5}
@@ -99,6 +104,48 @@ def test_a_large_update_off_the_pretrained_basis_is_an_intruder():
     assert _value(table, "merged", "intruder_max_cos", 2) > 0.5
 
 
+def test_delta_w_spectrum_from_factors_equals_the_direct_svd():
+    """σ(B A) from the r x r product of the QR factors = the SVD of the d_out x d_in product;
+    the table's stable rank and intruders = those of :mod:`serlens.analysis.spectra`."""
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((5, 40)), rng.standard_normal((30, 5)) * np.arange(1, 6)
+    direct = np.linalg.svd(B @ A, compute_uv=False)[:5]
+    np.testing.assert_allclose(product_singular_values(B, A), direct, rtol=1e-10)
+    W0 = rng.standard_normal((30, 40))
+    table = lora_update_spectra(A, B, 0.5, W0, intruder_k=4)
+    assert _value(table, "delta_w", "stable_rank") == pytest.approx(stable_rank(0.5 * B @ A))
+    count, cos = intruder_dimensions(W0, W0 + 0.5 * B @ A, k=4, epsilon=0.5)
+    assert _value(table, "merged", "intruder_count") == count
+    for j in range(4):
+        assert _value(table, "merged", "intruder_max_cos", j + 1) == pytest.approx(cos[j])
+    assert not (table.matrix.str.endswith("_null")).any()  # no rng, no nulls
+
+
+def test_svd_nulls_same_energy_and_same_spectrum_in_random_directions():
+    """delta_w_null: a Gaussian rank-r update scaled to ‖ΔW‖_F (ranks near r for r ≪ d);
+    merged_null: the trained σ in random directions, whose large update is an intruder."""
+    d, r = 64, 4
+    W0 = np.diag(np.linspace(2.0, 1.0, d))  # left singular vectors: the standard basis
+    # a rank-one trained update along e_1: aligned with W0's top singular vector
+    A, B = np.zeros((r, d)), np.zeros((d, r))
+    A[0, 0], B[0, 0] = 10.0, 1.0
+    table = lora_update_spectra(A, B, 1.0, W0, intruder_k=2, rng=null_rng(0, "layers.0.fc1"))
+    sigma = table[(table.matrix == "delta_w_null") & (table.quantity == "sigma")]["value"]
+    assert np.sum(sigma.to_numpy() ** 2) == pytest.approx(10.0**2)  # same energy as ΔW
+    assert _value(table, "delta_w", "energy_rank") == 1
+    assert _value(table, "delta_w_null", "energy_rank") >= 3  # isotropic: ceil(0.9 r) = 4 ± 1
+    assert _value(table, "delta_w_null", "effective_rank") > 3
+    # the trained update keeps W0's top direction: no intruder; at random it is one
+    assert _value(table, "merged", "intruder_count") == 0
+    assert _value(table, "merged_null", "intruder_count") >= 1
+    assert _value(table, "merged_null", "intruder_max_cos", 1) < 0.5
+    # reproducible per (seed, module), independent across modules
+    again = lora_update_spectra(A, B, 1.0, W0, intruder_k=2, rng=null_rng(0, "layers.0.fc1"))
+    pd.testing.assert_frame_equal(table, again)
+    other = lora_update_spectra(A, B, 1.0, W0, intruder_k=2, rng=null_rng(0, "layers.1.fc1"))
+    assert not np.allclose(other["value"], table["value"])
+
+
 def test_layer_index():
     assert layer_index("layers.3.self_attn.v_proj") == 3
     assert layer_index("base_model.model.layers.12.fc1") == 12
@@ -147,8 +194,18 @@ def test_svd_table_on_a_real_peft_encoder(lora_run):
     modules = lora_run.lora_modules()
     n_layers = len(lora_run.encoder.layers)
     assert sorted(table.module.unique()) == sorted(modules) and len(modules) == n_layers
-    # Per module: 3 x (3 summaries + r sigmas) + 1 intruder count + k max-cosines.
-    assert len(table) == n_layers * (3 * (3 + 4) + 1 + CFG["intruder_k"])
+    # Per module: 3 x (3 summaries + r sigmas) + 1 intruder count + k max-cosines, and the
+    # nulls: 3 summaries + r sigmas, 1 intruder count + k max-cosines.
+    k = CFG["intruder_k"]
+    assert len(table) == n_layers * (3 * (3 + 4) + 1 + k + (3 + 4) + 1 + k)
+    assert set(table.matrix) == {
+        "delta_w",
+        "lora_a",
+        "lora_b",
+        "merged",
+        "delta_w_null",
+        "merged_null",
+    }
     for name, rows in table.groupby("module"):
         layer = int(name.split(".")[1])
         assert (rows.layer == layer).all() and np.allclose(rows.depth, (layer + 1) / n_layers)
@@ -161,7 +218,16 @@ def test_svd_table_on_a_real_peft_encoder(lora_run):
         ]
         np.testing.assert_allclose(sigma, expected, rtol=1e-5)
         assert 1 <= _value(rows, "delta_w", "effective_rank") <= 4
-    assert table["index"].isna().sum() == n_layers * (3 * 3 + 1)
+    assert table["index"].isna().sum() == n_layers * (3 * 3 + 1 + 3 + 1)
+    # seeded: the same seed gives the same nulls, another seed other ones
+    pd.testing.assert_frame_equal(table, compute_svd(lora_run, CFG, seed=0))
+    other = compute_svd(lora_run, CFG, seed=1)
+    assert not np.allclose(
+        other.loc[other.matrix == "delta_w_null", "value"],
+        table.loc[table.matrix == "delta_w_null", "value"],
+    )
+    trained = table.matrix.isin(["delta_w", "lora_a", "lora_b", "merged"])
+    pd.testing.assert_frame_equal(other[trained], table[trained])
 
 
 # --------------------------------------------------------------------------- subspace.tsv
@@ -210,6 +276,7 @@ def test_subspace_similarity_of_nested_and_unrelated_adapters(tmp_path):
     np.testing.assert_allclose(nested[nested.j >= nested.i].phi, 1.0, atol=1e-6)
     unrelated = table[table.layer == 1]
     assert (unrelated.phi < 0.15).all()  # about max(i, j) / d for random subspaces
+    np.testing.assert_allclose(table["phi_null"], np.maximum(table.i, table.j) / d)
 
     written = pd.read_csv(out, sep="\t")
     assert list(written.columns) == SUBSPACE_COLUMNS and len(written) == len(table)
@@ -228,3 +295,30 @@ def test_rank_mismatch_and_missing_adapter_name_the_folder(tmp_path):
         subspace_similarity_table({4: adapter, 8: adapter}, "m", 1)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_lora_a(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("d", "i", "j"), [(16, 1, 1), (32, 2, 8), (32, 4, 4), (64, 8, 16)])
+def test_phi_of_random_subspaces_matches_its_null_max_i_j_over_d(d, i, j):
+    """Monte Carlo: φ of independent uniformly random subspaces averages max(i, j) / d."""
+    rng = np.random.default_rng(100 + d + i + j)
+    reps = 2000
+    phis = np.empty(reps)
+    for k in range(reps):
+        U, V = _haar_columns(rng, d, i), _haar_columns(rng, d, j)
+        phis[k] = np.sum((U.T @ V) ** 2) / min(i, j)
+    se = phis.std(ddof=1) / np.sqrt(reps)
+    assert abs(phis.mean() - random_subspace_phi(i, j, d)) < 4 * se
+    # the same through the analysis' own φ on Gaussian A matrices (Haar right-singular subspaces)
+    via = [
+        subspace_similarity(rng.standard_normal((i, d)), rng.standard_normal((j, d)), i, j)
+        for _ in range(500)
+    ]
+    assert abs(np.mean(via) - max(i, j) / d) < 4 * np.std(via, ddof=1) / np.sqrt(500)
+
+
+def test_random_subspace_phi_known_values():
+    assert random_subspace_phi(1, 1, 384) == pytest.approx(1 / 384)
+    assert random_subspace_phi(8, 32, 384) == pytest.approx(32 / 384)
+    assert random_subspace_phi(4, 4, 4) == 1.0  # the whole space
+    with pytest.raises(ValueError, match="1 <= i, j <= d"):
+        random_subspace_phi(5, 1, 4)

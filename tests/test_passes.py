@@ -19,6 +19,7 @@ from serlens.analysis.passes import (
     analysis_sample,
     base_pass,
     every_utterance,
+    pass_settings,
 )
 from serlens.analysis.representations import cka_table, compute_cka
 from serlens.models.encoder import pooled_layer_states
@@ -129,11 +130,51 @@ def test_ab_dynamics_from_stored_statistics_match_the_direct_analysis(lora_run, 
     tensors = load_file(str(tmp / "run/ab.safetensors"))
     sample = analysis_sample(lora_run, SETTINGS)
     for fraction in (0.9, 0.5):  # the energy fraction is applied afterwards
-        direct = ab_dynamics_table(lora_run, sample, 3, fraction, 0.02, 0)
+        direct = ab_dynamics_table(lora_run, sample, 3, fraction, "matched_scale", 0)
         stored = ab_table_from_statistics(tensors, len(lora_run.encoder.layers), fraction)
         key = ["module", "quantity", "state"]
         merged = direct.merge(stored, on=key, suffixes=("_direct", "_stored"))
         assert len(merged) == len(direct) == len(stored)
         np.testing.assert_allclose(
             merged["value_stored"], merged["value_direct"], rtol=1e-6, atol=1e-9
+        )
+    meta = safe_metadata(tmp / "run/ab.safetensors")
+    assert meta["untrained_baseline"] == "matched_scale" and meta["untrained_init_std"] == ""
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_pass_settings_pass_the_paper_std_only_with_the_paper_baseline():
+    """Every key passed is read: the std only with ``paper``, no baseline for the base pass."""
+    from serlens.config import validate_config
+
+    default = pass_settings(validate_config({}))
+    assert default["untrained_baseline"] == "matched_scale"
+    assert "untrained_init_std" not in default
+    paper = pass_settings(validate_config({"analysis": {"untrained_baseline": "paper"}}))
+    assert paper["untrained_baseline"] == "paper" and paper["untrained_init_std"] == 0.02
+    base = pass_settings(validate_config({}), ab=False)
+    assert not {"untrained_baseline", "untrained_init_std"} & set(base)
+    assert {"batch_size", "train_sample", "seed", "classes", "audio"} <= set(base)
+
+
+def test_adapted_pass_reads_every_setting_it_is_passed(lora_run, tmp_path):
+    from serlens.analysis.registry import Settings
+
+    for extra in (
+        {"untrained_baseline": "matched_scale"},
+        {"untrained_baseline": "paper", "untrained_init_std": 0.02},
+    ):
+        plain = {"batch_size": 4, "train_sample": 4, "seed": 0, **extra}
+        settings = Settings("pass_run", plain)
+        adapted_pass(lora_run, settings, tmp_path / "s.safetensors", tmp_path / "ab.safetensors")
+        assert settings.accessed == set(plain), (extra, settings.accessed)
+        assert (
+            safe_metadata(tmp_path / "ab.safetensors")["untrained_baseline"]
+            == extra["untrained_baseline"]
         )

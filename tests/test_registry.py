@@ -18,8 +18,10 @@ def test_every_analysis_module_is_found():
         "probing",
         "svd",
         "subspace",
+        "update_dynamics",
         "ab_dynamics",
         "cka",
+        "seed_floor",
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,16 @@ import pytest
 import soundfile as sf
 
 from serlens.corpus.espeak import available_variants, synthesize
+from serlens.corpus.iemocap import normalise_text, read_iemocap
 from serlens.corpus.synth import (
     EXTRA_LABELS,
     MAX_SECONDS,
     MIN_SECONDS,
+    SCRIPTED_FRACTION,
     SESSION_VOICES,
     SYNTH_CLASSES,
+    _plan,
+    n_script_lines,
     write_synthetic_corpus,
 )
 
@@ -94,6 +99,8 @@ def test_layout(corpus: Path):
         assert any("_impro" in d for d in dialogs) and any("_script" in d for d in dialogs)
         for sub in ("Categorical", "Attribute", "Self-evaluation"):
             assert list((emo / sub).glob("*.txt")), sub
+        transcriptions = corpus / f"Session{n}" / "dialog" / "transcriptions"
+        assert sorted(p.stem for p in transcriptions.glob("*.txt")) == dialogs
         junk = list(emo.glob("._*.txt"))
         assert len(junk) == 1
         with pytest.raises(UnicodeDecodeError):
@@ -144,6 +151,64 @@ def test_labels(corpus: Path):
     counts = {c: labels.count(c) for c in SYNTH_CLASSES}
     assert len(set(counts.values())) == 1, counts  # balanced
     assert all(labels.count(x) == 10 for x in EXTRA_LABELS)  # one per speaker
+
+
+def _synth_rows(root: Path) -> list[dict]:
+    with open(root / "synth_manifest.tsv", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def test_the_iemocap_reader_recovers_the_script_lines_as_items(corpus: Path):
+    rows = {r["utt_id"]: r for r in _synth_rows(corpus)}
+    utterances = read_iemocap(corpus)
+    assert len(utterances) == len(rows)
+    n_lines = n_script_lines(UPS, SCRIPTED_FRACTION)
+    assert n_lines == UPS // 2
+    script = {normalise_text(r["text"]) for r in rows.values() if r["script_line"]}
+    assert len(script) == n_lines  # a fixed list of sentences
+    for u in utterances:
+        row = rows[u.utt_id]
+        if row["script_line"]:
+            assert "_script" in u.utt_id and u.item == normalise_text(row["text"])
+        else:
+            assert "_impro" in u.utt_id and u.item == ""
+    per_speaker = {}
+    for u in utterances:
+        per_speaker.setdefault(u.speaker, []).append(u.item)
+    assert len(per_speaker) == 10
+    for speaker, items in per_speaker.items():  # every speaker says every line, once
+        assert sorted(i for i in items if i) == sorted(script), speaker
+    emotions = {}
+    for u in utterances:
+        if u.item:
+            emotions.setdefault(u.item, set()).add(u.raw_label)
+    assert all(len(labels) > 1 for labels in emotions.values())  # in varied emotions
+
+
+@pytest.mark.parametrize("ups", [4, 16, 21])
+def test_plan_scripted_part_is_balanced_and_said_by_everyone(ups):
+    dialogs, script = _plan(ups, seed=3)
+    assert len(script) == len(set(script)) == n_script_lines(ups, SCRIPTED_FRACTION)
+    utts = [u for d in dialogs for u in d]
+    assert len(utts) == 10 * (ups + len(EXTRA_LABELS))  # the corpus keeps its size
+    speakers = {(u.session, u.gender) for u in utts}
+    for speaker in speakers:
+        mine = [u for u in utts if (u.session, u.gender) == speaker]
+        lines = sorted(u.script_line for u in mine if u.script_line is not None)
+        assert lines == list(range(len(script)))
+        counts = Counter(u.label for u in mine if u.script_line is not None)
+        assert max(counts.values()) - min(counts.get(c, 0) for c in SYNTH_CLASSES) <= 1
+        assert Counter(u.label for u in mine if u.label in SYNTH_CLASSES).keys() == set(
+            SYNTH_CLASSES
+        )
+    for u in utts:
+        assert (u.script_line is None) == ("_impro" in u.dialog)
+        if u.script_line is None:
+            assert u.text not in script
+    none, _ = _plan(ups, seed=3, scripted_fraction=0.0)
+    assert all("_impro" in d[0].dialog and d[0].script_line is None for d in none)
+    with pytest.raises(ValueError, match="scripted_fraction"):
+        write_synthetic_corpus(Path("/nonexistent/x"), scripted_fraction=1.5)
 
 
 def test_speaker_gender_matches_voice(corpus: Path):

@@ -90,18 +90,18 @@ def cmd_tables(args) -> None:
         corpus,
         list(config["models"]),
         list(configured_methods(config)),
-        [config["seed"]],
+        config["seeds"],
         config["folds"]["run"],
     )
     write_performance_tables(
         files,
-        config["folds"]["run"],
         config["corpus"]["classes"],
+        Paths(config["results"]).corpus(corpus, "manifest.tsv"),
         tables / "performance.tsv",
         tables / "performance_summary.tsv",
         tables / "significance.tsv",
-        resamples=config["significance"]["resamples"],
-        seed=config["seed"],
+        significance=config["significance"],
+        seed=config["analysis_seed"],
     )
     print((tables / "performance_summary.tsv").read_text())
 

@@ -63,8 +63,19 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     """Fill defaults in place, then check the schema and the cross-key rules; ConfigError lists every problem."""
     import jsonschema
 
+    if "seed" in config:
+        raise ConfigError(
+            "invalid configuration:\n  config key seed: replaced by seeds (the training seeds, a "
+            f"list: seeds: [{config['seed']}]) and analysis_seed (the analyses' sampling, CV "
+            "splits and bootstrap); rename it"
+        )
     schema = schema or load_schema()
     _fill_defaults(config, schema)
+    # `--config seeds=[0,1]` arrives as strings: read whole numbers as the integers they are
+    if isinstance(config.get("seeds"), list):
+        config["seeds"] = [
+            int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in config["seeds"]
+        ]
     validator = jsonschema.Draft202012Validator(schema)
     problems = [
         describe_error(e)
@@ -111,3 +122,40 @@ def semantic_problems(config: dict) -> list[str]:
 def digest(obj) -> str:
     """A short, stable digest of a JSON-able value (recorded in metrics.json)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cell(value) -> str:
+    return f"`{value!r}`" if not isinstance(value, dict) or value else "`{}`"
+
+
+def readme_table(schema: dict | None = None) -> str:
+    """The key table of ``config/README.md``: every schema key, its default and description
+    (``make config-readme`` writes it between the README's table markers)."""
+    schema = schema or load_schema()
+    lines = ["| key | default | what it does |", "| --- | --- | --- |"]
+
+    def walk(node: dict, prefix: str) -> None:
+        for name, sub in node.get("properties", {}).items():
+            key = f"{prefix}{name}"
+            description = " ".join(str(sub.get("description", "")).split())
+            if sub.get("type") == "object" and "properties" in sub:
+                lines.append(f"| **`{key}`** | | {description} |")
+                walk(sub, f"{key}.")
+            else:
+                lines.append(f"| `{key}` | {_cell(sub.get('default'))} | {description} |")
+
+    walk(schema, "")
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- keys: begin -->", "<!-- keys: end -->"
+
+
+def write_readme_table(readme: Path) -> None:
+    """Replace the table between :data:`README_BEGIN` and :data:`README_END` in ``readme``."""
+    text = Path(readme).read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} markers around the table")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(readme).write_text(f"{head}{README_BEGIN}\n{readme_table()}\n{README_END}{tail}")

@@ -1,4 +1,4 @@
-"""Classification metrics and the paired significance test, as pure functions of predictions."""
+"""Classification metrics as pure functions of predictions (the paired tests are in :mod:`serlens.stats`)."""
 
 from __future__ import annotations
 
@@ -46,41 +46,4 @@ def summarise(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict
         "n": int(len(labels)),
         "classes": list(classes),
         "confusion": confusion(labels, preds, n).tolist(),
-    }
-
-
-def paired_bootstrap_uar(
-    labels: np.ndarray,
-    preds_a: np.ndarray,
-    preds_b: np.ndarray,
-    n_classes: int,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> dict:
-    """Paired bootstrap of ΔUAR = UAR(a) − UAR(b) over utterances (Efron & Tibshirani 1993; Koehn 2004).
-
-    Utterances are resampled with replacement, the same indices for both systems. Returns the
-    observed difference, a 95 % percentile interval, and a two-sided p-value: twice the smaller
-    share of resampled differences on either side of 0 (capped at 1), with the +1 correction
-    so p is never 0 from a finite number of resamples.
-    """
-    labels, preds_a, preds_b = map(np.asarray, (labels, preds_a, preds_b))
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    diffs = np.empty(resamples)
-    for i in range(resamples):
-        idx = rng.integers(0, n, n)
-        diffs[i] = uar(labels[idx], preds_a[idx], n_classes) - uar(
-            labels[idx], preds_b[idx], n_classes
-        )
-    below = (np.sum(diffs <= 0) + 1) / (resamples + 1)
-    above = (np.sum(diffs >= 0) + 1) / (resamples + 1)
-    return {
-        "delta_uar": uar(labels, preds_a, n_classes) - uar(labels, preds_b, n_classes),
-        "ci_low": float(np.percentile(diffs, 2.5)),
-        "ci_high": float(np.percentile(diffs, 97.5)),
-        "p_value": float(min(1.0, 2 * min(below, above))),
-        "resamples": resamples,
-        "seed": seed,
-        "n": n,
     }

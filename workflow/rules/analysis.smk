@@ -11,7 +11,7 @@ for spec in ANALYSES.values():
         name:
             spec.name
         input:
-            unpack(analysis_inputs(spec) if spec.scope == "run" else lora_rank_inputs),
+            unpack(rule_inputs(spec)),
         output:
             analysis_output(spec),
         log:
@@ -20,6 +20,9 @@ for spec in ANALYSES.values():
             bench_of(spec.name, analysis_output(spec))
         wildcard_constraints:
             method=alternatives(spec.methods(METHODS)),
+            seed=alternatives(
+                [str(s) for s in (SEEDS[1:] if spec.scope == "seed_pairs" else SEEDS)]
+            ),
         conda:
             ENV
         threads: 1
@@ -27,5 +30,6 @@ for spec in ANALYSES.values():
             name=spec.name,
             settings=spec.settings(config),
             classes=CLASSES,
+            reference_seed=SEEDS[0] if spec.scope == "seed_pairs" else None,
         run:
             jobs.run("analysis", input, output, params, wildcards, log)

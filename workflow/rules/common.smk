@@ -18,7 +18,7 @@ RESOURCES = config["resources_dir"]
 CORPUS = config["corpus"]["name"] or config["corpus"]["kind"]
 MODELS = list(config["models"])
 METHODS = configured_methods(config)  # name -> serlens.methods.Method
-SEEDS = [config["seed"]]
+SEEDS = config["seeds"]
 FOLDS = config["folds"]["run"]
 CLASSES = config["corpus"]["classes"]
 ENV = "../envs/serlens.yaml"
@@ -114,6 +114,27 @@ def analysis_inputs(spec):
     return inputs
 
 
+def seed_pair_inputs(spec):
+    """A run's inputs and, suffixed ``_ref``, those of the first seed's run."""
+
+    def inputs(wildcards):
+        w = wildcards
+        method = METHODS[w.method]
+        ours = run_inputs(spec, method, PATHS, w.corpus, w.model, w.seed, w.fold)
+        ref = run_inputs(spec, method, PATHS, w.corpus, w.model, SEEDS[0], w.fold)
+        return {**ours, **{f"{k}_ref": v for k, v in ref.items()}}
+
+    return inputs
+
+
+def rule_inputs(spec):
+    if spec.scope == "run":
+        return analysis_inputs(spec)
+    if spec.scope == "seed_pairs":
+        return seed_pair_inputs(spec)
+    return lora_rank_inputs
+
+
 def lora_rank_inputs(wildcards):
     lora = methods_where(lambda m: m.kind == "lora")
     return {
@@ -122,22 +143,23 @@ def lora_rank_inputs(wildcards):
 
 
 def analysis_output(spec):
-    method = "{method}" if spec.scope == "run" else "lora"
+    method = "lora" if spec.scope == "lora_ranks" else "{method}"
     return PATHS.analysis("{corpus}", "{model}", method, "{seed}", "{fold}", spec.name)
 
 
 def analysis_runs(spec):
     """Every per-run table of an analysis in the grid, as (keys, files)."""
-    if spec.scope == "run":
-        methods = spec.methods(METHODS)
-    else:
+    seeds = SEEDS[1:] if spec.scope == "seed_pairs" else SEEDS
+    if spec.scope == "lora_ranks":
         methods = ["lora"] if len(methods_where(lambda m: m.kind == "lora")) > 1 else []
+    else:
+        methods = spec.methods(METHODS)
     keys, files = [], []
     for model in MODELS:
         for method in methods:
-            for seed in SEEDS:
+            for seed in seeds:
                 for fold in FOLDS:
-                    keys.append([model, method, fold])
+                    keys.append([model, method, seed, fold])
                     files.append(
                         PATHS.analysis(CORPUS, model, method, seed, fold, spec.name)
                     )
@@ -165,7 +187,7 @@ def predictions():
         for method in METHODS:
             for seed in SEEDS:
                 for fold in FOLDS:
-                    keys.append([model, method, fold])
+                    keys.append([model, method, seed, fold])
                     files.append(
                         f"{PATHS.run(CORPUS, model, method, seed, fold)}/predictions.tsv"
                     )
@@ -177,7 +199,7 @@ def histories(wildcards):
     for method in METHODS:
         for seed in SEEDS:
             for fold in FOLDS:
-                keys.append([method, fold])
+                keys.append([method, seed, fold])
                 files.append(
                     f"{PATHS.run(CORPUS, wildcards.model, method, seed, fold)}/history.tsv"
                 )
@@ -202,7 +224,8 @@ def report_targets():
         for name in ("performance", "performance_summary", "significance", "confusion")
     ]
     for spec in ANALYSES.values():
-        if analysis_runs(spec)[1]:
+        # a seed-pair table is written without runs too: it says the floor needs two seeds
+        if analysis_runs(spec)[1] or spec.scope == "seed_pairs":
             targets.append(PATHS.table(CORPUS, spec.name))
         for fig in spec.figures:
             if not analysis_runs(spec)[1]:  # the figure's own analysis has no run here

@@ -24,7 +24,7 @@ rule pass_base:
         runtime=model_resource("runtime"),
         gpu=model_resource("gpu"),
     params:
-        settings=pass_settings(config),
+        settings=pass_settings(config, ab=False),
     script:
         "../scripts/encoder_pass.py"
 

@@ -30,6 +30,8 @@ for spec in ANALYSES.values():
         params:
             name=spec.name,
             run_keys=analysis_runs(spec)[0],
+            resamples=config["significance"]["resamples"],
+            seed=config["analysis_seed"],
         run:
             jobs.run("table", input, output, params, wildcards, log)
 
@@ -76,7 +78,8 @@ for spec in ANALYSES.values():
 
 rule performance:
     input:
-        predictions()[1],
+        manifest=PATHS.corpus(CORPUS, "manifest.tsv"),
+        predictions=predictions()[1],
     output:
         performance=PATHS.table(CORPUS, "performance"),
         summary=report(
@@ -100,10 +103,9 @@ rule performance:
     localrule: True
     params:
         run_keys=predictions()[0],
-        folds=FOLDS,
         classes=CLASSES,
-        resamples=config["significance"]["resamples"],
-        seed=config["seed"],
+        significance=config["significance"],
+        seed=config["analysis_seed"],
     run:
         jobs.run("performance", input, output, params, wildcards, log)
 

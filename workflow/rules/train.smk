@@ -61,6 +61,7 @@ rule train_lora:
     output:
         **{name.split(".")[0]: f"{RUN}/{name}" for name in RUN_FILES},
         adapter=directory(f"{RUN}/adapter"),
+        adapter_epochs=directory(f"{RUN}/adapter_epochs"),
     log:
         log_of(RUN),
     benchmark:

@@ -23,18 +23,69 @@ this project ("Behind the Scenes: mechanistic interpretability of LoRA-adapted W
 speech emotion recognition"). Both are computed from the accumulated ``∂L/∂A`` and ``∂L/∂B``
 (``r x d_in`` and ``d_out x r``), so ``G`` (``d_out x d_in``) is never accumulated.
 
+Energy ranks
+------------
 The number of directions of a ``frames x dims`` matrix ``M`` is its energy rank
-(:func:`serlens.analysis.spectra.energy_rank`) on the singular values of ``M``. These are
-the square roots of the eigenvalues of the ``dims x dims`` Gram ``MᵀM = Σ_batches M_bᵀ M_b``,
-which is what is accumulated (:class:`GramAccumulator`), so memory does not grow with the
-number of frames. The CKA between the A-code and the B-output gradient
-(:func:`serlens.analysis.cka.linear_cka`) uses a seeded uniform reservoir of frames
-(:class:`FrameReservoir`; Vitter 1985, "Random sampling with a reservoir", Algorithm R).
+(:func:`serlens.analysis.spectra.energy_rank`: the fewest singular directions holding
+``energy_fraction`` of ``‖M‖²_F``). Two versions are reported:
 
-:func:`compute_ab_dynamics` runs this for the trained adapters and head of a run and for
-untrained ones (A from PEFT's default Kaiming-uniform init, B = 0 replaced by a seeded
-normal of std ``untrained_init_std``, a fresh head), on a fixed class-balanced sample of
-training utterances, counting only frames that hold audio.
+* uncentred, on the singular values of ``M`` itself: the square roots of the eigenvalues of
+  the ``dims x dims`` Gram ``G = MᵀM = Σ_batches M_bᵀ M_b``;
+* centred, on those of ``M - 1 μᵀ`` (``μ`` the mean frame): the eigenvalues of
+  ``G_c = G - n μ μᵀ = G - s sᵀ / n`` with ``s = Σ_t x_t`` (``= (n - 1) x`` the sample
+  covariance). A shared offset of every frame is one direction holding most of the
+  uncentred energy (offset + isotropic noise has uncentred rank 1 and a centred rank near
+  ``energy_fraction · dims``), so only the centred rank counts directions of *variation*.
+
+:class:`GramAccumulator` keeps ``G``, ``s`` and ``n`` (float64), so memory does not grow with
+the number of frames. The B output ``b = a Bᵀ`` needs no accumulator of its own: its Gram is
+``B G_a Bᵀ`` and its centred Gram ``B G_{a,c} Bᵀ`` (B is fixed during the pass; its mean is
+``B μ_a``), whose non-zero eigenvalues are those of an ``r x r`` matrix
+(:func:`product_singular_values`).
+
+Counts live in spaces of different size: the A code and ``∂L/∂a`` are r-dimensional, ``b``
+is d_out-dimensional but has rank at most r (it is ``B a``), ``∂L/∂b`` is d_out-dimensional
+with no such bound. Each count is therefore also reported as a share of the largest rank
+its matrix can have, ``max_rank = min(n_frames, len(σ))`` uncentred and
+``min(n_frames - 1, len(σ))`` centred, with ``len(σ) = r`` for ``a``, ``b`` and ``∂L/∂a``
+and ``d_out`` for ``∂L/∂b`` (``{quantity}_frac``, ``{quantity}_centred_frac``). A white
+(isotropic) matrix has a share of about ``energy_fraction``; one direction is
+``1 / max_rank``. "A compresses, B keeps diversity" is a statement about these shares, and
+about the centred ones, not about raw counts in spaces of different dimension.
+
+The CKA between the A-code and the B-output gradient (:func:`serlens.analysis.cka.linear_cka`)
+uses a seeded uniform reservoir of frames (:class:`FrameReservoir`; Vitter 1985, "Random
+sampling with a reservoir", Algorithm R).
+
+Untrained baselines
+-------------------
+Every quantity is computed for the trained adapters and head of a run and for an untrained
+baseline on the same frames (``state`` trained / untrained; ``ratio`` = trained ÷ untrained).
+``analysis.untrained_baseline`` chooses it (:func:`untrained_state`):
+
+* ``matched_scale`` (default; :func:`matched_scale_state`): the run's *trained head* is
+  kept (the same module, weights bit-identical), and per adapted module (so per layer)::
+
+      A_u = ‖A‖_F · Z_A / ‖Z_A‖_F        B_u = ‖B‖_F · Z_B / ‖Z_B‖_F
+
+  with ``Z_A`` (``r x d_in``), ``Z_B`` (``d_out x r``) seeded standard normal draws and
+  ``A``, ``B`` the trained factors of that module. The baseline has the trained Frobenius
+  norms of A and of B, layer by layer, and isotropic random directions. Gradient norms are
+  scale-covariant (``∂L/∂A = s Bᵀ G`` scales with ‖B‖, ``∂L/∂B = s G Aᵀ`` with ‖A‖), so
+  trained ÷ untrained compares *structure* (directions, alignment with the data and the
+  head), not scale: rebalancing ``A → cA, B → B/c`` leaves ΔW and the function unchanged, and
+  leaves every trained ÷ untrained ratio unchanged too. The head is kept so that the
+  loss, hence ``G``, is the trained task's and not that of a random classifier.
+* ``paper``: the baseline of the paper's code, ``A, B ~ N(0, untrained_init_std²)`` and a
+  freshly initialised head. Its gradient norms scale with the arbitrary
+  ``untrained_init_std`` (``‖∂L/∂A‖ ∝ ‖B‖``, ``‖∂L/∂B‖ ∝ ‖A‖``), so its trained ÷ untrained
+  ratios mostly say how far the trained factors are from that scale (the project's earlier
+  baseline, A at PEFT's init and B ~ N(0, std²), gave B/A gradient-norm ratios of 14.8,
+  1.48, 0.148 for std 0.002, 0.02, 0.2); kept for the side-by-side comparison with the
+  paper's numbers.
+
+:func:`compute_ab_dynamics` runs this on a fixed class-balanced sample of training
+utterances, counting only frames that hold audio.
 """
 
 from __future__ import annotations
@@ -56,13 +107,18 @@ from serlens.models.encoder import masked_mean, run_encoder
 from serlens.train.heads import EmotionHead
 
 __all__ = [
+    "BASELINES",
     "FrameReservoir",
     "GramAccumulator",
+    "ab_statistics",
+    "ab_table_from_statistics",
     "compute_ab_dynamics",
     "delta_w_comparison",
     "delta_w_from_factor_steps",
     "gram_singular_values",
     "lora_factor_gradients",
+    "matched_scale_state",
+    "paper_state",
     "product_singular_values",
     "stream_ab_statistics",
     "trained_state",
@@ -71,8 +127,32 @@ __all__ = [
 
 ADAPTER = "default"
 CKA_MAX_FRAMES = 2000
-ACTIVATIONS = ("a_out", "b_out", "a_out_grad", "b_out_grad")
-RATIO_QUANTITIES = (*ACTIVATIONS, "grad_norm_A", "grad_norm_B", "dW_from_A_norm", "dW_from_B_norm")
+#: The untrained baselines (``analysis.untrained_baseline``; see the module docstring).
+BASELINES = ("matched_scale", "paper")
+#: Activation and gradient matrices whose singular values are stored (and energy ranks taken).
+SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
+ACTIVATIONS = SPECTRA
+#: Quantities with a trained ÷ untrained row (counts: the shares have the same ratio).
+RATIO_QUANTITIES = (
+    *SPECTRA,
+    *(f"{q}_centred" for q in SPECTRA),
+    "grad_norm_A",
+    "grad_norm_B",
+    "grad_norm_ratio_B_A",
+    "dW_from_A_norm",
+    "dW_from_B_norm",
+)
+SCALARS = (
+    "grad_norm_A",
+    "grad_norm_B",
+    "grad_norm_ratio_B_A",
+    "dW_from_A_norm",
+    "dW_from_B_norm",
+    "dW_cos",
+    "cka_a_code_vs_b_out_grad",
+    "n_frames",
+)
+TABLE_COLUMNS = ["module", "layer", "depth", "quantity", "state", "value"]
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -130,7 +210,8 @@ def product_singular_values(gram_a, B) -> np.ndarray:
 
     ``bᵀb = B (aᵀa) Bᵀ`` shares its non-zero eigenvalues with the r x r matrix
     ``C^½ BᵀB C^½`` (``C = aᵀa``, ``C^½`` its PSD square root), so only r x r
-    eigenproblems are solved. Returns the ``r`` values, descending.
+    eigenproblems are solved. Returns the ``r`` values, descending. Given the centred Gram
+    of ``a`` it gives those of the centred ``b`` (the mean of ``b`` is ``B`` times that of ``a``).
     """
     C = torch.as_tensor(gram_a).detach().to("cpu", torch.float64)
     B = torch.as_tensor(B).detach().to("cpu", torch.float64)
@@ -139,30 +220,49 @@ def product_singular_values(gram_a, B) -> np.ndarray:
     return gram_singular_values(root @ (B.T @ B) @ root)
 
 
+def max_rank(n_singular: int, n_frames: int, centred: bool) -> int:
+    """The largest rank a ``frames x dims`` matrix with ``n_singular`` stored singular values
+    can have: ``min(n_frames, n_singular)``, one less in frames once the mean is removed."""
+    return max(0, min(int(n_frames) - (1 if centred else 0), int(n_singular)))
+
+
 @dataclass
 class GramAccumulator:
-    """``MᵀM`` (float64, ``dims x dims``) of a ``frames x dims`` matrix given in row blocks."""
+    """``MᵀM``, the column sums ``Σ_t x_t`` and the row count of a ``frames x dims`` matrix
+    given in row blocks (float64): enough for its uncentred and centred spectra."""
 
     dims: int
     gram: torch.Tensor | None = None
+    total: torch.Tensor | None = None
     n_rows: int = 0
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.detach().to(torch.float64)
         if rows.ndim != 2 or rows.shape[1] != self.dims:
             raise ValueError(f"expected rows of shape (n, {self.dims}); got {tuple(rows.shape)}")
-        block = rows.T @ rows
+        block, total = rows.T @ rows, rows.sum(dim=0)
         self.gram = block if self.gram is None else self.gram.add_(block)
+        self.total = total if self.total is None else self.total.add_(total)
         self.n_rows += rows.shape[0]
 
-    def singular_values(self) -> np.ndarray:
+    def centred_gram(self) -> torch.Tensor | None:
+        """``Σ_t (x_t - μ)(x_t - μ)ᵀ = G - s sᵀ / n`` (``= (n - 1) ×`` the sample covariance).
+
+        Exact algebra; in float64 the cancellation loses about ``log10(‖μ‖² / λ)`` of 16
+        digits for a centred eigenvalue ``λ`` (per frame), harmless for activations.
+        """
+        if self.gram is None:
+            return None
+        return self.gram - torch.outer(self.total, self.total) / self.n_rows
+
+    def singular_values(self, centred: bool = False) -> np.ndarray:
         if self.gram is None:
             return np.zeros(0)
-        return gram_singular_values(self.gram)
+        return gram_singular_values(self.centred_gram() if centred else self.gram)
 
-    def energy_rank(self, fraction: float) -> int:
+    def energy_rank(self, fraction: float, centred: bool = False) -> int:
         """Energy rank of the stacked matrix (see :func:`serlens.analysis.spectra.energy_rank`)."""
-        return energy_rank(self.singular_values(), fraction)
+        return energy_rank(self.singular_values(centred), fraction)
 
 
 class FrameReservoir:
@@ -252,18 +352,42 @@ def trained_state(run: TrainedRun) -> AdapterState:
     return AdapterState("trained", run.head, weights)
 
 
-def untrained_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState:
-    """Untrained adapters and head for ``run``, built aside (the run is not touched).
+def _scaled_normal(like: torch.Tensor, norm: float, gen: torch.Generator) -> torch.Tensor:
+    """A seeded standard normal of ``like``'s shape rescaled to Frobenius norm ``norm``."""
+    z = torch.randn(like.shape, generator=gen, dtype=torch.float64)
+    size = float(torch.linalg.matrix_norm(z))
+    return (z * (norm / size if size > 0 else 0.0)).to(like)
 
-    A gets PEFT's default init (``kaiming_uniform_(a=sqrt(5))``), B = 0 is replaced by
-    ``N(0, init_std²)`` so that gradients reach A; the head is a freshly initialised
-    :class:`EmotionHead` of the run's head's shape. All seeded by ``seed`` (head first,
-    then modules in name order) without disturbing the global random state.
+
+def matched_scale_state(run: TrainedRun, seed: int) -> AdapterState:
+    """The ``matched_scale`` baseline: the trained head, and per module random factors with
+    the trained factors' Frobenius norms (see the module docstring).
+
+    ``A_u = ‖A‖_F Z_A / ‖Z_A‖_F`` and ``B_u = ‖B‖_F Z_B / ‖Z_B‖_F``, ``Z`` standard normal
+    from a generator seeded by ``seed`` (modules in name order, A then B), drawn in float64
+    on the CPU and cast to the weights' dtype and device. The global random state is not
+    touched. A trained B = 0 (an untrained run) gives B_u = 0.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    weights = {}
+    for name, (A, B) in trained_state(run).weights.items():
+        norm_A = float(torch.linalg.matrix_norm(A.double()))
+        norm_B = float(torch.linalg.matrix_norm(B.double()))
+        weights[name] = (_scaled_normal(A, norm_A, gen), _scaled_normal(B, norm_B, gen))
+    return AdapterState("untrained", run.head, weights)
+
+
+def paper_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState:
+    """The ``paper`` baseline: ``A, B ~ N(0, init_std²)`` and a fresh head, built aside.
+
+    The head is a freshly initialised :class:`EmotionHead` of the run's head's shape. All
+    seeded by ``seed`` (head first, then modules in name order, A then B) without disturbing
+    the global random state.
     """
     device = run.head.projector.weight.device
     weights = {}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(int(seed))
         head = EmotionHead(
             run.head.projector.in_features,
             run.head.classifier.out_features,
@@ -271,14 +395,27 @@ def untrained_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState
         )
         for name, module in sorted(run.lora_modules().items()):
             lora_A, lora_B, _ = _factors(module)
-            fresh_A = torch.empty(lora_A.weight.shape)
-            nn.init.kaiming_uniform_(fresh_A, a=math.sqrt(5))
+            fresh_A = torch.randn(lora_A.weight.shape) * init_std
             fresh_B = torch.randn(lora_B.weight.shape) * init_std
             weights[name] = (fresh_A.to(lora_A.weight), fresh_B.to(lora_B.weight))
     head = head.to(device).eval()
     for p in head.parameters():
         p.requires_grad_(False)
     return AdapterState("untrained", head, weights)
+
+
+def untrained_state(
+    run: TrainedRun, baseline: str, seed: int, init_std: float | None = None
+) -> AdapterState:
+    """The untrained baseline ``baseline`` (one of :data:`BASELINES`) for ``run``; the run
+    is not touched. ``init_std`` is the std of the ``paper`` baseline (unused otherwise)."""
+    if baseline == "matched_scale":
+        return matched_scale_state(run, seed)
+    if baseline == "paper":
+        if init_std is None:
+            raise ValueError("the paper baseline needs init_std (analysis.untrained_init_std)")
+        return paper_state(run, float(init_std), seed)
+    raise ValueError(f"untrained baseline {baseline!r} is not one of {BASELINES}")
 
 
 def _load_adapters(
@@ -333,10 +470,11 @@ def _gradients_through_adapters(run: TrainedRun, heads: list[nn.Module]):
 class ModuleAccumulators:
     """What one adapted module keeps over the sample; its size does not depend on the sample.
 
-    ``a_out`` and ``b_out_grad`` hold ``MᵀM`` of the code ``a`` (frames x r) and of
-    ``g_b`` (frames x d_out); ``a_out_grad`` that of ``g_a = g_b B`` (frames x r). The
-    Gram of ``b = a Bᵀ`` is ``B (aᵀa) Bᵀ`` (exact, B being fixed during the pass), so it
-    needs no accumulator of its own. ``grad_A``, ``grad_B``: ∂L/∂A, ∂L/∂B summed over batches.
+    ``a_out`` and ``b_out_grad`` hold the Gram, column sums and count of the code ``a``
+    (frames x r) and of ``g_b`` (frames x d_out); ``a_out_grad`` those of ``g_a = g_b B``
+    (frames x r). The (centred) Gram of ``b = a Bᵀ`` is ``B`` (centred ``aᵀa``) ``Bᵀ``
+    (exact, B being fixed during the pass), so it needs no accumulator of its own.
+    ``grad_A``, ``grad_B``: ∂L/∂A, ∂L/∂B summed over batches.
     """
 
     A: torch.Tensor
@@ -362,17 +500,24 @@ class ModuleAccumulators:
             grad_B=torch.zeros_like(B, dtype=torch.float64),
         )
 
-    def b_out_singular_values(self) -> np.ndarray:
+    def b_out_singular_values(self, centred: bool = False) -> np.ndarray:
         if self.a_out.gram is None:
             return np.zeros(0)
-        return product_singular_values(self.a_out.gram, self.B)
+        gram = self.a_out.centred_gram() if centred else self.a_out.gram
+        return product_singular_values(gram, self.B)
 
-    def values(self, fraction: float) -> dict[str, float]:
+    def spectra(self, centred: bool = False) -> dict[str, np.ndarray]:
+        """Singular values of the four frames x dims matrices (of :data:`SPECTRA`)."""
+        return {
+            "a_out": self.a_out.singular_values(centred),
+            "b_out": self.b_out_singular_values(centred),
+            "a_out_grad": self.a_out_grad.singular_values(centred),
+            "b_out_grad": self.b_out_grad.singular_values(centred),
+        }
+
+    def scalars(self) -> dict[str, float]:
+        """Gradient norms, their ratio, the ΔW comparison and the number of frames."""
         values = {
-            "a_out": float(self.a_out.energy_rank(fraction)),
-            "b_out": float(energy_rank(self.b_out_singular_values(), fraction)),
-            "a_out_grad": float(self.a_out_grad.energy_rank(fraction)),
-            "b_out_grad": float(self.b_out_grad.energy_rank(fraction)),
             "grad_norm_A": float(torch.linalg.matrix_norm(self.grad_A)),
             "grad_norm_B": float(torch.linalg.matrix_norm(self.grad_B)),
         }
@@ -380,6 +525,7 @@ class ModuleAccumulators:
             values["grad_norm_B"] / values["grad_norm_A"] if values["grad_norm_A"] > 0 else math.nan
         )
         values.update(delta_w_comparison(self.grad_A, self.grad_B, self.A, self.B, self.scaling))
+        values["n_frames"] = float(self.a_out.n_rows)
         return values
 
 
@@ -479,115 +625,47 @@ def stream_ab_statistics(
     return acc
 
 
-def _state_values(acc: StateAccumulators, fraction: float) -> dict[str, dict[str, float]]:
-    values = {}
-    for name, m_acc in acc.modules.items():
-        values[name] = m_acc.values(fraction)
-        code = acc.reservoir.sample((name, "a_code"))
-        grad = acc.reservoir.sample((name, "b_out_grad"))
-        values[name]["cka_a_code_vs_b_out_grad"] = (
-            linear_cka(code, grad) if code.shape[0] >= 2 else math.nan
-        )
-    return values
-
-
-def ab_dynamics_table(
-    run: TrainedRun,
-    indices: np.ndarray,
-    batch_size: int,
-    energy_fraction: float,
-    untrained_init_std: float,
-    seed: int,
-    cka_max_frames: int = CKA_MAX_FRAMES,
-) -> pd.DataFrame:
-    """Tidy table (module, layer, depth, quantity, state, value) on the training utterances ``indices``."""
-    modules = sorted(run.lora_modules())
-    if not modules:
-        raise ValueError(
-            f"{run.model}/{run.method}/fold{run.fold}: no LoRA modules; A/B dynamics apply to LoRA runs only"
-        )
-    if len(indices) == 0:
-        raise ValueError(f"{run.model}/{run.method}/fold{run.fold}: the training sample is empty")
-    n_layers = len(run.encoder.layers)
-    states = [trained_state(run), untrained_state(run, untrained_init_std, seed)]
-    acc = stream_ab_statistics(run, states, indices, batch_size, cka_max_frames, seed)
-    values = {state: _state_values(state_acc, energy_fraction) for state, state_acc in acc.items()}
-    rows = []
-    for name in modules:
-        layer = _layer_index(name)
-        base = {"module": name, "layer": layer, "depth": (layer + 1) / n_layers}
-        for state in ("trained", "untrained"):
-            rows += [
-                {**base, "quantity": q, "state": state, "value": v}
-                for q, v in values[state][name].items()
-            ]
-        for q in RATIO_QUANTITIES:
-            t, u = values["trained"][name][q], values["untrained"][name][q]
-            rows.append(
-                {**base, "quantity": q, "state": "ratio", "value": t / u if u != 0 else math.nan}
-            )
-    return pd.DataFrame(rows, columns=["module", "layer", "depth", "quantity", "state", "value"])
-
-
-def compute_ab_dynamics(run: TrainedRun, cfg: dict, seed: int) -> pd.DataFrame:
-    """A/B activation and gradient dynamics of a LoRA run (issue 4 §5) on its training sample.
-
-    The sample is ``balanced_sample(train labels, cfg["train_sample"], seed)``. Rows per
-    adapted module and state (trained / untrained / ratio = trained ÷ untrained):
-    energy ranks (``cfg["energy_fraction"]``) of ``a_out``, ``b_out``, ``a_out_grad``,
-    ``b_out_grad``; ``grad_norm_A`` = ‖∂L/∂A‖_F, ``grad_norm_B`` = ‖∂L/∂B‖_F,
-    ``grad_norm_ratio_B_A`` = ‖∂L/∂B‖_F / ‖∂L/∂A‖_F;
-    ``dW_from_A_norm`` = ‖s²BBᵀG‖_F, ``dW_from_B_norm`` = ‖s²GAᵀA‖_F, ``dW_cos``; and
-    ``cka_a_code_vs_b_out_grad`` (linear CKA on at most 2000 reservoir-sampled frames).
-    ``grad_norm_ratio_B_A``, ``dW_cos`` and the CKA have no ratio row. Energy ranks and the CKA use audio frames
-    only; the weight gradients are the exact gradients of the loss (under ``pad30`` padded
-    frames are attended to, so they contribute there).
-    """
-    indices = balanced_sample(run.splits["train"].labels, cfg["train_sample"], seed)
-    return ab_dynamics_table(
-        run, indices, cfg["batch_size"], cfg["energy_fraction"], cfg["untrained_init_std"], seed
-    )
-
-
 # --------------------------------------------------------------------------- stored statistics
 
-SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
 
-
-def ab_statistics(
-    run: TrainedRun,
-    indices: np.ndarray,
-    batch_size: int,
-    untrained_init_std: float,
-    seed: int,
-    cka_max_frames: int = CKA_MAX_FRAMES,
-) -> dict[str, torch.Tensor]:
-    """Everything :func:`ab_dynamics_table` needs, with no post-hoc setting applied.
-
-    Keys ``{state}/{module}/sv/{quantity}``: the singular values of each activation and
-    gradient matrix (energy ranks are taken from them at any ``energy_fraction``), and
-    ``{state}/{module}/{scalar}``: the gradient norms, the ΔW comparison and the CKA.
-    """
+def _check_run(run: TrainedRun, indices) -> None:
     if not run.lora_modules():
         raise ValueError(
             f"{run.model}/{run.method}/fold{run.fold}: no LoRA modules; A/B dynamics apply to LoRA runs only"
         )
     if len(indices) == 0:
         raise ValueError(f"{run.model}/{run.method}/fold{run.fold}: the training sample is empty")
-    states = [trained_state(run), untrained_state(run, untrained_init_std, seed)]
+
+
+def ab_statistics(
+    run: TrainedRun,
+    indices: np.ndarray,
+    batch_size: int,
+    baseline: str,
+    seed: int,
+    init_std: float | None = None,
+    cka_max_frames: int = CKA_MAX_FRAMES,
+) -> dict[str, torch.Tensor]:
+    """Everything the ``ab_dynamics`` table needs, with no post-hoc setting applied.
+
+    ``baseline`` and ``init_std``: the untrained baseline (:func:`untrained_state`). Keys
+    ``{state}/{module}/sv/{quantity}`` and ``{state}/{module}/sv_centred/{quantity}``: the
+    singular values of each activation and gradient matrix, uncentred and centred (energy
+    ranks are taken from them at any ``energy_fraction``), and ``{state}/{module}/{scalar}``:
+    the gradient norms, the ΔW comparison, the CKA and ``n_frames``.
+    """
+    _check_run(run, indices)
+    states = [trained_state(run), untrained_state(run, baseline, seed, init_std)]
     acc = stream_ab_statistics(run, states, indices, batch_size, cka_max_frames, seed)
     out = {}
     for state, state_acc in acc.items():
         for name, m_acc in state_acc.modules.items():
-            spectra = {
-                "a_out": m_acc.a_out.singular_values(),
-                "b_out": m_acc.b_out_singular_values(),
-                "a_out_grad": m_acc.a_out_grad.singular_values(),
-                "b_out_grad": m_acc.b_out_grad.singular_values(),
-            }
-            for quantity, sv in spectra.items():
-                out[f"{state}/{name}/sv/{quantity}"] = torch.from_numpy(np.ascontiguousarray(sv))
-            scalars = {k: v for k, v in m_acc.values(0.9).items() if k not in SPECTRA}
+            for kind, centred in (("sv", False), ("sv_centred", True)):
+                for quantity, sv in m_acc.spectra(centred).items():
+                    out[f"{state}/{name}/{kind}/{quantity}"] = torch.from_numpy(
+                        np.ascontiguousarray(sv)
+                    )
+            scalars = m_acc.scalars()
             code = state_acc.reservoir.sample((name, "a_code"))
             grad = state_acc.reservoir.sample((name, "b_out_grad"))
             scalars["cka_a_code_vs_b_out_grad"] = (
@@ -599,34 +677,87 @@ def ab_statistics(
 
 
 def write_ab_statistics(
-    run: TrainedRun, indices, batch_size: int, untrained_init_std: float, seed: int, path
+    run: TrainedRun,
+    indices,
+    batch_size: int,
+    baseline: str,
+    seed: int,
+    path,
+    init_std: float | None = None,
 ) -> None:
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    tensors = ab_statistics(run, indices, batch_size, untrained_init_std, seed)
+    tensors = ab_statistics(run, indices, batch_size, baseline, seed, init_std)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata={"n_layers": str(len(run.encoder.layers))})
+    metadata = {
+        "n_layers": str(len(run.encoder.layers)),
+        "untrained_baseline": baseline,
+        "untrained_init_std": "" if init_std is None or baseline != "paper" else str(init_std),
+    }
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 
+def _energy_values(sv: np.ndarray, n_frames: float, fraction: float, centred: bool):
+    """(count, share of the largest possible rank) of one stored spectrum."""
+    count = float(energy_rank(sv, fraction))
+    if not np.isfinite(n_frames):
+        return count, math.nan
+    bound = max_rank(len(sv), int(n_frames), centred)
+    return count, count / bound if bound > 0 else math.nan
+
+
 def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: float) -> pd.DataFrame:
-    """The ``ab_dynamics.tsv`` table from :func:`ab_statistics` (same rows as :func:`ab_dynamics_table`)."""
-    values: dict[str, dict[str, dict[str, float]]] = {}
+    """The ``ab_dynamics.tsv`` table from :func:`ab_statistics` (columns :data:`TABLE_COLUMNS`).
+
+    Per adapted module and state (trained, untrained): for every ``q`` of :data:`SPECTRA`
+    the energy ranks ``q`` (uncentred count), ``q_centred`` (count, mean removed),
+    ``q_frac`` and ``q_centred_frac`` (the counts over the largest rank the matrix can have,
+    :func:`max_rank`); then :data:`SCALARS`. ``ratio`` rows (trained ÷ untrained) for
+    :data:`RATIO_QUANTITIES`. Statistics written before the centred spectra and the frame
+    count were stored give the uncentred counts and the scalars only.
+    """
+    spectra: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    scalars: dict[str, dict[str, dict[str, float]]] = {}
     for key, tensor in tensors.items():
         state, rest = key.split("/", 1)
-        if "/sv/" in rest:
-            name, quantity = rest.split("/sv/")
-            value = float(energy_rank(np.asarray(tensor, dtype=np.float64), energy_fraction))
+        for kind in ("sv", "sv_centred"):
+            if f"/{kind}/" in rest:
+                name, quantity = rest.split(f"/{kind}/")
+                spectra.setdefault(state, {}).setdefault(name, {})[f"{kind}/{quantity}"] = (
+                    np.asarray(tensor, dtype=np.float64)
+                )
+                break
         else:
             name, quantity = rest.rsplit("/", 1)
-            value = float(np.asarray(tensor))
-        values.setdefault(state, {}).setdefault(name, {})[quantity] = value
-    order = [*SPECTRA, "grad_norm_A", "grad_norm_B", "grad_norm_ratio_B_A"]
-    order += ["dW_from_A_norm", "dW_from_B_norm", "dW_cos", "cka_a_code_vs_b_out_grad"]
+            scalars.setdefault(state, {}).setdefault(name, {})[quantity] = float(np.asarray(tensor))
+    values: dict[str, dict[str, dict[str, float]]] = {}
+    for state, by_module in scalars.items():
+        for name, named in by_module.items():
+            n_frames = named.get("n_frames", math.nan)
+            out = values.setdefault(state, {}).setdefault(name, {})
+            stored = spectra.get(state, {}).get(name, {})
+            for q in SPECTRA:
+                count, share = _energy_values(stored[f"sv/{q}"], n_frames, energy_fraction, False)
+                out[q] = count
+                if f"sv_centred/{q}" in stored:
+                    c_count, c_share = _energy_values(
+                        stored[f"sv_centred/{q}"], n_frames, energy_fraction, True
+                    )
+                    out[f"{q}_centred"] = c_count
+                    out[f"{q}_frac"], out[f"{q}_centred_frac"] = share, c_share
+            out.update({q: named[q] for q in SCALARS if q in named})
+    order = [
+        *SPECTRA,
+        *(f"{q}_centred" for q in SPECTRA),
+        *(f"{q}_frac" for q in SPECTRA),
+        *(f"{q}_centred_frac" for q in SPECTRA),
+        *SCALARS,
+    ]
     rows = []
     for name in sorted(values["trained"]):
         layer = _layer_index(name)
@@ -635,13 +766,58 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
             rows += [
                 {**base, "quantity": q, "state": state, "value": values[state][name][q]}
                 for q in order
+                if q in values[state][name]
             ]
         for q in RATIO_QUANTITIES:
+            if q not in values["trained"][name] or q not in values["untrained"][name]:
+                continue
             t, u = values["trained"][name][q], values["untrained"][name][q]
             rows.append(
                 {**base, "quantity": q, "state": "ratio", "value": t / u if u != 0 else math.nan}
             )
-    return pd.DataFrame(rows, columns=["module", "layer", "depth", "quantity", "state", "value"])
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def ab_dynamics_table(
+    run: TrainedRun,
+    indices: np.ndarray,
+    batch_size: int,
+    energy_fraction: float,
+    baseline: str,
+    seed: int,
+    init_std: float | None = None,
+    cka_max_frames: int = CKA_MAX_FRAMES,
+) -> pd.DataFrame:
+    """The table (:func:`ab_table_from_statistics`) on the training utterances ``indices``,
+    computed in memory (:func:`ab_statistics`), with the run's key columns left out."""
+    tensors = ab_statistics(run, indices, batch_size, baseline, seed, init_std, cka_max_frames)
+    return ab_table_from_statistics(tensors, len(run.encoder.layers), energy_fraction)
+
+
+def baseline_settings(cfg) -> tuple[str, float | None]:
+    """``(untrained_baseline, untrained_init_std or None)`` from settings that hold the
+    std only for the ``paper`` baseline (what :func:`serlens.analysis.passes.pass_settings` passes)."""
+    baseline = cfg["untrained_baseline"]
+    return baseline, (float(cfg["untrained_init_std"]) if baseline == "paper" else None)
+
+
+def compute_ab_dynamics(run: TrainedRun, cfg, seed: int) -> pd.DataFrame:
+    """A/B activation and gradient dynamics of a LoRA run on its training sample, in memory.
+
+    The sample is ``balanced_sample(train labels, cfg["train_sample"], seed)``; the baseline
+    ``cfg["untrained_baseline"]`` (and ``cfg["untrained_init_std"]`` for ``paper``). Rows:
+    see :func:`ab_table_from_statistics`. ``grad_norm_A`` = ‖∂L/∂A‖_F, ``grad_norm_B`` =
+    ‖∂L/∂B‖_F, ``grad_norm_ratio_B_A`` = their ratio; ``dW_from_A_norm`` = ‖s²BBᵀG‖_F,
+    ``dW_from_B_norm`` = ‖s²GAᵀA‖_F, ``dW_cos``; ``cka_a_code_vs_b_out_grad`` (linear CKA
+    on at most 2000 reservoir-sampled frames). Energy ranks and the CKA use audio frames
+    only; the weight gradients are the exact gradients of the loss (under ``pad30`` padded
+    frames are attended to, so they contribute there).
+    """
+    indices = balanced_sample(run.splits["train"].labels, cfg["train_sample"], seed)
+    baseline, init_std = baseline_settings(cfg)
+    return ab_dynamics_table(
+        run, indices, cfg["batch_size"], cfg["energy_fraction"], baseline, seed, init_std
+    )
 
 
 # --------------------------------------------------------------------------- the workflow's analysis
@@ -675,7 +851,12 @@ def _compute(run, settings) -> pd.DataFrame:
 def _draw(tables, model, context):
     from serlens.report.figures import ab_dynamics_figure
 
-    return ab_dynamics_figure(tables["ab_dynamics"], model, context["energy_fraction"])
+    return ab_dynamics_figure(
+        tables["ab_dynamics"],
+        model,
+        context["energy_fraction"],
+        untrained_baseline=context["untrained_baseline"],
+    )
 
 
 def _spec():
@@ -692,10 +873,15 @@ def _spec():
         ),
         figures=(
             FigureSpec(
-                "ab_dynamics", _draw, ("ab_dynamics",), "A/B dynamics", keys=("energy_fraction",)
+                "ab_dynamics",
+                _draw,
+                ("ab_dynamics",),
+                "A/B dynamics",
+                keys=("energy_fraction", "untrained_baseline"),
             ),
         ),
-        doc="energy ranks, gradient norms and ΔW contributions of LoRA's A and B, trained vs untrained",
+        doc="energy ranks (uncentred, centred, as shares of the possible rank), gradient norms "
+        "and ΔW contributions of LoRA's A and B, trained vs a scale-matched untrained baseline",
     )
 
 

@@ -6,11 +6,19 @@ Whisper's encoder layers are pre-LN residual blocks. Block l (1..L) reads the st
 * ``a`` = ``attn_out`` = ``self_attn(self_attn_layer_norm(h))`` (before the residual add),
 * ``m`` = ``mlp_out`` = ``resid[l] - (h + a)`` = ``fc2(gelu(fc1(final_layer_norm(h + a))))``.
 
-Per block, over every frame that holds audio of the fold's test utterances, this module
+Per block, over the frames that hold audio of the fold's test utterances, this module
 reports the size of each update relative to the stream it is added to (norm ratio) and its
 direction relative to that stream (cosine), for ``a``, ``m`` and the block's whole update
-``a + m``. The per-frame values are averaged over frames (each audio frame of each test
-utterance weighs the same).
+``a + m``. The per-frame values are averaged over each utterance's audio frames, then over
+utterances (each test utterance weighs the same, whatever its length)::
+
+    value = (1/N) Σ_u (1/T_u) Σ_{t ≤ T_u} metric(u, t)
+
+so the value is a mean over test utterances and splits by speaker: the workflow's table
+has one row per test speaker (``speaker``, ``n_utts``: the mean over that speaker's
+utterances), whose ``n_utts``-weighted mean is the run's value, and the aggregated table
+gets a 95 % band from resampling test speakers within folds
+(:mod:`serlens.report.aggregate`). ``n_frames`` counts the audio frames behind a row.
 
 ``layer`` is the block number 1..L, so block l produces the hidden state the logit lens calls
 layer l; ``depth`` = layer / L puts models of different depth on one axis.
@@ -41,6 +49,8 @@ __all__ = [
     "capture_attn_out",
     "compute_contributions",
     "contribution_sums",
+    "contributions_from_states",
+    "encoder_utterance_means",
     "layer_components",
     "residual_cosine",
     "residual_norm_ratio",
@@ -139,43 +149,47 @@ def contribution_sums(
     return sums
 
 
-def encoder_contribution_sums(encoder: nn.Module, batch) -> dict[tuple[int, str, str], float]:
-    """One pass over a batch, block by block (only one block's activations alive at a time)."""
+def encoder_utterance_means(encoder: nn.Module, batch) -> torch.Tensor:
+    """``(B, L, components, metrics)`` float64: each utterance's mean over its audio frames."""
+    from serlens.analysis.passes import utterance_contributions
+
     x = embed(encoder, batch.mel)
     mask = attention_mask(batch, x.dtype)
-    sums = {}
-    for index, layer in enumerate(encoder.layers, start=1):
+    frames = batch.frame_mask.sum(dim=1).to(torch.float64).cpu()
+    means = []
+    for layer in encoder.layers:
         parts = layer_components(layer, x, mask)
-        for (component, metric), value in contribution_sums(parts, batch.frame_mask).items():
-            sums[(index, component, metric)] = value
+        means.append(utterance_contributions(parts, batch.frame_mask) / frames[:, None, None])
         x = parts.resid_post
-    return sums
+    return torch.stack(means, dim=1)
 
 
 def compute_contributions(run, cfg: dict, seed: int) -> pd.DataFrame:
-    """Per block, variant, component and metric: the mean over the test split's audio frames.
+    """Per block, variant, component and metric: the mean over test utterances of each
+    utterance's mean over its audio frames (the module docstring), one row per run.
 
-    Columns: ``variant, layer, depth, component, metric, value, n_frames``. ``seed`` is
-    unused (the analysis is deterministic); it is accepted for the registry's signature.
+    The in-memory reference of :func:`contributions_from_states`. Columns: ``variant, layer,
+    depth, component, metric, value, n_frames``. ``seed`` is unused (the analysis is
+    deterministic); it is accepted for the registry's signature.
     """
     del seed
     variants = ["adapted", "base"] if run.is_lora else ["base"]
-    n_layers = len(run.encoder.layers)
-    totals = {v: {} for v in variants}
+    test = run.splits["test"]
+    totals = {v: None for v in variants}
     n_frames = 0
     with torch.inference_mode():
-        for _, batch in run.batches(run.splits["test"], cfg["batch_size"]):
+        for _, batch in run.batches(test, cfg["batch_size"]):
             n_frames += int(batch.frame_mask.sum())
             for variant in variants:
                 # "base" of a frozen run is its own encoder; adapter_disabled() is then a no-op
                 with run.adapter_disabled() if variant == "base" else contextlib.nullcontext():
-                    sums = encoder_contribution_sums(run.encoder, batch)
-                for key, value in sums.items():
-                    totals[variant][key] = totals[variant].get(key, 0.0) + value
+                    means = encoder_utterance_means(run.encoder, batch).sum(dim=0)
+                totals[variant] = means if totals[variant] is None else totals[variant] + means
     if n_frames == 0:
         raise ValueError(
             f"{run.model}/{run.method}/fold{run.fold}: the test split holds no audio frames."
         )
+    n_layers = len(run.encoder.layers)
     rows = [
         {
             "variant": variant,
@@ -183,13 +197,13 @@ def compute_contributions(run, cfg: dict, seed: int) -> pd.DataFrame:
             "depth": layer / n_layers,
             "component": component,
             "metric": metric,
-            "value": totals[variant][(layer, component, metric)] / n_frames,
+            "value": float(totals[variant][layer - 1, c, m]) / len(test),
             "n_frames": n_frames,
         }
         for variant in variants
         for layer in range(1, n_layers + 1)
-        for component in COMPONENTS
-        for metric in METRICS
+        for c, component in enumerate(COMPONENTS)
+        for m, metric in enumerate(METRICS)
     ]
     return pd.DataFrame(rows).astype({"value": np.float64})
 
@@ -197,41 +211,63 @@ def compute_contributions(run, cfg: dict, seed: int) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the workflow's analysis
 
 
-def contributions_from_states(own, base, is_adapted: bool) -> pd.DataFrame:
+def contributions_from_states(
+    own, base, is_adapted: bool, speakers: np.ndarray | None = None
+) -> pd.DataFrame:
     """The table of :func:`compute_contributions` from stored per-utterance frame sums.
 
-    ``value = Σ_u sum_u / Σ_u frames_u`` over the fold's test utterances (each audio frame
-    weighs the same), per variant (``adapted`` from the run's own pass, ``base`` from the
-    pre-trained encoder's pass).
+    ``value = (1/N) Σ_u contrib_u / frames_u`` over the fold's test utterances, per variant
+    (``adapted`` from the run's own pass, ``base`` from the pre-trained encoder's pass).
+    With ``speakers`` (one per test row) one row per speaker: the mean over its utterances,
+    with ``speaker`` and ``n_utts`` (``n_frames``: its audio frames) after ``metric``.
     """
     variants = {"adapted": own, "base": base} if is_adapted else {"base": own}
     rows = []
     for variant, states in variants.items():
         sums, frames = states["test/contrib"], states["test/frames"]
-        n_frames = int(frames.sum())
-        if n_frames == 0:
+        if int(frames.sum()) == 0:
             raise ValueError(f"{states.path}: the test split holds no audio frames.")
-        totals = sums.sum(axis=0) / n_frames  # (L, components, metrics)
-        n_layers = totals.shape[0]
-        for layer in range(1, n_layers + 1):
-            for c, component in enumerate(COMPONENTS):
-                for m, metric in enumerate(METRICS):
-                    rows.append(
-                        {
-                            "variant": variant,
-                            "layer": layer,
-                            "depth": layer / n_layers,
-                            "component": component,
-                            "metric": metric,
-                            "value": float(totals[layer - 1, c, m]),
-                            "n_frames": n_frames,
-                        }
-                    )
+        if np.any(frames <= 0):
+            raise ValueError(f"{states.path}: a test utterance holds no audio frames.")
+        means = sums / frames[:, None, None, None]  # (N, L, components, metrics)
+        if speakers is None:
+            groups = [(None, np.ones(len(frames), dtype=bool))]
+        else:
+            speakers = np.asarray(speakers)
+            if len(speakers) != len(frames):
+                raise ValueError(
+                    f"{states.path}: {len(frames)} test utterances, {len(speakers)} speakers"
+                )
+            groups = [(s, speakers == s) for s in sorted(set(speakers.tolist()))]
+        n_layers = means.shape[1]
+        for speaker, member in groups:
+            totals = means[member].mean(axis=0)
+            who = {} if speaker is None else {"speaker": speaker, "n_utts": int(member.sum())}
+            for layer in range(1, n_layers + 1):
+                for c, component in enumerate(COMPONENTS):
+                    for m, metric in enumerate(METRICS):
+                        rows.append(
+                            {
+                                "variant": variant,
+                                "layer": layer,
+                                "depth": layer / n_layers,
+                                "component": component,
+                                "metric": metric,
+                                **who,
+                                "value": float(totals[layer - 1, c, m]),
+                                "n_frames": int(frames[member].sum()),
+                            }
+                        )
     return pd.DataFrame(rows).astype({"value": np.float64})
 
 
 def adapter_delta(long: pd.DataFrame, run_columns: list[str]) -> pd.DataFrame:
-    """``variant = delta`` = ``adapted − base`` of the same run, per fold (before averaging)."""
+    """``variant = delta`` = ``adapted − base`` of the same run, per fold (before averaging).
+
+    ``run_columns`` identify a run's row apart from the table's keys: the run, and for
+    per-speaker rows ``speaker, n_utts`` (so the delta is taken per speaker, and its
+    ``n_utts``-weighted mean is the run's delta).
+    """
     if not {"adapted", "base"} <= set(long["variant"]):
         return long.iloc[:0]
     keys = [*run_columns, "layer", "depth", "component", "metric"]
@@ -242,9 +278,16 @@ def adapter_delta(long: pd.DataFrame, run_columns: list[str]) -> pd.DataFrame:
 
 def _compute(run, settings) -> pd.DataFrame:
     adapted = run.method.trains_encoder
-    return contributions_from_states(
-        run.states("states"), run.states("base_states") if adapted else None, adapted
-    )
+    own = run.states("states")
+    test = list(run.splits["test"].utt_ids)
+    base = run.states("base_states") if adapted else None
+    for states in (own, base):
+        if states is not None and states.utt_ids("test") != test:
+            raise ValueError(
+                f"{states.path}: test utterances differ from the fold's; rerun its pass."
+            )
+    speakers = np.array([run.speakers[u] for u in test], dtype=object)
+    return contributions_from_states(own, base, adapted, speakers)
 
 
 def _draw(tables, model, context):

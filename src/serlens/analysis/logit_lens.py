@@ -12,17 +12,41 @@ At l = L, ``LN(resid[L])`` is ``last_hidden_state``, so ``p_L`` is the model's o
 Tuned lens (Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the
 Tuned Lens"): a per-layer affine translator ``T_l(x) = x + W_l x + b_l`` (``W_l`` D x D,
 ``b_l`` D; identity at initialisation, ``W_l = 0``, ``b_l = 0``) before the head,
-``p_l = softmax(head(T_l(mean_t LN(resid[l]_t))))``, fitted on the fold's fixed
-class-balanced training sample to minimise ``KL(p_L ‖ p_l)``; the last layer keeps the
-identity. ``T_l`` is affine, so ``mean_t T_l(LN(resid[l]_t)) = T_l(mean_t LN(resid[l]_t))``:
-translating frames and pooling equals translating the pooled state, and the lens is fitted
-on cached pooled states (N x (L + 1) x D), which takes milliseconds.
+``p_l = softmax(head(T_l(mean_t LN(resid[l]_t))))``; the last layer keeps the identity.
+It is fitted (:func:`fit_tuned_lens`) on every training utterance of the fold to minimise
+``Σ_l mean_n KL(p_L ‖ p_l) + l2 · Σ_l (‖W_l‖²_F + ‖b_l‖²)``, the penalty shrinking each
+translator toward the identity (the logit lens), and early-stopped on the fold's dev
+speakers. Where the pass stored only the fixed class-balanced training sample (an older
+pass), it is fitted on that, without early stopping; ``fit_split`` says which (``train``,
+``train_sample``; ``none`` on logit-lens rows). ``T_l`` is affine, so
+``mean_t T_l(LN(resid[l]_t)) = T_l(mean_t LN(resid[l]_t))``: translating frames and
+pooling equals translating the pooled state, and the lens is fitted on cached pooled states
+(N x (L + 1) x D), which takes about a second for a few thousand utterances of tiny.en.
+
+``l2`` (``analysis.tuned_lens_l2``, default 1e-2) was chosen by the dev KL on the default
+run (tiny.en, synthetic corpus, the five frozen runs; 102 training, 34 dev and 34 test
+utterances per fold; 200 steps, patience 5): dev KL summed over layers 0.403, 0.402,
+0.396, 0.377, 0.379 for l2 = 0, 1e-4, 1e-3, 1e-2, 1e-1 (test KL 0.497, 0.496, 0.487,
+0.454, 0.445; the old fit, 32 sampled utterances without penalty, 0.663). Refitted on
+states perturbed by 1e-3 relative noise (about TF32's precision), the per-layer test KL
+moved by at most 3.4e-4 (the old fit: 9.6e-4), so this perturbation alone does not explain
+the 4e-2 CPU/GPU difference once measured (README); rerun ``bench/gpu_analyses.py``.
 
 Per layer the table reports, on the fold's test utterances: UAR and WAR of ``argmax p_l``
 against the labels, ``agreement`` = share of utterances where ``argmax p_l`` equals the
 run's prediction ``argmax p_L``, ``kl`` = mean over utterances of ``KL(p_L ‖ p_l)`` (nats)
 and ``entropy`` = mean of ``H(p_l)`` (nats). Tuned-lens rows add ``fit_kl``, the same KL on
-the training sample the translators were fitted on (compare with ``kl`` to see overfitting).
+the utterances the translators were fitted on, and ``dev_kl`` on the dev utterances where
+it was early-stopped (compare with ``kl`` to see overfitting).
+
+Per-speaker rows: ``war``, ``agreement``, ``kl`` and ``entropy`` are means over test
+utterances, so the workflow's table holds one row per test speaker (``speaker``,
+``n_utts``) whose ``n_utts``-weighted mean is the run's value, and the aggregated table
+gets a 95 % band from resampling test speakers within folds
+(:mod:`serlens.report.aggregate`). ``uar`` (a mean over classes of per-class recalls) is
+not a weighted mean of per-speaker UARs, and ``fit_kl``/``dev_kl`` are not on test
+utterances: those keep one row per run (``speaker`` empty, ``n_utts`` = the utterances
+behind the value), which the aggregator averages over runs and gives no band.
 
 ``variant``: ``adapted`` = the run's LoRA encoder, ``base`` = the pre-trained encoder (for
 LoRA runs the same object with its adapters disabled, read with the *same* trained head).
@@ -36,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import numpy as np
 import pandas as pd
@@ -43,7 +68,7 @@ import torch
 from torch import nn
 
 from serlens.analysis.runs import balanced_sample
-from serlens.metrics import uar, war
+from serlens.metrics import uar
 from serlens.models.encoder import masked_mean, run_encoder
 
 __all__ = [
@@ -58,7 +83,13 @@ __all__ = [
     "pooled_normalised_states",
 ]
 
+log = logging.getLogger(__name__)
+
 TUNED_LENS_LR = 1e-3  # Adam's default (Kingma & Ba 2015); not tuned on any split
+#: Defaults of ``analysis.tuned_lens_l2`` and ``analysis.tuned_lens_patience`` (the schema's).
+TUNED_LENS_L2 = 1e-2
+TUNED_LENS_PATIENCE = 5
+TUNED_LENS_EVAL_EVERY = 10  # optimisation steps between two evaluations on dev
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -123,45 +154,117 @@ def affine_readout(head: nn.Module, d_model: int) -> tuple[torch.Tensor, torch.T
 
 
 def fit_tuned_lens(
-    head: nn.Module, pooled_states: torch.Tensor, steps: int, lr: float = TUNED_LENS_LR
+    head: nn.Module,
+    train_states: torch.Tensor,
+    steps: int,
+    dev_states: torch.Tensor | None = None,
+    l2: float = TUNED_LENS_L2,
+    patience: int = TUNED_LENS_PATIENCE,
+    lr: float = TUNED_LENS_LR,
+    eval_every: int = TUNED_LENS_EVAL_EVERY,
 ) -> TunedLens:
-    """Fit the translators by full-batch Adam on ``Σ_l mean_n KL(p_L ‖ p_l)`` (the head stays fixed).
+    """Fit the translators by full-batch Adam (the head stays fixed), early-stopped on dev.
 
-    Deterministic: identity initialisation, full batch. Layers do not interact (each
-    translator sees only its layer), so the sum fits each layer as if alone. With a few dozen
-    utterances and D² + D parameters per layer the translators can overfit the sample: the
-    table's ``fit_kl`` (on the sample) beside ``kl`` (on test) shows by how much.
+    The objective on the N training states is (Belrose et al. 2023, "Eliciting Latent
+    Predictions from Transformers with the Tuned Lens", eq. 2, plus an L2 penalty)::
 
-    For an affine head ``head(y) = H y + c`` the loss is computed as
-    ``head(x) + x (H W_l)ᵀ + H b_l``, the same logits as ``head(T_l(x))`` at C·D² instead of
+        J(W, b) = Σ_{l<L} mean_n KL(p_L(x_n) ‖ p_l(x_n)) + l2 · Σ_{l<L} (‖W_l‖²_F + ‖b_l‖²)
+
+    The translator is ``T_l(x) = (I + W_l) x + b_l``, so the penalty is ‖(I + W_l) − I‖²_F +
+    ‖b_l‖²: it shrinks every translator toward the identity, i.e. the tuned lens toward the
+    logit lens (l2 → ∞ gives the logit lens; l2 = 0 the unregularised fit). The KL is a mean
+    over utterances, so ``l2`` does not depend on N.
+
+    Early stopping: with ``dev_states`` the dev objective ``Σ_l mean_n KL`` (no penalty) is
+    evaluated at step 0 (the identity) and every ``eval_every`` steps; the translators of the
+    best evaluation are kept (ties keep the earlier, more regularised one), and the fit stops
+    after ``patience`` evaluations without improvement, or after ``steps``. Without dev states
+    all ``steps`` are taken and the last translators kept.
+
+    Deterministic: identity initialisation, full batch, no sampling. Layers do not interact
+    (each translator sees only its layer), so the sum fits each layer as if alone. The lens
+    carries ``best_step`` (the step of the translators kept) and ``history`` (per evaluation:
+    ``step``, ``fit_objective`` J on the training states, ``dev_kl``).
+
+    For an affine head ``head(y) = H y + c`` the logits are computed as
+    ``head(x) + x (H W_l)ᵀ + H b_l``, the same as ``head(T_l(x))`` at C·D² instead of
     N·D² cost per layer (C classes ≪ N utterances).
     """
-    n_layers, d_model = pooled_states.shape[1] - 1, pooled_states.shape[2]
+    if l2 < 0:
+        raise ValueError(f"l2: must be non-negative, got {l2}")
+    n_layers, d_model = train_states.shape[1] - 1, train_states.shape[2]
     head = copy.deepcopy(head).requires_grad_(False)  # the run's head is left untouched
-    # A normal tensor even if it was made under inference_mode (autograd cannot save those).
-    pooled_states = pooled_states.clone()
     lens = TunedLens(head, n_layers, d_model)
     readout = affine_readout(head, d_model)
-    inner = pooled_states[:, :-1]
-    with torch.no_grad():
-        target = logit_lens(head, pooled_states[:, -1:]).expand(-1, n_layers, -1)
-        untranslated = logit_lens(head, inner)
 
-    def translated_logits() -> torch.Tensor:
+    def prepared(states: torch.Tensor):
+        # A normal tensor even if it was made under inference_mode (autograd cannot save
+        # those); stored states (from numpy) are used as they are, not copied.
+        if states.is_inference():
+            states = states.clone()
+        with torch.no_grad():
+            target = logit_lens(head, states[:, -1:]).expand(-1, n_layers, -1)
+            untranslated = logit_lens(head, states[:, :-1])
+        return states, target, untranslated
+
+    def translated_logits(states, untranslated) -> torch.Tensor:
         if readout is None:
-            return lens(pooled_states)[:, :-1]
+            return lens(states)[:, :-1]
         weight = readout[0]
         through_head = torch.einsum("cd,lde->lce", weight, lens.weight)  # H W_l: (L, C, D)
         shift = lens.bias @ weight.T  # H b_l: (L, C)
-        return untranslated + torch.einsum("nle,lce->nlc", inner, through_head) + shift
+        return untranslated + torch.einsum("nle,lce->nlc", states[:, :-1], through_head) + shift
+
+    def objective(data) -> torch.Tensor:
+        states, target, untranslated = data
+        kl = kl_divergence(target, translated_logits(states, untranslated)).mean(dim=0).sum()
+        if l2:
+            kl = kl + l2 * (lens.weight.square().sum() + lens.bias.square().sum())
+        return kl
+
+    train = prepared(train_states)
+    dev = prepared(dev_states) if dev_states is not None else None
+    history: list[dict] = []
+    best = (float("inf"), 0, None)  # dev KL, step, translators
+
+    def evaluate(step: int) -> bool:
+        """Record one evaluation; True if it is the best so far."""
+        nonlocal best
+        with torch.no_grad():
+            fit = float(objective(train))
+            dev_kl = (
+                float(kl_divergence(dev[1], translated_logits(dev[0], dev[2])).mean(0).sum())
+                if dev is not None
+                else float("nan")
+            )
+        history.append({"step": step, "fit_objective": fit, "dev_kl": dev_kl})
+        if dev is not None and dev_kl < best[0]:
+            best = (dev_kl, step, (lens.weight.detach().clone(), lens.bias.detach().clone()))
+            return True
+        return False
 
     optimiser = torch.optim.Adam([lens.weight, lens.bias], lr=lr, fused=True)
-    for _ in range(steps):
+    if dev is not None:
+        evaluate(0)
+    stale, step = 0, 0
+    for step in range(1, steps + 1):
         optimiser.zero_grad()
-        loss = kl_divergence(target, translated_logits()).mean(dim=0).sum()
-        loss.backward()
+        objective(train).backward()
         optimiser.step()
+        if dev is not None and (step % eval_every == 0 or step == steps):
+            stale = 0 if evaluate(step) else stale + 1
+            if stale >= patience:
+                break
     lens.requires_grad_(False)
+    if dev is not None:
+        with torch.no_grad():
+            lens.weight.copy_(best[2][0])
+            lens.bias.copy_(best[2][1])
+        lens.best_step = best[1]
+    else:
+        evaluate(step)
+        lens.best_step = step
+    lens.history = history
     return lens
 
 
@@ -172,24 +275,53 @@ def pooled_normalised_states(encoder: nn.Module, batch) -> torch.Tensor:
     return torch.stack([masked_mean(s, out.frame_mask) for s in states], dim=1)
 
 
+#: Metrics that are means over test utterances, so a speaker's value is the mean over its
+#: utterances and the run's value the ``n_utts``-weighted mean of its speakers' (per-speaker rows).
+PER_UTTERANCE = ("war", "agreement", "kl", "entropy")
+
+
 def lens_metrics(
-    logits: torch.Tensor, final_logits: torch.Tensor, labels: np.ndarray, n_classes: int
+    logits: torch.Tensor,
+    final_logits: torch.Tensor,
+    labels: np.ndarray,
+    n_classes: int,
+    speakers: np.ndarray | None = None,
 ) -> list[dict]:
-    """Per layer of ``logits`` (N, L + 1, C): uar, war, agreement, kl, entropy (see the module docstring)."""
+    """Per layer of ``logits`` (N, L + 1, C): uar, war, agreement, kl, entropy (module docstring).
+
+    With ``speakers`` (one per row) the means over utterances (:data:`PER_UTTERANCE`) get one
+    row per speaker (``speaker``, ``n_utts``); ``uar`` is not a mean over utterances (the
+    mean over classes of per-class recalls), so it keeps one row for all N utterances
+    (``speaker`` None, ``n_utts`` = N).
+    """
     final_pred = final_logits.argmax(dim=-1).numpy()
-    kl = kl_divergence(final_logits[:, None, :], logits).mean(dim=0)
-    ent = entropy(logits).mean(dim=0)
+    kl = kl_divergence(final_logits[:, None, :], logits).numpy()  # (N, L + 1)
+    ent = entropy(logits).numpy()
+    groups = (
+        [(None, np.ones(len(labels), dtype=bool))]
+        if speakers is None
+        else [(s, np.asarray(speakers) == s) for s in sorted(set(np.asarray(speakers).tolist()))]
+    )
     rows = []
     for layer in range(logits.shape[1]):
         pred = logits[:, layer].argmax(dim=-1).numpy()
-        values = {
-            "uar": uar(labels, pred, n_classes),
-            "war": war(labels, pred),
-            "agreement": float(np.mean(pred == final_pred)),
-            "kl": float(kl[layer]),
-            "entropy": float(ent[layer]),
+        per_utt = {
+            "war": pred == labels,
+            "agreement": pred == final_pred,
+            "kl": kl[:, layer],
+            "entropy": ent[:, layer],
         }
-        rows += [{"layer": layer, "metric": k, "value": v} for k, v in values.items()]
+        whole = {"layer": layer, "metric": "uar", "value": uar(labels, pred, n_classes)}
+        if speakers is not None:
+            whole |= {"speaker": None, "n_utts": len(labels)}
+        rows.append(whole)
+        for speaker, rows_of in groups:
+            for metric in PER_UTTERANCE:
+                row = {"layer": layer, "metric": metric}
+                row["value"] = float(np.mean(per_utt[metric][rows_of], dtype=np.float64))
+                if speakers is not None:
+                    row |= {"speaker": speaker, "n_utts": int(rows_of.sum())}
+                rows.append(row)
     return rows
 
 
@@ -216,8 +348,9 @@ def _collect(
 def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
     """Logit lens (and, if ``cfg["tuned_lens"]``, tuned lens) per variant and layer on the test split.
 
-    Columns: ``lens, variant, layer, depth, metric, value``. ``seed`` fixes the training
-    sample the tuned lens is fitted on.
+    The in-memory reference of the workflow's analysis: the tuned lens is fitted on the
+    analysis sample (``fit_split = train_sample``, no early stopping) with
+    ``cfg.get("tuned_lens_l2", TUNED_LENS_L2)``; one row per run. ``seed`` fixes the sample.
     """
     own = "adapted" if run.is_lora else "base"
     variants = [own, "base"] if run.is_lora else [own]
@@ -229,7 +362,14 @@ def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
         sample = balanced_sample(train.labels, cfg["train_sample"], seed)
         train_states = _collect(run, train, cfg["batch_size"], [own], sample)[own]
     return logit_lens_table(
-        run.head, states, own, test.labels, len(run.classes), train_states, cfg["tuned_lens_steps"]
+        run.head,
+        states,
+        own,
+        test.labels,
+        len(run.classes),
+        train_states,
+        cfg["tuned_lens_steps"],
+        l2=cfg.get("tuned_lens_l2", TUNED_LENS_L2),
     )
 
 
@@ -241,11 +381,25 @@ def logit_lens_table(
     n_classes: int,
     train_states: torch.Tensor | None = None,
     tuned_lens_steps: int = 0,
+    *,
+    speakers: np.ndarray | None = None,
+    dev_states: torch.Tensor | None = None,
+    l2: float = TUNED_LENS_L2,
+    patience: int = TUNED_LENS_PATIENCE,
+    fit_split: str = "train_sample",
 ) -> pd.DataFrame:
     """The lens table from pooled normalised states ``(N, L + 1, D)`` per variant.
 
     ``own`` is the variant the run classifies with (its last layer is the reference output);
-    the tuned lens is fitted on ``train_states`` (the analysis sample) when given.
+    the tuned lens is fitted on ``train_states`` when given (:func:`fit_tuned_lens`, with
+    ``l2``, early-stopped on ``dev_states`` when given), and ``fit_split`` names them
+    (``train``: every training utterance of the fold; ``train_sample``: the analysis sample).
+    ``speakers`` (one per test row): per-speaker rows as in :func:`lens_metrics`.
+
+    Columns: ``lens, variant, layer, depth, metric, [speaker, n_utts,] value, fit_split``
+    (``fit_split`` = ``none`` on logit-lens rows). Tuned-lens rows add ``fit_kl`` (on the
+    fitting states) and, with dev states, ``dev_kl``: per run (``speaker`` None, ``n_utts`` =
+    the utterances they average).
     """
     head = copy.deepcopy(head).cpu().eval()  # the lens works on pooled states, on the CPU
     n_layers = next(iter(states.values())).shape[1] - 1
@@ -256,30 +410,80 @@ def logit_lens_table(
     rows = []
     for variant in states:
         rows += [
-            {"lens": "logit", "variant": variant, **r}
-            for r in lens_metrics(logits[variant], final_logits, labels, n_classes)
+            {"lens": "logit", "variant": variant, **r, "fit_split": "none"}
+            for r in lens_metrics(logits[variant], final_logits, labels, n_classes, speakers)
         ]
 
     if train_states is not None:
         with torch.enable_grad():
-            lens = fit_tuned_lens(head, train_states, tuned_lens_steps)
+            lens = fit_tuned_lens(
+                head, train_states, tuned_lens_steps, dev_states, l2=l2, patience=patience
+            )
+        log.info(
+            "tuned lens on %d %s utterances, l2 = %g: kept the translators of step %d of %d%s",
+            len(train_states),
+            fit_split,
+            l2,
+            lens.best_step,
+            tuned_lens_steps,
+            "" if dev_states is None else f" (best dev KL of {len(lens.history)} evaluations)",
+        )
         with torch.inference_mode():
             tuned_logits = lens(states[own])
-            fit_logits = lens(train_states)
-            fit_kl = kl_divergence(fit_logits[:, -1:], fit_logits).mean(dim=0)
-        tuned_rows = lens_metrics(tuned_logits, final_logits, labels, n_classes)
-        tuned_rows += [
-            {"layer": layer, "metric": "fit_kl", "value": float(fit_kl[layer])}
-            for layer in range(n_layers + 1)
-        ]
-        rows += [{"lens": "tuned", "variant": own, **r} for r in tuned_rows]
+        tuned_rows = lens_metrics(tuned_logits, final_logits, labels, n_classes, speakers)
+        for metric, fitted in (("fit_kl", train_states), ("dev_kl", dev_states)):
+            if fitted is None:
+                continue
+            with torch.inference_mode():
+                fitted_logits = lens(fitted)
+                per_layer = kl_divergence(fitted_logits[:, -1:], fitted_logits).mean(dim=0)
+            whole = {} if speakers is None else {"speaker": None, "n_utts": len(fitted)}
+            tuned_rows += [
+                {"layer": layer, "metric": metric, "value": float(per_layer[layer]), **whole}
+                for layer in range(n_layers + 1)
+            ]
+        rows += [{"lens": "tuned", "variant": own, **r, "fit_split": fit_split} for r in tuned_rows]
 
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("layer") + 1, "depth", table["layer"] / n_layers)
+    if speakers is not None:
+        table["n_utts"] = table["n_utts"].astype(int)
+        table = table[
+            [c for c in table.columns if c not in ("value", "fit_split")] + ["value", "fit_split"]
+        ]
     return table.sort_values(["lens", "variant", "layer"], kind="stable", ignore_index=True)
 
 
 # --------------------------------------------------------------------------- the workflow's analysis
+
+
+def _stored(states, key: str) -> np.ndarray | None:
+    """``states[key]``, or None where the pass did not store it (an older pass)."""
+    try:
+        return states[key]
+    except KeyError:
+        return None
+
+
+def fitting_states(own_states, splits) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """What the tuned lens is fitted on: ``(fit_split, train, dev)``.
+
+    ``train/normalised`` (every training utterance of the fold) and ``dev/normalised`` (for
+    early stopping) where the pass stored them, their rows checked against the fold's
+    ``splits``; else the analysis sample ``train_sample/normalised`` and no dev states (so
+    no early stopping). ``train`` without ``dev`` is fitted for all steps.
+    """
+    train = _stored(own_states, "train/normalised")
+    if train is None:
+        return "train_sample", own_states["train_sample/normalised"], None
+    dev = _stored(own_states, "dev/normalised")
+    for name, stored in (("train", train), ("dev", dev)):
+        if stored is not None and sorted(own_states.utt_ids(name)) != sorted(splits[name].utt_ids):
+            raise ValueError(
+                f"{own_states.path}: stored {name} utterances differ from the fold's; "
+                "rerun its pass."
+            )
+    return "train", train, dev
 
 
 def _compute(run, settings) -> pd.DataFrame:
@@ -293,9 +497,12 @@ def _compute(run, settings) -> pd.DataFrame:
     states = {own: torch.from_numpy(own_states["test/normalised"])}
     if run.method.trains_encoder:
         states["base"] = torch.from_numpy(run.states("base_states")["test/normalised"])
-    train_states = None
+    speakers = np.array([run.speakers[u] for u in test.utt_ids], dtype=object)
+    fit_split, train_states, dev_states = "train_sample", None, None
     if settings["tuned_lens"]:
-        train_states = torch.from_numpy(own_states["train_sample/normalised"])
+        fit_split, train, dev = fitting_states(own_states, run.splits)
+        train_states = torch.from_numpy(train)
+        dev_states = None if dev is None else torch.from_numpy(dev)
     return logit_lens_table(
         run.head(),
         states,
@@ -304,6 +511,11 @@ def _compute(run, settings) -> pd.DataFrame:
         len(run.classes),
         train_states,
         settings["tuned_lens_steps"],
+        speakers=speakers,
+        dev_states=dev_states,
+        l2=settings["tuned_lens_l2"],
+        patience=settings["tuned_lens_patience"],
+        fit_split=fit_split,
     )
 
 
@@ -321,7 +533,7 @@ def _spec():
         compute=_compute,
         applies_to=lambda method: method.readout == "last",
         reads=frozenset({"states", "base_states", "head"}),
-        keys=("tuned_lens", "tuned_lens_steps"),
+        keys=("tuned_lens", "tuned_lens_steps", "tuned_lens_l2", "tuned_lens_patience"),
         table=TableSpec(("lens", "variant", "layer", "depth", "metric")),
         figures=(FigureSpec("logit_lens", _draw, ("logit_lens",), "Logit lens"),),
         doc="the run's head read off every layer (logit lens) and through fitted translators (tuned lens)",

@@ -24,12 +24,32 @@ numpy on CPU and needs no data pass.
   ``index = 1..k``: for the ``j``-th left singular vector of ``W0 + ΔW``, its best
   ``|cos|`` to any left singular vector of ``W0`` (Shuttleworth et al. 2024); an intruder
   when below ``intruder_epsilon``.
+* Nulls, one seeded draw per module (``analysis_seed`` and the module's name), so that a
+  number can be read against what structure-free updates give:
+
+  - ``delta_w_null`` (same quantities as ``delta_w``): a random rank-r update of the same
+    Frobenius norm, ``ΔW_0 = ‖ΔW‖_F · Z_B Z_A / ‖Z_B Z_A‖_F`` with ``Z_B`` (``d_out x r``),
+    ``Z_A`` (``r x d_in``) standard normal: the spectrum, effective, stable and energy
+    rank of an update with the same energy and no preferred directions (nearly flat for
+    ``r ≪ d``: ranks near r). A trained ΔW well below it concentrates its energy.
+  - ``merged_null`` (same quantities as ``merged``): ``W0 + U Σ Vᵀ`` with the trained
+    singular values ``Σ`` of ΔW and Haar-random orthonormal ``U`` (``d_out x r``), ``V``
+    (``d_in x r``): the intruder dimensions that the trained *spectrum* alone would make
+    in random directions. Trained intruders above it are directions that avoid W0's
+    singular vectors more than chance; below it, directions aligned with them.
+
+  Both cost O(d r²) draws and QRs; the second one SVD of ``d_out x d_in`` per module (as
+  ``merged`` does; the singular values of ΔW and its stable rank are taken from r x r
+  factors, so the table costs about what it did without nulls).
 
 ``subspace.tsv`` (one model x fold, all ranks), columns
-``model, fold, module, layer, depth, rank_a, rank_b, i, j, phi``: for every pair of ranks
-``rank_a < rank_b`` and every adapted module, ``φ(A_rank_a, A_rank_b, i, j)`` of Hu et al.
-2021 (§7.2, eq. 4). The full ``r1 x r2`` grid is large for big ranks, so ``i`` and ``j``
-run over :func:`similarity_grid` (powers of two up to the rank, and the rank itself).
+``model, fold, module, layer, depth, rank_a, rank_b, i, j, phi, phi_null``: for every pair of
+ranks ``rank_a < rank_b`` and every adapted module, ``φ(A_rank_a, A_rank_b, i, j)`` of Hu
+et al. 2021 (§7.2, eq. 4), and ``phi_null = max(i, j) / d_in``, its expectation for
+independent uniformly random subspaces of dimensions ``i`` and ``j`` of ``R^d_in``
+(:func:`random_subspace_phi`). The full ``r1 x r2`` grid is large for big ranks, so ``i``
+and ``j`` run over :func:`similarity_grid` (powers of two up to the rank, and the rank
+itself).
 """
 
 from __future__ import annotations
@@ -37,6 +57,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +67,7 @@ from safetensors.numpy import load_file
 from serlens.analysis.spectra import (
     effective_rank,
     energy_rank,
-    intruder_dimensions,
     lora_delta,
-    stable_rank,
     subspace_similarity,
 )
 
@@ -64,6 +83,7 @@ SUBSPACE_COLUMNS = [
     "i",
     "j",
     "phi",
+    "phi_null",
 ]
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -89,12 +109,16 @@ def _depth(layer: int | None, n_layers: int) -> float:
     return float("nan") if layer is None else (layer + 1) / n_layers
 
 
-def _spectrum_rows(
-    matrix: str, M: np.ndarray, s: np.ndarray, n_sigma: int, fraction: float
-) -> list[dict]:
+def _stable_rank(s: np.ndarray) -> float:
+    """``‖M‖²_F / σ₁² = Σσ² / σ₁²`` from the singular values (0 for the zero matrix)."""
+    top = float(s[0]) if len(s) else 0.0
+    return float(np.sum(s**2)) / top**2 if top > 0 else 0.0
+
+
+def _spectrum_rows(matrix: str, s: np.ndarray, n_sigma: int, fraction: float) -> list[dict]:
     rows = [
         {"matrix": matrix, "quantity": "effective_rank", "index": None, "value": effective_rank(s)},
-        {"matrix": matrix, "quantity": "stable_rank", "index": None, "value": stable_rank(M)},
+        {"matrix": matrix, "quantity": "stable_rank", "index": None, "value": _stable_rank(s)},
         {
             "matrix": matrix,
             "quantity": "energy_rank",
@@ -109,6 +133,45 @@ def _spectrum_rows(
     return rows
 
 
+def _intruder_rows(matrix: str, U0: np.ndarray, W: np.ndarray, k: int, epsilon: float):
+    """Intruder dimensions of ``W`` against the left singular vectors ``U0`` of ``W0``
+    (:func:`serlens.analysis.spectra.intruder_dimensions`, with ``U0`` computed once)."""
+    U, _, _ = np.linalg.svd(W, full_matrices=False)
+    max_cos = np.clip(np.abs(U[:, :k].T @ U0).max(axis=1), 0.0, 1.0)
+    count = int(np.count_nonzero(max_cos < epsilon))
+    rows = [{"matrix": matrix, "quantity": "intruder_count", "index": None, "value": float(count)}]
+    rows += [
+        {"matrix": matrix, "quantity": "intruder_max_cos", "index": j + 1, "value": float(c)}
+        for j, c in enumerate(max_cos)
+    ]
+    return rows
+
+
+def product_singular_values(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Singular values of ``left @ right`` (``d_out x r`` times ``r x d_in``), the ``r``
+    largest, from r x r factors: with ``left = Q_L R_L`` and ``rightᵀ = Q_R R_R`` (thin
+    QR), ``left @ right = Q_L (R_L R_Rᵀ) Q_Rᵀ`` has the singular values of ``R_L R_Rᵀ``.
+    O(d r²) instead of the O(d³) of an SVD of the product."""
+    r = left.shape[1]
+    if r >= min(left.shape[0], right.shape[1]):
+        return np.linalg.svd(left @ right, compute_uv=False)[:r]
+    _, R_left = np.linalg.qr(left)
+    _, R_right = np.linalg.qr(right.T)
+    return np.linalg.svd(R_left @ R_right.T, compute_uv=False)
+
+
+def _haar_columns(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
+    """``d x k`` orthonormal columns spanning a uniformly random subspace (QR of a Gaussian,
+    signs fixed by R's diagonal so the basis too is Haar-distributed)."""
+    q, r = np.linalg.qr(rng.standard_normal((d, k)))
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+def null_rng(seed: int, module: str) -> np.random.Generator:
+    """The generator of one module's null draws: ``analysis_seed`` and the module's name."""
+    return np.random.default_rng([int(seed), zlib.crc32(module.encode())])
+
+
 def lora_update_spectra(
     A,
     B,
@@ -117,6 +180,7 @@ def lora_update_spectra(
     energy_fraction: float = 0.9,
     intruder_k: int = 10,
     intruder_epsilon: float = 0.5,
+    rng: np.random.Generator | None = None,
 ) -> pd.DataFrame:
     """Spectral summary of one LoRA layer: the ``matrix, quantity, index, value`` rows of ``svd.tsv``.
 
@@ -126,7 +190,8 @@ def lora_update_spectra(
     stable rank ``‖M‖²_F / σ₁²``, energy rank (smallest ``k`` with ``Σ_{i<=k} σ_i² >=
     energy_fraction · Σσ²``) and the top-``r`` singular values; for ``W0 + ΔW``: intruder
     dimensions among its top ``intruder_k`` left singular vectors (Shuttleworth et al. 2024).
-    See the module docstring for the layout.
+    With ``rng``, the ``delta_w_null`` and ``merged_null`` rows drawn from it. See the module
+    docstring for the layout.
     """
     A = np.asarray(A, dtype=np.float64)
     B = np.asarray(B, dtype=np.float64)
@@ -135,18 +200,30 @@ def lora_update_spectra(
     delta = lora_delta(A, B, alpha=float(scaling) * r, r=r)
     if W0.shape != delta.shape:
         raise ValueError(f"base weight W0 {W0.shape} does not match ΔW = B A {delta.shape}")
-    rows = []
-    for matrix, M in (("delta_w", delta), ("lora_a", A), ("lora_b", B)):
-        s = np.linalg.svd(M, compute_uv=False)
-        rows += _spectrum_rows(matrix, M, s, r, energy_fraction)
-    count, max_cos = intruder_dimensions(W0, W0 + delta, k=intruder_k, epsilon=intruder_epsilon)
-    rows.append(
-        {"matrix": "merged", "quantity": "intruder_count", "index": None, "value": float(count)}
-    )
-    rows += [
-        {"matrix": "merged", "quantity": "intruder_max_cos", "index": j + 1, "value": float(c)}
-        for j, c in enumerate(max_cos)
-    ]
+    k = int(intruder_k)
+    if k > min(W0.shape):
+        raise ValueError(f"intruder_k = {k} exceeds min(d_out, d_in) = {min(W0.shape)}")
+    epsilon = float(intruder_epsilon)
+    if not (0.0 < epsilon <= 1.0):
+        raise ValueError(f"intruder_epsilon must be in (0, 1]; got {epsilon}")
+    sigma = float(scaling) * product_singular_values(B, A)
+    rows = _spectrum_rows("delta_w", sigma, r, energy_fraction)
+    for matrix, M in (("lora_a", A), ("lora_b", B)):
+        rows += _spectrum_rows(matrix, np.linalg.svd(M, compute_uv=False), r, energy_fraction)
+    U0, _, _ = np.linalg.svd(W0, full_matrices=False)
+    rows += _intruder_rows("merged", U0, W0 + delta, k, epsilon)
+    if rng is not None:
+        d_out, d_in = delta.shape
+        drawn = product_singular_values(
+            rng.standard_normal((d_out, r)), rng.standard_normal((r, d_in))
+        )
+        size = float(np.sqrt(np.sum(drawn**2)))
+        energy = float(np.sqrt(np.sum(sigma**2)))
+        rows += _spectrum_rows(
+            "delta_w_null", drawn * (energy / size if size > 0 else 0.0), r, energy_fraction
+        )
+        U, V = _haar_columns(rng, d_out, r), _haar_columns(rng, d_in, r)
+        rows += _intruder_rows("merged_null", U0, W0 + (U * sigma) @ V.T, k, epsilon)
     table = pd.DataFrame(rows, columns=["matrix", "quantity", "index", "value"])
     table["index"] = table["index"].astype("Int64")
     return table
@@ -160,8 +237,9 @@ def compute_svd(run, cfg: dict, seed: int) -> pd.DataFrame:
     """``svd.tsv`` of a LoRA run: :func:`lora_update_spectra` for every adapted module.
 
     Reads ``cfg["energy_fraction"]``, ``cfg["intruder_k"]``, ``cfg["intruder_epsilon"]``;
-    ``seed`` is unused (nothing is sampled). Adapted modules are peft ``LoraLayer``s of the
-    ``default`` adapter (``lora_A``, ``lora_B``, ``scaling``, ``base_layer``).
+    ``seed`` seeds the null draws (:func:`null_rng`). Adapted modules are peft
+    ``LoraLayer``s of the ``default`` adapter (``lora_A``, ``lora_B``, ``scaling``,
+    ``base_layer``).
     """
     modules = run.lora_modules()
     if not modules:
@@ -180,11 +258,12 @@ def compute_svd(run, cfg: dict, seed: int) -> pd.DataFrame:
             float(module.scaling["default"]),
         )
         base[name] = _as_numpy(module.base_layer.weight)
-    return svd_table(factors, base, len(run.encoder.layers), cfg)
+    return svd_table(factors, base, len(run.encoder.layers), cfg, seed)
 
 
-def svd_table(factors: dict, base: dict, n_layers: int, cfg) -> pd.DataFrame:
-    """``svd.tsv`` from ``{module: (A, B, scaling)}`` and ``{module: W0}`` (module order by layer)."""
+def svd_table(factors: dict, base: dict, n_layers: int, cfg, seed: int | None) -> pd.DataFrame:
+    """``svd.tsv`` from ``{module: (A, B, scaling)}`` and ``{module: W0}`` (module order by
+    layer); ``seed`` seeds the null rows (None: no null rows)."""
     tables = []
     for name in sorted(factors, key=_module_order):
         A, B, scaling = factors[name]
@@ -196,6 +275,7 @@ def svd_table(factors: dict, base: dict, n_layers: int, cfg) -> pd.DataFrame:
             energy_fraction=cfg["energy_fraction"],
             intruder_k=cfg["intruder_k"],
             intruder_epsilon=cfg["intruder_epsilon"],
+            rng=None if seed is None else null_rng(seed, name),
         )
         layer = layer_index(name)
         table.insert(0, "depth", _depth(layer, n_layers))
@@ -220,6 +300,20 @@ def similarity_grid(rank: int) -> list[int]:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
+
+
+def random_subspace_phi(i: int, j: int, d: int) -> float:
+    """``E[φ(i, j)] = max(i, j) / d`` for independent uniformly random subspaces of
+    dimensions ``i`` and ``j`` of ``R^d`` (exact for every ``d``).
+
+    With ``U`` (``d x i``) fixed and ``V`` (``d x j``) a Haar-random orthonormal basis, each
+    column ``u`` of ``U`` has ``E‖Vᵀu‖² = j / d`` (a random j-dimensional projection keeps
+    ``j / d`` of a unit vector's energy on average), so ``E‖UᵀV‖²_F = i j / d`` and
+    ``E[φ] = i j / (d · min(i, j)) = max(i, j) / d``.
+    """
+    if not (1 <= i <= d and 1 <= j <= d):
+        raise ValueError(f"need 1 <= i, j <= d; got i = {i}, j = {j}, d = {d}")
+    return max(i, j) / d
 
 
 def load_lora_a(adapter_dir: Path) -> dict[str, np.ndarray]:
@@ -301,6 +395,7 @@ def subspace_similarity_table(adapters: dict[int, Path], model: str, fold: int) 
                         "i": i,
                         "j": j,
                         "phi": subspace_similarity(A1, A2, i, j),
+                        "phi_null": random_subspace_phi(i, j, A1.shape[1]),
                     }
                 )
     table = pd.DataFrame(rows, columns=SUBSPACE_COLUMNS)
@@ -393,17 +488,19 @@ def encoder_weights(model_dir: Path, modules) -> dict[str, np.ndarray]:
     return out
 
 
-def svd_from_files(adapter_dir: Path, model_dir: Path, cfg) -> pd.DataFrame:
+def svd_from_files(adapter_dir: Path, model_dir: Path, cfg, seed: int | None) -> pd.DataFrame:
     """:func:`compute_svd` from the adapter folder and the pre-trained weights (no model built)."""
     factors = load_lora_factors(adapter_dir)
     base = encoder_weights(model_dir, factors)
-    return svd_table(factors, base, _n_layers(adapter_dir, factors), cfg)
+    return svd_table(factors, base, _n_layers(adapter_dir, factors), cfg, seed)
 
 
 def _svd(run, settings) -> pd.DataFrame:
     from serlens.steps import model_path
 
-    return svd_from_files(run.path("adapter"), model_path(run.path("weights")), settings)
+    return svd_from_files(
+        run.path("adapter"), model_path(run.path("weights")), settings, settings["seed"]
+    )
 
 
 def _subspace(runs, settings) -> pd.DataFrame:
@@ -419,7 +516,13 @@ def _subspace(runs, settings) -> pd.DataFrame:
 def _draw_spectra(tables, model, context):
     from serlens.report.figures import spectra_figure
 
-    return spectra_figure(tables["svd"], tables["subspace"], model, context["intruder_epsilon"])
+    return spectra_figure(
+        tables["svd"],
+        tables["subspace"],
+        model,
+        context["intruder_epsilon"],
+        energy_fraction=context["energy_fraction"],
+    )
 
 
 def _specs():
@@ -432,6 +535,7 @@ def _specs():
         applies_to=has_update,
         reads=frozenset({"adapter", "weights"}),
         keys=("energy_fraction", "intruder_k", "intruder_epsilon"),
+        uses_seed=True,  # the null draws
         table=TableSpec(("module", "layer", "depth", "matrix", "quantity", "index")),
         figures=(
             FigureSpec(
@@ -439,10 +543,11 @@ def _specs():
                 _draw_spectra,
                 ("svd", "subspace"),
                 "LoRA spectra",
-                keys=("intruder_epsilon",),
+                keys=("intruder_epsilon", "energy_fraction"),
             ),
         ),
-        doc="singular spectra, effective and energy ranks of ΔW = s·BA, intruder dimensions",
+        doc="singular spectra, effective and energy ranks of ΔW = s·BA, intruder dimensions, "
+        "each with a random null (same energy; same spectrum in random directions)",
     )
     subspace = AnalysisSpec(
         name="subspace",
@@ -450,9 +555,12 @@ def _specs():
         applies_to=has_update,
         reads=frozenset({"adapter"}),
         keys=(),
-        table=TableSpec(("module", "layer", "depth", "rank_a", "rank_b", "i", "j"), ("phi",)),
+        table=TableSpec(
+            ("module", "layer", "depth", "rank_a", "rank_b", "i", "j"), ("phi", "phi_null")
+        ),
         scope="lora_ranks",
-        doc="Grassmann similarity of the A subspaces of two ranks (Hu et al. 2021, §7.2)",
+        doc="Grassmann similarity of the A subspaces of two ranks (Hu et al. 2021, §7.2), "
+        "and its random-subspace expectation max(i, j) / d",
     )
     return svd, subspace
 

@@ -9,7 +9,10 @@ transformers or peft (see :mod:`serlens.analysis.registry`). Two kinds of pass:
   are rows of it (:meth:`States.fold_view`, the rows' ids in the metadata).
 * a run with its own encoder (LoRA): the adapted encoder on the test split, on the whole
   training split, and the A/B activation and gradient statistics on the analysis sample
-  (``ab.safetensors``).
+  (``ab.safetensors``: uncentred and centred spectra, gradient norms, for the trained
+  adapters and the ``analysis.untrained_baseline``; see :mod:`serlens.analysis.ab_dynamics`).
+  The A/B part is one forward and backward of two adapter settings over ``train_sample``
+  utterances; its accumulators are per-module Grams and column sums, whatever the sample.
 
 What is stored, per utterance so that later statistics can resample speakers
 (``{split}/...`` keys, rows in the split's order, ``{split}/utt_ids`` in the metadata):
@@ -47,16 +50,32 @@ from serlens.models.encoder import attention_mask, embed, masked_mean
 log = logging.getLogger(__name__)
 
 #: Keys of ``config["analysis"]`` the passes read: changing one reruns the passes.
-PASS_KEYS = ("batch_size", "train_sample", "untrained_init_std")
+PASS_KEYS = ("batch_size", "train_sample")
+#: Keys only the A/B statistics of a run's pass read (:func:`pass_settings` with ``ab``).
+AB_KEYS = ("untrained_baseline",)
+#: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
+PAPER_BASELINE_KEYS = ("untrained_init_std",)
 
 
-def pass_settings(config: dict) -> dict:
-    """Everything an encoder pass reads (the rule's params)."""
+def pass_settings(config: dict, ab: bool = True) -> dict:
+    """Everything an encoder pass reads (the rule's params).
+
+    ``ab``: the pass also writes the A/B statistics (a run's pass; the base pass does not
+    and can leave them out, so that changing the baseline does not rerun it). The std of
+    the ``paper`` baseline is passed only with that baseline, so that every key passed is
+    read and changing the std does not rerun a ``matched_scale`` pass.
+    """
+    analysis = config["analysis"]
+    keys = [*PASS_KEYS]
+    if ab:
+        keys += AB_KEYS
+        if analysis["untrained_baseline"] == "paper":
+            keys += PAPER_BASELINE_KEYS
     return {
         "classes": list(config["corpus"]["classes"]),
         "audio": dict(config["audio"]),
-        "seed": config["seed"],
-        **{key: config["analysis"][key] for key in PASS_KEYS},
+        "seed": config["analysis_seed"],
+        **{key: analysis[key] for key in keys},
     }
 
 
@@ -162,7 +181,8 @@ class States:
         return json.loads(self.metadata[f"{split}/utt_ids"])
 
     def fold_view(self, fold: int) -> FoldView:
-        """The ``test`` and ``train_sample`` rows of ``fold`` of a pass over ``all`` utterances."""
+        """The ``test``, ``train``, ``dev`` and ``train_sample`` rows of ``fold`` of a pass over
+        ``all`` utterances."""
         return FoldView(self, int(fold))
 
 
@@ -238,18 +258,26 @@ def base_pass(run, folds, settings: dict, out: Path) -> None:
         labels = np.array([label_of[u] for u in train])
         sample = balanced_sample(labels, settings["train_sample"], settings["seed"])
         ids[f"fold{fold}/test"] = test
+        ids[f"fold{fold}/train"] = train
+        ids[f"fold{fold}/dev"] = rows.loc[rows["split"] == "dev", "utt_id"].tolist()
         ids[f"fold{fold}/train_sample"] = [train[i] for i in sample]
     write_states(out, arrays, ids)
 
 
 def adapted_pass(run, settings: dict, out: Path, ab_out: Path | None = None) -> None:
-    """A run's own encoder on test, train and the sample; A/B statistics if ``ab_out``."""
-    test, train = run.splits["test"], run.splits["train"]
+    """A run's own encoder on test, train, dev and the sample; A/B statistics if ``ab_out``.
+
+    ``train`` holds pooled and normalised states of every training utterance (probes, the
+    tuned lens' fit), ``dev`` the normalised states (the tuned lens' early stopping).
+    """
+    test, train, dev = run.splits["test"], run.splits["train"], run.splits["dev"]
     sample = analysis_sample(run, settings)
     train_states = split_states(run, train, settings["batch_size"], contributions=False)
+    dev_states = split_states(run, dev, settings["batch_size"], contributions=False)
     arrays = {
         "test": split_states(run, test, settings["batch_size"]),
-        "train": {"pooled": train_states["pooled"]},
+        "train": {"pooled": train_states["pooled"], "normalised": train_states["normalised"]},
+        "dev": {"normalised": dev_states["normalised"]},
         "train_sample": {"normalised": train_states["normalised"][sample]},
     }
     write_states(
@@ -258,17 +286,14 @@ def adapted_pass(run, settings: dict, out: Path, ab_out: Path | None = None) -> 
         {
             "test": test.utt_ids,
             "train": train.utt_ids,
+            "dev": dev.utt_ids,
             "train_sample": [train.utt_ids[i] for i in sample],
         },
     )
     if ab_out is not None:
-        from serlens.analysis.ab_dynamics import write_ab_statistics
+        from serlens.analysis.ab_dynamics import baseline_settings, write_ab_statistics
 
+        baseline, init_std = baseline_settings(settings)
         write_ab_statistics(
-            run,
-            sample,
-            settings["batch_size"],
-            settings["untrained_init_std"],
-            settings["seed"],
-            ab_out,
+            run, sample, settings["batch_size"], baseline, settings["seed"], ab_out, init_std
         )

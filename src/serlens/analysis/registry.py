@@ -33,6 +33,7 @@ PRODUCTS = {
     "features": "the cached pooled states of the pre-trained encoder (every utterance)",
     "head": "the run's trained head (head.safetensors)",
     "adapter": "the run's adapter folder (adapter/)",
+    "adapter_epochs": "the run's adapter at initialisation and after every epoch (adapter_epochs/)",
     "weights": "the resolved pre-trained weights (models/{model}.json)",
 }
 
@@ -105,12 +106,17 @@ class FigureSpec:
     keys: tuple[str, ...] = ()
 
 
+SCOPES = ("run", "lora_ranks", "seed_pairs")
+
+
 @dataclass(frozen=True)
 class AnalysisSpec:
     """One analysis: see the module docstring.
 
-    ``scope``: ``run`` (one table per run) or ``lora_ranks`` (one table per model, seed and
-    fold, comparing the LoRA ranks; written where a method goes, as ``lora``).
+    ``scope``: ``run`` (one table per run), ``lora_ranks`` (one table per model, seed and
+    fold, comparing the LoRA ranks; written where a method goes, as ``lora``) or
+    ``seed_pairs`` (one table per run of every seed but the first, comparing it with the
+    same model, method and fold of the first seed; compute gets ``{"run", "reference"}``).
     """
 
     name: str
@@ -125,6 +131,8 @@ class AnalysisSpec:
     doc: str = ""
 
     def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"analysis {self.name}: scope {self.scope!r} is not one of {SCOPES}")
         unknown = set(self.reads) - set(PRODUCTS)
         if unknown:
             raise ValueError(f"analysis {self.name}: unknown products {sorted(unknown)}")
@@ -133,7 +141,7 @@ class AnalysisSpec:
         """The slice of the config the analysis reads (its rule's params)."""
         values = {key: config["analysis"][key] for key in self.keys}
         if self.uses_seed:
-            values["seed"] = config["seed"]
+            values["seed"] = config["analysis_seed"]
         return values
 
     def methods(self, methods: Mapping[str, Method]) -> list[str]:
@@ -158,6 +166,7 @@ def run_inputs(spec: AnalysisSpec, method: Method, paths, corpus, model, seed, f
         "features": paths.features(corpus, model),
         "head": f"{run}/head.safetensors",
         "adapter": f"{run}/adapter",
+        "adapter_epochs": f"{run}/adapter_epochs",
         "weights": paths.weights(model),
     }
     wanted = {"manifest", "folds", *spec.reads}
@@ -185,7 +194,17 @@ def _discover() -> dict[str, AnalysisSpec]:
 
 
 # Report order of the analyses this package ships (others follow, by name).
-ORDER = ["contributions", "logit_lens", "probing", "svd", "subspace", "ab_dynamics", "cka"]
+ORDER = [
+    "contributions",
+    "logit_lens",
+    "probing",
+    "svd",
+    "subspace",
+    "update_dynamics",
+    "ab_dynamics",
+    "cka",
+    "seed_floor",
+]
 
 
 @dataclass
@@ -247,7 +266,9 @@ def run_analysis(spec_name: str, data, settings: Mapping, output: Path | str) ->
 
     spec = __getattr__("ANALYSES")[spec_name]
     table = spec.compute(data, Settings(f"analysis {spec.name}", settings))
-    if spec.scope == "run":
+    if spec.scope == "seed_pairs":
+        data = data["run"]
+    if spec.scope in ("run", "seed_pairs"):
         table.insert(0, "fold", int(data.fold))
         table.insert(0, "seed", int(data.seed))
         table.insert(0, "method", data.method.name)

@@ -10,6 +10,10 @@ Emotions map to the project's short codes: W (Ärger/Wut) → ``ang``, L (Langew
 ``sad``, N → ``neu``; ``corpus.classes`` and ``corpus.merge`` then pick the class set (the
 default ``neu, hap, ang, sad`` keeps four, the other three are dropped and counted).
 
+Each text code is a *recurring item* (the manifest's ``item`` column,
+:func:`serlens.corpus.manifest.emodb_candidates`): the ten sentences are said by every actor,
+in several emotions, which is what the probing control task needs.
+
 EmoDB has no sessions. Speaker-independent folds use speaker groups of one male and one
 female speaker each (five folds for the ten actors), paired in speaker order: the k-th male
 with the k-th female speaker, group ``g{k}``. Speakers outside the published ten are an

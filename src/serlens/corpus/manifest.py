@@ -1,8 +1,16 @@
 """Turn a corpus into ``manifest.tsv`` (one row per usable utterance) and a label summary.
 
-Contract (ARCHITECTURE.md): ``utt_id, path, session, speaker, gender, label, duration_s``,
-labels already mapped to the class set. Utterances whose label is outside the class set and
-the merge map are dropped *and counted* in the summary, never silently.
+Contract (docs/architecture.md): ``utt_id, path, session, speaker, gender, label, duration_s,
+item``, labels already mapped to the class set. Utterances whose label is outside the class set
+and the merge map are dropped *and counted* in the summary, never silently.
+
+``item`` is the utterance's *recurring item*: the identity of its sentence or text where the
+corpus has one that several speakers say, ``""`` where it has none. EmoDB: the text code
+(``a01`` … ``b10`` of ``SSTTTEV.wav``, ten texts said by every actor); IEMOCAP (and the
+synthetic corpus, written in its layout): a scripted utterance's script line, an improvised
+one none (:mod:`serlens.corpus.iemocap`); a user manifest: its optional ``item`` column. The
+probing control task (:mod:`serlens.analysis.probing`) gives every item a fixed random label.
+:func:`read_manifest` reads manifests written before the column existed as having no item.
 """
 
 from __future__ import annotations
@@ -21,7 +29,18 @@ from serlens.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["utt_id", "path", "session", "speaker", "gender", "label", "duration_s"]
+MANIFEST_COLUMNS = [
+    "utt_id",
+    "path",
+    "session",
+    "speaker",
+    "gender",
+    "label",
+    "duration_s",
+    "item",
+]
+#: Columns a manifest must have; ``item`` may be absent (no recurring item).
+REQUIRED_COLUMNS = MANIFEST_COLUMNS[:-1]
 USER_MANIFEST_COLUMNS = ["path", "label", "speaker", "session"]
 SAMPLE_RATE = 16000
 # Peak amplitude below which a file is treated as silent (about -80 dBFS).
@@ -39,6 +58,7 @@ class Candidate:
     gender: str
     raw_label: str
     where: str  # "file:line" the label came from, for error messages
+    item: str = ""  # recurring sentence/text identity (module docstring); "" = none
 
 
 def map_label(raw: str, classes: list[str], merge: dict[str, str]) -> str | None:
@@ -76,13 +96,36 @@ def iemocap_candidates(root: Path) -> list[Candidate]:
             gender=u.gender,
             raw_label=u.raw_label,
             where=f"{u.source}:{u.line}",
+            item=u.item,
         )
         for u in read_iemocap(root)
     ]
 
 
+def emodb_candidates(root: Path) -> list[Candidate]:
+    """EmoDB's utterances (:mod:`serlens.corpus.emodb`): the speaker pair is the session (the
+    unit of the folds), the text code the item."""
+    from serlens.corpus.emodb import read_emodb, speaker_groups
+
+    groups = speaker_groups()
+    return [
+        Candidate(
+            utt_id=u.utt_id,
+            path=u.path,
+            session=groups[u.speaker],
+            speaker=u.speaker,
+            gender=u.gender,
+            raw_label=u.raw_label,
+            where=str(u.path),
+            item=u.text,
+        )
+        for u in read_emodb(root)
+    ]
+
+
 def user_manifest_candidates(tsv: Path) -> list[Candidate]:
-    """Rows of a user TSV with columns ``path, label, speaker, session`` (optional ``utt_id, gender``).
+    """Rows of a user TSV with columns ``path, label, speaker, session`` (optional ``utt_id,
+    gender, item``; an empty or absent ``item`` = no recurring item).
 
     Relative paths are taken relative to the TSV's folder.
     """
@@ -116,6 +159,7 @@ def user_manifest_candidates(tsv: Path) -> list[Candidate]:
                     gender=(row.get("gender") or "").strip() or "NA",
                     raw_label=row["label"].strip(),
                     where=f"{tsv}:{number}",
+                    item=(row.get("item") or "").strip(),
                 )
             )
     duplicated = [u for u, n in Counter(c.utt_id for c in out).items() if n > 1]
@@ -162,6 +206,7 @@ def build_manifest(
                 cand.gender,
                 label,
                 round(duration, 4),
+                cand.item,
             ]
         )
     for rate, n in sorted(rates.items()):
@@ -191,11 +236,20 @@ def build_manifest(
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`build_manifest` with its column types."""
+    """Read a manifest written by :func:`build_manifest` with its column types.
+
+    ``item`` is read as text, verbatim (a transcript "null" stays "null"; empty = no item); a
+    manifest without the column (written before it existed) gets ``item = ""`` throughout.
+    """
     df = pd.read_csv(path, sep="\t", dtype={"session": str, "utt_id": str, "speaker": str})
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise CorpusError(
             f"{path}: not a serlens manifest (missing {missing}); rerun the manifest rule."
         )
+    if "item" in df.columns:
+        items = pd.read_csv(path, sep="\t", usecols=["item"], dtype=str, keep_default_na=False)
+        df["item"] = items["item"].str.strip().to_numpy()
+    else:
+        df["item"] = ""
     return df

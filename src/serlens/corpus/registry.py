@@ -77,22 +77,9 @@ def _manifest_sessions(root: Path, settings: dict) -> list[str]:
 
 
 def _emodb_read(root: Path) -> list:
-    from serlens.corpus.emodb import read_emodb, speaker_groups
-    from serlens.corpus.manifest import Candidate
+    from serlens.corpus.manifest import emodb_candidates
 
-    groups = speaker_groups()
-    return [
-        Candidate(
-            utt_id=u.utt_id,
-            path=u.path,
-            session=groups[u.speaker],
-            speaker=u.speaker,
-            gender=u.gender,
-            raw_label=u.raw_label,
-            where=str(u.path),
-        )
-        for u in read_emodb(root)
-    ]
+    return emodb_candidates(root)
 
 
 def _emodb_groups(root: Path, settings: dict) -> list[str]:

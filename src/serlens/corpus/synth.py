@@ -1,11 +1,20 @@
 """A small synthetic stand-in for IEMOCAP, rendered with eSpeak NG.
 
 :func:`write_synthetic_corpus` writes a corpus in the exact ``IEMOCAP_full_release`` layout
-(``Session{n}/dialog/EmoEvaluation/*.txt`` and ``Session{n}/sentences/wav/<dialog>/*.wav``),
-so the IEMOCAP parser reads it unchanged. Emotion is carried by prosody only: each class has
-a pitch / pitch-range / rate / level profile (:data:`CLASS_PROSODY`), blurred by per-speaker
-offsets and per-utterance jitter so that no single feature separates the classes. Sentences
-are drawn from word lists on a random stream of their own, independently of the label.
+(``Session{n}/dialog/EmoEvaluation/*.txt``, ``Session{n}/dialog/transcriptions/*.txt`` and
+``Session{n}/sentences/wav/<dialog>/*.wav``), so the IEMOCAP parser reads it unchanged.
+Emotion is carried by prosody only: each class has a pitch / pitch-range / rate / level
+profile (:data:`CLASS_PROSODY`), blurred by per-speaker offsets and per-utterance jitter so
+that no single feature separates the classes. Sentences are drawn from word lists on random
+streams of their own, independently of the label.
+
+Like IEMOCAP, the corpus has a scripted and an improvised part. The script is a fixed list of
+sentences (``round(scripted_fraction * utterances_per_speaker)``, default half of each
+speaker's balanced utterances) that *every* speaker says, once each, in emotions that vary
+from speaker to speaker; these lines sit in ``_script`` dialogs. The other utterances are
+improvised (a fresh sentence each, ``_impro`` dialogs). The transcriptions carry the text, so
+the IEMOCAP reader recovers each scripted utterance's line as its recurring ``item``
+(:mod:`serlens.corpus.iemocap`), which the probing control task needs.
 
 The same ``seed`` gives byte-identical files. Besides the IEMOCAP files the corpus root holds
 ``README.txt`` and ``synth_manifest.tsv`` (one row per utterance with the rendering
@@ -28,6 +37,7 @@ from serlens.corpus.espeak import synthesize
 __all__ = [
     "CLASS_PROSODY",
     "EXTRA_LABELS",
+    "SCRIPTED_FRACTION",
     "SESSION_VOICES",
     "SYNTH_CLASSES",
     "Prosody",
@@ -35,6 +45,8 @@ __all__ = [
 ]
 
 SYNTH_CLASSES = ("neu", "hap", "ang", "sad")
+#: Default share of each speaker's balanced utterances that are script lines.
+SCRIPTED_FRACTION = 0.5
 #: Rendered once per speaker on top of the balanced classes; exercise label mapping/dropping.
 EXTRA_LABELS = ("exc", "fru", "xxx")
 
@@ -161,6 +173,7 @@ class _Utt:
     gender: str  # "F" / "M"
     label: str  # IEMOCAP label written to EmoEvaluation
     render: str  # prosody class actually rendered
+    script_line: int | None = None  # index into the script (None = improvised)
     text: str = ""
     prosody: Prosody | None = None
     dialog: str = ""
@@ -171,10 +184,26 @@ class _Utt:
     lead: float = 0.0
 
 
-def _dialog_names(session: int, n: int) -> list[str]:
+def _dialog_names(session: int, n: int, scripted: bool = True) -> tuple[list[str], list[str]]:
+    """(improvised, scripted) dialog names of one session, ``n`` in all (the script dialogs
+    hold the scripted part; without one, every dialog is improvised)."""
     s = f"Ses{session:02d}"
-    names = [f"{s}F_impro01", f"{s}M_script02_1", f"{s}F_script01_2", f"{s}M_impro03"]
-    return names[:n]
+    impro = [f"{s}F_impro01", f"{s}M_impro03", f"{s}F_impro05", f"{s}M_impro07"]
+    script = [f"{s}M_script02_1", f"{s}F_script01_2"]
+    if not scripted:
+        return impro[:n], []
+    n_script = n // 2 + (n % 2)  # 2 -> 1 + 1, 3 -> 1 + 2, 4 -> 2 + 2
+    return impro[: n - n_script], script[:n_script]
+
+
+def _script(n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` distinct sentences: the script every speaker performs."""
+    out: list[str] = []
+    while len(out) < n:
+        sentence = _sentence(rng)
+        if sentence not in out:
+            out.append(sentence)
+    return out
 
 
 def _clip(p: Prosody) -> Prosody:
@@ -191,28 +220,69 @@ def _add(a: Prosody, b: Prosody) -> Prosody:
     return Prosody(*(getattr(a, f) + getattr(b, f) for f in Prosody.__dataclass_fields__))
 
 
-def _plan(utterances_per_speaker: int, seed: int) -> list[list[_Utt]]:
-    """Labels, speakers, dialogs, sentences and prosody for every utterance, per dialog."""
+def _balanced_labels(utterances_per_speaker: int, speaker_index: int) -> list[str]:
+    """Balanced classes; the remainder rotates over speakers so totals stay balanced."""
+    base, extra = divmod(utterances_per_speaker, len(SYNTH_CLASSES))
+    labels = []
+    for k, cls in enumerate(SYNTH_CLASSES):
+        bonus = (k - speaker_index) % len(SYNTH_CLASSES) < extra
+        labels += [cls] * (base + int(bonus))
+    return labels
+
+
+def _interleave(labels: list[str], order: np.ndarray) -> list[str]:
+    """``labels`` round-robin over the classes in ``order``: any prefix is as balanced as possible."""
+    queues = [[x for x in labels if x == SYNTH_CLASSES[k]] for k in order]
+    out = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                out.append(queue.pop())
+    return out
+
+
+def n_script_lines(utterances_per_speaker: int, scripted_fraction: float) -> int:
+    """Sentences in the script (each speaker says each once): the scripted part of a speaker."""
+    return int(np.floor(scripted_fraction * utterances_per_speaker + 0.5))
+
+
+def _plan(
+    utterances_per_speaker: int, seed: int, scripted_fraction: float = 0.5
+) -> tuple[list[list[_Utt]], list[str]]:
+    """Labels, speakers, dialogs, sentences and prosody for every utterance, per dialog; and the script.
+
+    Each speaker's labels are balanced over :data:`SYNTH_CLASSES`; the first
+    :func:`n_script_lines` of them, taken round-robin over the classes (so the scripted part is
+    balanced too), are said as the script's lines, one line each, in a random order: every
+    line is said by every speaker, each time in an emotion of its own. The rest, and the extra
+    labels, are improvised: a fresh sentence each.
+    """
     ss = np.random.SeedSequence(seed)
-    plan_rng, text_rng, prosody_rng = (np.random.default_rng(s) for s in ss.spawn(3))
+    plan_rng, text_rng, prosody_rng, _, _, script_rng = (
+        np.random.default_rng(s) for s in ss.spawn(6)
+    )
+    n_lines = n_script_lines(utterances_per_speaker, scripted_fraction)
+    script = _script(n_lines, script_rng)
     per_speaker = utterances_per_speaker + len(EXTRA_LABELS)
     n_dialogs = int(np.clip(per_speaker // 6, 2, 4))
     dialogs: list[list[_Utt]] = []
     speaker_index = 0
     for session in range(1, 6):
-        per_dialog: list[dict[str, list[_Utt]]] = [{"F": [], "M": []} for _ in range(n_dialogs)]
+        impro_names, script_names = _dialog_names(session, n_dialogs, scripted=n_lines > 0)
+        script_names = script_names[:n_lines]  # no empty script dialog
+        per_dialog: dict[str, dict[str, list[_Utt]]] = {
+            name: {"F": [], "M": []} for name in (*impro_names, *script_names)
+        }
         for gender in ("F", "M"):
-            # balanced classes; the remainder rotates over speakers so totals stay balanced
-            base, extra = divmod(utterances_per_speaker, len(SYNTH_CLASSES))
-            labels = []
-            for k, cls in enumerate(SYNTH_CLASSES):
-                bonus = (k - speaker_index) % len(SYNTH_CLASSES) < extra
-                labels += [cls] * (base + int(bonus))
-            labels += list(EXTRA_LABELS)
+            labels = _interleave(
+                _balanced_labels(utterances_per_speaker, speaker_index),
+                plan_rng.permutation(len(SYNTH_CLASSES)),
+            )
+            lines = plan_rng.permutation(n_lines)
             speaker_index += 1
             offset = _draw(plan_rng, SPEAKER_OFFSET)
-            utts = []
-            for label in labels:
+            improvised = []
+            for k, label in enumerate([*labels, *EXTRA_LABELS]):
                 render = label
                 if label == "xxx":
                     render = SYNTH_CLASSES[plan_rng.integers(len(SYNTH_CLASSES))]
@@ -220,10 +290,18 @@ def _plan(utterances_per_speaker: int, seed: int) -> list[list[_Utt]]:
                 u.prosody = _clip(
                     _add(_add(CLASS_PROSODY[render], offset), _draw(prosody_rng, UTTERANCE_JITTER))
                 )
-                utts.append(u)
-            for i, j in enumerate(plan_rng.permutation(len(utts))):
-                per_dialog[i % n_dialogs][gender].append(utts[j])
-        for name, speakers in zip(_dialog_names(session, n_dialogs), per_dialog, strict=True):
+                if k < n_lines:
+                    u.script_line = int(lines[k])
+                    u.text = script[u.script_line]
+                    name = script_names[u.script_line % len(script_names)]
+                    per_dialog[name][gender].append(u)
+                else:
+                    improvised.append(u)
+            for i, j in enumerate(plan_rng.permutation(len(improvised))):
+                per_dialog[impro_names[i % len(impro_names)]][gender].append(improvised[j])
+        for name, speakers in per_dialog.items():
+            for gender in ("F", "M"):  # a script is performed in its line order
+                speakers[gender].sort(key=lambda u: -1 if u.script_line is None else u.script_line)
             order = ["F"] * len(speakers["F"]) + ["M"] * len(speakers["M"])
             order = [order[k] for k in plan_rng.permutation(len(order))]
             counters = {"F": 0, "M": 0}
@@ -235,13 +313,17 @@ def _plan(utterances_per_speaker: int, seed: int) -> list[list[_Utt]]:
                 counters[gender] += 1
                 dialog.append(u)
             dialogs.append(dialog)
-    # Sentences and synthesis seeds in corpus order, from their own stream: independent of labels.
+    # Improvised sentences and synthesis seeds in corpus order, from their own stream:
+    # independent of labels (an improvised sentence never repeats a script line).
     for dialog in dialogs:
         for u in dialog:
-            u.text = _sentence(text_rng)
+            if u.script_line is None:
+                u.text = _sentence(text_rng)
+                while u.text in script:
+                    u.text = _sentence(text_rng)
             u.synth_seed = int(text_rng.integers(2**31))
             u.lead = float(text_rng.uniform(0.05, 0.25))
-    return dialogs
+    return dialogs, script
 
 
 # --- audio ------------------------------------------------------------------------------
@@ -364,23 +446,29 @@ def write_synthetic_corpus(
     utterances_per_speaker: int = 20,
     seed: int = 0,
     sample_rate: int = 16000,
+    scripted_fraction: float = SCRIPTED_FRACTION,
 ) -> Path:
     """Synthesise an IEMOCAP-shaped corpus at ``root`` and return ``root``.
 
     5 sessions x 2 speakers (one female, one male eSpeak variant per session, see
     :data:`SESSION_VOICES`); each speaker says ``utterances_per_speaker`` utterances balanced
-    over :data:`SYNTH_CLASSES`, plus one each labelled ``exc``, ``fru`` and ``xxx``. The corpus
-    is built in a temporary sibling directory and renamed to ``root`` when complete.
+    over :data:`SYNTH_CLASSES`, plus one each labelled ``exc``, ``fru`` and ``xxx``. Of the
+    balanced ones, ``round(scripted_fraction * utterances_per_speaker)`` are the script's
+    lines (the same sentences for every speaker, in ``_script`` dialogs), the others and the
+    extras are improvised (``_impro`` dialogs). The corpus is built in a temporary sibling
+    directory and renamed to ``root`` when complete.
 
     Raises FileExistsError if ``root`` exists.
     """
     root = Path(root)
     if utterances_per_speaker < 1:
         raise ValueError("utterances_per_speaker must be >= 1")
+    if not 0.0 <= scripted_fraction <= 1.0:
+        raise ValueError(f"scripted_fraction must be in [0, 1], not {scripted_fraction}")
     if root.exists():
         raise FileExistsError(f"{root} already exists; remove it or choose another path")
     root.parent.mkdir(parents=True, exist_ok=True)
-    dialogs = _plan(utterances_per_speaker, seed)
+    dialogs, script = _plan(utterances_per_speaker, seed, scripted_fraction)
     _, _, _, noise_ss, annot_ss = np.random.SeedSequence(seed).spawn(5)
     noise_rng, annot_rng = np.random.default_rng(noise_ss), np.random.default_rng(annot_ss)
 
@@ -389,12 +477,14 @@ def write_synthetic_corpus(
         tmp.chmod(0o755)
         manifest = [
             "utt_id\tsession\tgender\tvoice\tlabel\trendered_as\tpitch\tpitch_range\trate"
-            "\tgain_db\tseconds\ttext"
+            "\tgain_db\tseconds\tscript_line\ttext"
         ]
         for session in range(1, 6):
             emo_dir = tmp / f"Session{session}" / "dialog" / "EmoEvaluation"
             for sub in ("Categorical", "Attribute", "Self-evaluation"):
                 (emo_dir / sub).mkdir(parents=True)
+            transcriptions = tmp / f"Session{session}" / "dialog" / "transcriptions"
+            transcriptions.mkdir()
             session_dialogs = [d for d in dialogs if d[0].session == session]
             for dialog in session_dialogs:
                 name = dialog[0].dialog
@@ -413,19 +503,28 @@ def write_synthetic_corpus(
                     manifest.append(
                         f"{u.utt_id}\t{session}\t{u.gender}\t{SESSION_VOICES[session][u.gender]}"
                         f"\t{u.label}\t{u.render}\t{p.pitch:.1f}\t{p.pitch_range:.1f}"
-                        f"\t{p.rate:.1f}\t{p.gain_db:.2f}\t{u.end - u.start:.4f}\t{u.text}"
+                        f"\t{p.rate:.1f}\t{p.gain_db:.2f}\t{u.end - u.start:.4f}"
+                        f"\t{'' if u.script_line is None else u.script_line}\t{u.text}"
                     )
                 emo_text = _HEADER + "".join(_emo_block(u, c, v) for u, c, v in rows)
                 (emo_dir / f"{name}.txt").write_text(emo_text)
+                (transcriptions / f"{name}.txt").write_text(
+                    "".join(
+                        f"{u.utt_id} [{u.start:08.4f}-{u.end:08.4f}]: {u.text}\n" for u in dialog
+                    )
+                )
                 _write_decoys(emo_dir, name, rows)
             (emo_dir / f"._{session_dialogs[0][0].dialog}.txt").write_bytes(_APPLE_DOUBLE)
         (tmp / "synth_manifest.tsv").write_text("\n".join(manifest) + "\n")
         (tmp / "README.txt").write_text(
             "Synthetic IEMOCAP-layout corpus rendered with eSpeak NG by serlens.corpus.synth.\n"
             f"seed={seed} utterances_per_speaker={utterances_per_speaker} "
-            f"sample_rate={sample_rate}\n"
+            f"sample_rate={sample_rate} scripted_fraction={scripted_fraction}\n"
             "Emotion is conveyed by prosody only; sentences are independent of the labels.\n"
-            "synth_manifest.tsv lists the rendering parameters of every utterance.\n"
+            f"Scripted part: {len(script)} sentences, each said once by every speaker "
+            "(in the _script dialogs); the rest is improvised.\n"
+            "synth_manifest.tsv lists the rendering parameters of every utterance "
+            "(script_line: the index of its script sentence, empty if improvised).\n"
         )
         if root.exists():
             raise FileExistsError(f"{root} appeared while the corpus was being written")

@@ -94,7 +94,7 @@ def train_head(input, output, params, wildcards) -> None:
 
 
 def keyed(keys: Sequence, files: Sequence) -> dict[tuple, Path]:
-    """``{(model, method, fold): path}`` from a rule's params.run_keys and its input, in one order."""
+    """``{(model, method, seed, fold): path}`` from a rule's params.run_keys and its input, in one order."""
     return {tuple(key): Path(path) for key, path in zip(keys, files, strict=True)}
 
 
@@ -113,6 +113,16 @@ def analysis(input, output, params, wildcards) -> None:
     )
     if spec.scope == "run":
         data = RunData(method=parse_method(wildcards.method), inputs=dict(input), **common)
+    elif spec.scope == "seed_pairs":  # inputs <product> of this seed, <product>_ref of the first
+        method, inputs = parse_method(wildcards.method), dict(input)
+        ours = {k: v for k, v in inputs.items() if not k.endswith("_ref")}
+        theirs = {k.removesuffix("_ref"): v for k, v in inputs.items() if k.endswith("_ref")}
+        data = {
+            "run": RunData(method=method, inputs=ours, **common),
+            "reference": RunData(
+                method=method, inputs=theirs, **{**common, "seed": int(params.reference_seed)}
+            ),
+        }
     else:  # across LoRA ranks: inputs adapter_<method>
         data = {}
         for key, path in dict(input).items():
@@ -124,7 +134,13 @@ def analysis(input, output, params, wildcards) -> None:
 def table(input, output, params, wildcards) -> None:
     from serlens.report.aggregate import aggregate_runs
 
-    aggregate_runs(params.name, keyed(params.run_keys, input), output=output[0])
+    aggregate_runs(
+        params.name,
+        keyed(params.run_keys, input),
+        output=output[0],
+        resamples=params.resamples,
+        seed=params.seed,
+    )
 
 
 def confusion(input, output, params, wildcards) -> None:
@@ -137,13 +153,13 @@ def performance(input, output, params, wildcards) -> None:
     from serlens.report.tables import write_performance_tables
 
     write_performance_tables(
-        keyed(params.run_keys, input),
-        params.folds,
+        keyed(params.run_keys, input.predictions),
         params.classes,
+        input.manifest,
         output.performance,
         output.summary,
         output.significance,
-        resamples=params.resamples,
+        significance=dict(params.significance),
         seed=params.seed,
     )
 
@@ -179,7 +195,8 @@ def training_curves(input, output, params, wildcards) -> None:
     from serlens.report.figures import load_histories, save, training_curves_figure
 
     files = {
-        (method, int(fold)): p for (method, fold), p in zip(params.run_keys, input, strict=True)
+        (method, int(seed), int(fold)): p
+        for (method, seed, fold), p in zip(params.run_keys, input, strict=True)
     }
     figure = training_curves_figure(
         load_histories(files), wildcards.model, n_classes=params.n_classes

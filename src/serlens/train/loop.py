@@ -183,12 +183,16 @@ def fit(
     checkpoint: Path | None = None,
     desc: str = "train",
     on_epoch_end: Callable[[int], None] | None = None,
+    snapshot: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters; on return they hold the best-dev-UAR state.
 
     ``batches(epoch)`` gives the epoch's batches (deterministic in the epoch number, so a
     resumed run sees the batches an uninterrupted run would); ``loss_on(batch)`` returns the
     mean loss and the number of utterances; ``dev_uar()`` scores the model on the dev split.
+    ``snapshot(epoch)`` is called with the model at the end of every epoch, before the
+    checkpoint is written (so a resumed run has every epoch's snapshot); ``on_epoch_end``
+    after it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -294,6 +298,8 @@ def fit(
             history[-1]["utt_per_s"],
         )
         stopped_early = best["bad_epochs"] >= cfg.patience
+        if snapshot is not None:
+            snapshot(epoch)
         if checkpoint is not None:
             _save_atomic(
                 {

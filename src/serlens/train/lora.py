@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def predict(
     return probs
 
 
+def save_adapter_snapshot(peft_encoder: nn.Module, path: Path) -> None:
+    """The adapter's weights only (``...lora_A.weight``, ``...lora_B.weight``: the keys of
+    peft's ``adapter_model.safetensors``), written atomically; the scaling is in the run's
+    ``adapter/adapter_config.json``."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_encoder)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
 def run_lora(
     encoder: nn.Module,
     splits: dict[str, Split],
@@ -137,8 +152,19 @@ def run_lora(
         probs = predict(model, splits["dev"], logmel, audio_cfg, train_cfg["batch_size"], device)
         return uar(splits["dev"].labels, probs.argmax(1), len(classes))
 
+    # The adapter at initialisation (epoch 0) and after every epoch, kept beside the
+    # checkpoint (which survives a killed job) and moved into the run at the end.
+    epochs_dir = (Path(checkpoint).parent if checkpoint else Path(out_dir)) / "adapter_epochs"
+
+    def snapshot(epoch: int) -> None:
+        save_adapter_snapshot(model.peft_encoder, epochs_dir / f"epoch{epoch}.safetensors")
+
+    if not (epochs_dir / "epoch0.safetensors").is_file():
+        snapshot(0)
     cfg = LoopConfig.from_train_config(train_cfg, seed)
-    result = fit(model, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"lora_r{rank}")
+    result = fit(
+        model, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"lora_r{rank}", snapshot=snapshot
+    )
 
     # The test split is touched once, here, with the epoch chosen on dev.
     probs = predict(model, splits["test"], logmel, audio_cfg, train_cfg["batch_size"], device)
@@ -159,6 +185,9 @@ def run_lora(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.peft_encoder.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    if epochs_dir != out_dir / "adapter_epochs":
+        shutil.rmtree(out_dir / "adapter_epochs", ignore_errors=True)
+        shutil.copytree(epochs_dir, out_dir / "adapter_epochs")
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
         str(out_dir / "head.safetensors"),

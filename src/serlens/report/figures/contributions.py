@@ -1,12 +1,21 @@
-"""What each block writes into the residual stream: per model, and across models on one depth axis."""
+"""What each block writes into the residual stream: per model, and across models on one depth axis.
+
+The shaded area of a curve is the 95 % band from resampling test speakers within folds
+(``band_low``, ``band_high`` of the aggregated table) where the table has it, else ± one std
+over runs clipped to the range of the quantity; :func:`curve` draws either and says which,
+:func:`shading_legend` names what was drawn in the legend (these helpers serve the lens
+figures too).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .style import (
     COMPONENT_TITLES,
@@ -17,16 +26,93 @@ from .style import (
     collect_legend,
     empty_panel,
     figure_style,
+    fold_note,
     legend_below,
     lora_methods,
     method_colors,
     method_label,
     method_order,
-    model_title,
+    n_layers,
     new_subplots,
     rows,
-    spread_note,
 )
+
+BAND = "band"  # the 95 % speaker band of the aggregated table
+STD = "std"  # ± one std over runs (no speaker band)
+SHADING_LABELS = {
+    BAND: "shaded: 95 % band, resampling test speakers within folds",
+    STD: "hatched: ± 1 std over runs (no speaker band)",
+}
+#: The range of each plotted quantity: a ± std band is clipped to it.
+RANGES = {
+    "norm_ratio": (0.0, None),
+    "cosine": (-1.0, 1.0),
+    "uar": (0.0, 1.0),
+    "war": (0.0, 1.0),
+    "agreement": (0.0, 1.0),
+    "kl": (0.0, None),
+    "fit_kl": (0.0, None),
+    "dev_kl": (0.0, None),
+    "entropy": (0.0, None),
+}
+
+
+def curve(ax, frame: pd.DataFrame, bounds=(None, None), **line) -> str | None:
+    """Mean line of ``frame`` (aggregated rows along ``depth``) with its shaded area.
+
+    The speaker band (filled) where ``band_low`` is finite; else ± ``std`` (hatched, so the
+    two cannot be confused) clipped to ``bounds``, since a non-negative quantity's spread
+    does not go below 0. Returns :data:`BAND`, :data:`STD`, or None (nothing drawn, or a
+    single run: no spread to shade).
+    """
+    if frame.empty:
+        return None
+    if "band_low" in frame and np.isfinite(pd.to_numeric(frame["band_low"])).any():
+        band(ax, frame, **line)
+        return BAND
+    frame = frame.sort_values("depth")
+    mean = pd.to_numeric(frame["mean"]).to_numpy(float)
+    std = pd.to_numeric(frame["std"]).to_numpy(float) if "std" in frame else mean * np.nan
+    band(ax, frame.drop(columns=["std", "band_low", "band_high"], errors="ignore"), **line)
+    ok = np.isfinite(std)
+    if not ok.any():
+        return None
+    low, high = bounds
+    color = ax.get_lines()[-1].get_color()
+    ax.fill_between(
+        frame["depth"].to_numpy(float)[ok],
+        np.clip(mean - std, low, high)[ok],
+        np.clip(mean + std, low, high)[ok],
+        facecolor="none",
+        edgecolor=matplotlib.colors.to_rgba(color, 0.35),
+        hatch="////",
+        lw=0,
+    )
+    return STD
+
+
+def shading_legend(kinds: Iterable[str | None], notes: dict[str, str] | None = None):
+    """Legend entries (handles, labels) for the kinds of shading :func:`curve` drew; ``notes``
+    adds a few words to a kind's label (e.g. which panels fall back to ± std)."""
+    handles, labels = [], []
+    kinds = set(kinds)
+    if BAND in kinds:
+        handles.append(Patch(facecolor="0.45", alpha=0.3, lw=0))
+        labels.append(SHADING_LABELS[BAND] + (notes or {}).get(BAND, ""))
+    if STD in kinds:
+        handles.append(Patch(facecolor="none", edgecolor="0.45", hatch="////", lw=0))
+        labels.append(SHADING_LABELS[STD] + (notes or {}).get(STD, ""))
+    return handles, labels
+
+
+def spread_title(model: str | None, table: pd.DataFrame, what: str) -> str:
+    """'model, L = n layers: what' and a second line saying what lines and shading are."""
+    size = ""
+    if model is not None:
+        L = n_layers(table) if len(table) else None
+        size = f", L = {L} layers" if L else ""
+        what = f"{model}{size}: {what}"
+    return f"{what}\nlines: mean over runs ({fold_note(table)})"
 
 
 def contributions_figure(contributions: pd.DataFrame, model: str):
@@ -45,6 +131,7 @@ def contributions_figure(contributions: pd.DataFrame, model: str):
     metric_labels = {"norm_ratio": "norm ratio ‖u‖ / ‖h‖", "cosine": "cosine cos(u, h)"}
     delta_labels = {"norm_ratio": "Δ norm ratio", "cosine": "Δ cosine"}
     n_rows = 4 if ranks else 2
+    kinds: list[str | None] = []
     with figure_style():
         fig, axes = new_subplots(
             n_rows,
@@ -64,12 +151,28 @@ def contributions_figure(contributions: pd.DataFrame, model: str):
                         component=component,
                         metric=metric,
                     )
-                    band(ax, sel, color=FROZEN_COLOR, label="pre-trained encoder (frozen)")
+                    kinds.append(
+                        curve(
+                            ax,
+                            sel,
+                            RANGES[metric],
+                            color=FROZEN_COLOR,
+                            label="pre-trained encoder (frozen)",
+                        )
+                    )
                 for method in ranks:
                     sel = rows(
                         table, method=method, variant="adapted", component=component, metric=metric
                     )
-                    band(ax, sel, color=colors[method], label=f"adapted, {method_label(method)}")
+                    kinds.append(
+                        curve(
+                            ax,
+                            sel,
+                            RANGES[metric],
+                            color=colors[method],
+                            label=f"adapted, {method_label(method)}",
+                        )
+                    )
                 ax.set_ylabel(metric_labels[metric])
                 if ranks:
                     ax_d = axes[r + 2, c]
@@ -82,20 +185,23 @@ def contributions_figure(contributions: pd.DataFrame, model: str):
                             component=component,
                             metric=metric,
                         )
-                        band(
-                            ax_d,
-                            sel,
-                            color=colors[method],
-                            label=f"adapted, {method_label(method)}",
-                            ls="--",
+                        kinds.append(
+                            curve(
+                                ax_d,
+                                sel,
+                                color=colors[method],
+                                label=f"adapted, {method_label(method)}",
+                                ls="--",
+                            )
                         )
                     ax_d.set_ylabel(f"{delta_labels[metric]}\n(LoRA − frozen)")
             axes[0, c].set_title(COMPONENT_TITLES[component])
             axes[-1, c].set_xlabel(DEPTH_LABEL)
         handles, labels = collect_legend(axes)
-        legend_below(fig, handles, labels)
+        extra = shading_legend(kinds)
+        legend_below(fig, handles + extra[0], labels + extra[1], ncols=min(len(labels), 4))
         fig.suptitle(
-            model_title(model, table, "what each block writes into the residual stream h")
+            spread_title(model, table, "what each block writes into the residual stream h")
             + (
                 "\nrows 3–4: per-fold difference adapted − pre-trained of the same LoRA run"
                 if ranks
@@ -119,6 +225,7 @@ def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str
     )
     cmap = matplotlib.colormaps["viridis"]
     model_colors = {m: cmap(i / max(len(models) - 1, 1) * 0.85) for i, m in enumerate(models)}
+    kinds: list[str | None] = []
     with figure_style():
         fig, axes = new_subplots(
             2,
@@ -143,7 +250,14 @@ def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str
                         sel = rows(
                             table, model=model, method=method, component=component, metric=metric
                         )
-                        band(ax, sel, color=model_colors[model], ls=LINESTYLES[k % len(LINESTYLES)])
+                        kinds.append(
+                            curve(
+                                ax,
+                                sel,
+                                color=model_colors[model],
+                                ls=LINESTYLES[k % len(LINESTYLES)],
+                            )
+                        )
                 ax.set_ylabel(f"{label}\n(LoRA − frozen)")
             axes[0, c].set_title(COMPONENT_TITLES[component])
             axes[-1, c].set_xlabel(DEPTH_LABEL)
@@ -154,7 +268,11 @@ def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str
             for k in range(len(ranks))
         ]
         labels += [method_label(m) for m in ranks]
+        extra = shading_legend(kinds)
+        handles, labels = handles + extra[0], labels + extra[1]
         if handles:
-            legend_below(fig, handles, labels, ncols=min(len(labels), 6))
-        fig.suptitle(f"Adapter effect on layer contributions across models ({spread_note(table)})")
+            legend_below(fig, handles, labels, ncols=min(len(labels), 4))
+        fig.suptitle(
+            spread_title(None, table, "Adapter effect on layer contributions across models")
+        )
     return fig

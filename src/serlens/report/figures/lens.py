@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pandas as pd
+from matplotlib.lines import Line2D
 
+from .contributions import RANGES, STD, curve, shading_legend, spread_title
 from .style import (
     DEPTH_LABEL,
-    band,
     chance_line,
     collect_legend,
     figure_style,
@@ -14,11 +15,34 @@ from .style import (
     method_colors,
     method_label,
     method_order,
-    model_title,
     new_subplots,
     rank_of,
     rows,
 )
+
+METRICS = [
+    ("uar", "UAR of argmax p_ℓ (0–1)", "UAR against the labels"),
+    (
+        "agreement",
+        "agreement with final prediction\n(share of utterances)",
+        "agreement with the run's output",
+    ),
+    ("kl", "KL(p_L ‖ p_ℓ) (nats)", "KL divergence from the run's output"),
+]
+#: Thin lines of the tuned lens' KL panel: the same KL on the utterances it was fitted on
+#: and on dev (early stopping), beside the test KL.
+FIT_LINES = {"fit_kl": ("-.", "KL on the fitting utterances"), "dev_kl": ("--", "KL on dev")}
+
+
+def lens_fit_note(table: pd.DataFrame) -> str:
+    """How the tuned lens was fitted, as far as the aggregated table tells (``dev_kl`` rows
+    exist only where it was fitted on the fold's training utterances and early-stopped on dev)."""
+    tuned = rows(table, lens="tuned")
+    if tuned.empty:
+        return ""
+    if "dev_kl" in set(tuned["metric"]):
+        return "tuned lens: L2-regularised, fitted on the fold's training utterances, early-stopped on dev"
+    return "tuned lens: L2-regularised, fitted on the training sample (no dev states: no early stopping)"
 
 
 def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | None = None):
@@ -26,39 +50,58 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
 
     One row per lens (logit lens; tuned lens when fitted). Each run is read with its own head
     on the encoder it classifies with (``base`` for frozen runs, ``adapted`` for LoRA runs).
+    Shading: the speaker band where the table has it (agreement, KL: means over utterances);
+    UAR is not a mean over utterances, so its panels show ± std over runs (the legend says
+    so). The tuned lens' KL panel adds thin lines for the KL on the fitting and dev utterances.
     """
     table = rows(logit_lens, model=model)
     methods = [m for m in method_order(table["method"])]
     colors = method_colors(methods)
     lenses = [lens for lens in ("logit", "tuned") if lens in set(table["lens"])]
-    metrics = [
-        ("uar", "UAR of argmax p_ℓ (0–1)", "UAR against the labels"),
-        (
-            "agreement",
-            "agreement with final prediction\n(share of utterances)",
-            "agreement with the run's output",
-        ),
-        ("kl", "KL(p_L ‖ p_ℓ) (nats)", "KL divergence from the run's output"),
-    ]
+    kinds, std_metrics, fit_lines = [], set(), set()
     with figure_style():
         fig, axes = new_subplots(
             max(len(lenses), 1),
             3,
-            figsize=(11.5, 0.9 + 3.0 * max(len(lenses), 1)),
+            figsize=(11.5, 1.4 + 3.0 * max(len(lenses), 1)),
             squeeze=False,
             sharex=True,
         )
         for r, lens in enumerate(lenses):
-            for c, (metric, label, title) in enumerate(metrics):
+            for c, (metric, label, title) in enumerate(METRICS):
                 ax = axes[r, c]
+                std_here = set()
                 for method in methods:
                     variant = "adapted" if rank_of(method) is not None else "base"
                     sel = rows(table, lens=lens, method=method, variant=variant, metric=metric)
-                    band(ax, sel, color=colors[method], label=method_label(method))
+                    kind = curve(
+                        ax, sel, RANGES[metric], color=colors[method], label=method_label(method)
+                    )
+                    kinds.append(kind)
+                    if kind == STD:
+                        std_metrics.add(metric)
+                        std_here.add(metric)
+                    if lens == "tuned" and metric == "kl":
+                        for extra, (ls, _) in FIT_LINES.items():
+                            fit = rows(
+                                table, lens=lens, method=method, variant=variant, metric=extra
+                            ).sort_values("depth")
+                            if len(fit):
+                                fit_lines.add(extra)
+                                ax.plot(
+                                    fit["depth"],
+                                    fit["mean"],
+                                    ls=ls,
+                                    lw=1,
+                                    color=colors[method],
+                                    alpha=0.8,
+                                )
                 if metric == "uar":
                     chance_line(ax, n_classes)
                 ax.set_ylabel(label)
-                ax.set_title(title)
+                ax.set_title(
+                    title + ("\n(hatched: ± 1 std over runs)" if metric in std_here else "")
+                )
             axes[r, 0].annotate(
                 f"{lens} lens",
                 xy=(0, 0.5),
@@ -73,6 +116,18 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
         for ax in axes[-1]:
             ax.set_xlabel(DEPTH_LABEL)
         handles, labels = collect_legend(axes)
-        legend_below(fig, handles, labels)
-        fig.suptitle(model_title(model, table, "reading the trained head off every layer"))
+        for extra in FIT_LINES:
+            if extra in fit_lines:
+                ls, text = FIT_LINES[extra]
+                handles.append(Line2D([], [], color="0.3", ls=ls, lw=1))
+                labels.append(f"tuned lens, {text}")
+        names = {"uar": "UAR", "agreement": "agreement", "kl": "KL"}
+        note = ", ".join(names[m] for m, *_ in METRICS if m in std_metrics)
+        if std_metrics == {"uar"}:
+            note = "UAR: not a mean over utterances"
+        extra = shading_legend(kinds, {STD: f" — {note}"} if note else None)
+        legend_below(fig, handles + extra[0], labels + extra[1], ncols=3)
+        what = "reading the trained head off every layer"
+        fit = lens_fit_note(table)
+        fig.suptitle(spread_title(model, table, what) + (f"; {fit}" if fit else ""))
     return fig

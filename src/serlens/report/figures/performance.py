@@ -96,14 +96,18 @@ def performance_figure(
             Line2D([], [], color="0.3", marker="o", ls="", markerfacecolor="none"),
             Line2D([], [], color="0.3", marker="_", ls="", markersize=14, mew=2.2),
         ]
-        labels += ["one test fold", "mean ± std over folds"]
+        labels += ["one run (test fold × seed)", "mean ± std over runs"]
         if n_classes:
             handles.append(Line2D([], [], color="0.5", ls=":"))
             labels.append(f"chance (1/{n_classes})")
         legend_below(fig, handles, labels, ncols=min(len(labels), 4))
         n = performance.groupby(["model", "method"])["fold"].nunique()
         folds = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
-        fig.suptitle(f"Test-fold performance, leave-one-session-out ({folds} folds per bar)")
+        seeds = performance["seed"].nunique() if "seed" in performance else 1
+        fig.suptitle(
+            "Test-fold performance, leave-one-session-out "
+            f"({folds} folds × {seeds} seed{'s' if seeds != 1 else ''} per bar)"
+        )
     return fig
 
 
@@ -164,8 +168,10 @@ def confusion_figure(
                 if c == 0:
                     ax.set_ylabel(f"{model}\ntrue emotion")
                 n_folds = int(sel["n_folds"].iloc[0])
+                n_seeds = int(sel["n_seeds"].iloc[0]) if "n_seeds" in sel else 1
+                runs = f"{n_folds} folds" + (f" × {n_seeds} seeds" if n_seeds > 1 else "")
                 ax.set_title(
-                    f"{method_label(method)}\n{n_folds} folds, n = {int(counts.sum())} utt.",
+                    f"{method_label(method)}\n{runs}, n = {int(counts.sum())} utt.",
                     fontsize=9,
                 )
         if image is not None:

@@ -29,23 +29,64 @@ from .style import (
     rows,
 )
 
+NULL_COLOR = "0.35"
+
+
+def _subspace_parts(subspace: pd.DataFrame | None, model: str):
+    """(φ rows, null rows) of the aggregated subspace table; tables from before the null
+    column (no ``metric``) are all φ."""
+    if subspace is None or not len(subspace):
+        return pd.DataFrame(), pd.DataFrame()
+    sub = rows(subspace, model=model)
+    if "metric" not in sub.columns:
+        return sub, sub.iloc[:0]
+    return sub[sub["metric"] == "phi"], sub[sub["metric"] == "phi_null"]
+
+
+def _annotate_phi(ax, values: np.ndarray, null: np.ndarray | None) -> None:
+    """φ in each cell and, under it, how many times the random-subspace null it is."""
+    for (i, j), v in np.ndenumerate(values):
+        text = f"{v:.2f}"
+        if null is not None and np.isfinite(null[i, j]) and null[i, j] > 0:
+            times = v / null[i, j]
+            text += f"\n×{times:.1f}" if times < 9.95 else f"\n×{times:.0f}"
+        ax.text(
+            j,
+            i,
+            text,
+            ha="center",
+            va="center",
+            fontsize=6.5,
+            linespacing=0.95,
+            color="white" if v > 0.6 else "black",
+        )
+
 
 def spectra_figure(
-    svd: pd.DataFrame, subspace: pd.DataFrame, model: str, intruder_epsilon: float | None = None
+    svd: pd.DataFrame,
+    subspace: pd.DataFrame,
+    model: str,
+    intruder_epsilon: float | None = None,
+    energy_fraction: float | None = None,
 ):
     """Spectra of the LoRA update ΔW = (α/r)·B·A per adapted module, and the cross-rank subspace similarity.
 
-    Top: singular values σ_i of ΔW, one line per layer (colour = depth), one panel per rank.
-    Middle: effective rank, stable rank and 90 %-energy rank of ΔW, and the intruder count of
-    the merged weight, per layer. Bottom: φ(A_r1, A_r2, i, j) heat maps (Hu et al. 2021, §7),
-    averaged over adapted modules and folds.
+    Top: singular values σ_i of ΔW, one line per layer (colour = depth), one panel per rank,
+    and in grey those of the null, a random rank-r update of the same ‖ΔW‖_F. Middle:
+    effective rank, stable rank and energy rank of ΔW, and the intruder count of the merged
+    weight, per layer; dotted, the same for the nulls (the random update; for intruders the
+    trained spectrum in random directions). Bottom: φ(A_r1, A_r2, i, j) heat maps (Hu et
+    al. 2021, §7), averaged over adapted modules and folds, each cell also as a multiple of
+    its random-subspace expectation max(i, j) / d; then φ per layer with that expectation
+    dotted.
     """
     table = rows(svd, model=model)
     ranks = lora_methods(table["method"])
     colors = method_colors(table["method"])
-    types = sorted({module_type(m) for m in table["module"]}) if len(table) else []
+    trained = table[~table["matrix"].astype(str).str.endswith("_null")] if len(table) else table
+    types = sorted({module_type(m) for m in trained["module"]}) if len(trained) else []
     styles = {t: LINESTYLES[i % len(LINESTYLES)] for i, t in enumerate(types)}
-    sub = rows(subspace, model=model) if subspace is not None and len(subspace) else pd.DataFrame()
+    sub, sub_null = _subspace_parts(subspace, model)
     pairs = (
         sorted({(int(a), int(b)) for a, b in zip(sub["rank_a"], sub["rank_b"], strict=True)})
         if len(sub)
@@ -76,6 +117,18 @@ def spectra_figure(
                     markersize=2.5,
                     ls=styles.get(module_type(module), "-"),
                 )
+            null = rows(table, method=method, matrix="delta_w_null", quantity="sigma")
+            if len(null):
+                null = null.groupby("index")["mean"].mean()
+                ax.plot(
+                    null.index,
+                    null.to_numpy(),
+                    color=NULL_COLOR,
+                    lw=2.0,
+                    ls="--",
+                    label="random rank-r update, same ‖ΔW‖_F (mean of layers)",
+                )
+                ax.legend(fontsize=8, loc="lower left")
             plain_log_axis(ax)
             ax.set_title(f"{method_label(method)}: singular values of ΔW")
             ax.set_xlabel("index i (descending σ)")
@@ -94,11 +147,28 @@ def spectra_figure(
             )
         # ranks per layer and intruders
         ax_mid = middle.subplots(1, 4)
+        pct = f"{energy_fraction:.0%}" if energy_fraction else "the energy fraction"
         quantities = [
             ("effective_rank", "effective rank of ΔW\n(exp entropy of σ/‖σ‖₁)"),
             ("stable_rank", "stable rank of ΔW\n(‖ΔW‖²_F / σ₁²)"),
-            ("energy_rank", "directions holding 90 % of\nΣσ² of ΔW (count)"),
+            ("energy_rank", f"directions holding {pct} of\nΣσ² of ΔW (count)"),
         ]
+
+        def null_line(ax, method, matrix, quantity, label):
+            sel = rows(table, method=method, matrix=matrix, quantity=quantity)
+            if len(sel):
+                line = by_layer(sel).sort_values("depth")
+                ax.plot(
+                    line["depth"],
+                    line["mean"],
+                    color=colors[method],
+                    ls=":",
+                    lw=1.6,
+                    marker="x",
+                    markersize=4,
+                    label=label,
+                )
+
         for ax, (quantity, label) in zip(ax_mid, quantities, strict=False):
             for method in ranks:
                 for t in types:
@@ -111,6 +181,13 @@ def spectra_figure(
                         ls=styles[t],
                         label=method_label(method) + (f" {t}" if len(types) > 1 else ""),
                     )
+                null_line(
+                    ax,
+                    method,
+                    "delta_w_null",
+                    quantity,
+                    f"{method_label(method)}: null, random rank-r update of the same ‖ΔW‖_F",
+                )
             ax.set_ylabel(label)
             ax.set_xlabel(DEPTH_LABEL)
         ax = ax_mid[3]
@@ -119,6 +196,13 @@ def spectra_figure(
                 sel = rows(table, method=method, matrix="merged", quantity="intruder_count")
                 sel = sel[sel["module"].map(module_type) == t]
                 band(ax, by_layer(sel), color=colors[method], ls=styles[t])
+            null_line(
+                ax,
+                method,
+                "merged_null",
+                "intruder_count",
+                f"{method_label(method)}: null for intruders, the trained σ in random directions",
+            )
         eps = f" (max |cos| < {intruder_epsilon:g})" if intruder_epsilon else ""
         ax.set_ylabel(f"intruder dimensions of W₀ + ΔW\n(count{eps})")
         ax.set_xlabel(DEPTH_LABEL)
@@ -128,8 +212,9 @@ def spectra_figure(
                 handles,
                 labels,
                 loc="outside lower center",
-                ncols=min(len(labels), 5),
+                ncols=min(len(labels), 2 if len(labels) > 3 else 3),
                 frameon=False,
+                fontsize=8.5,
             )
         # subspace similarity between ranks: heat maps per pair of ranks, then φ per layer
         ax_bot = bottom.subplots(
@@ -141,17 +226,30 @@ def spectra_figure(
             sel = sub[(sub["rank_a"] == ra) & (sub["rank_b"] == rb)]
             grid = sel.groupby(["i", "j"])["mean"].mean().unstack("j")
             values = grid.to_numpy(float)
+            null_sel = sub_null[(sub_null["rank_a"] == ra) & (sub_null["rank_b"] == rb)]
+            null = None
+            if len(null_sel):
+                null = (
+                    null_sel.groupby(["i", "j"])["mean"]
+                    .mean()
+                    .unstack("j")
+                    .reindex(index=grid.index, columns=grid.columns)
+                    .to_numpy(float)
+                )
             image = ax.imshow(values, cmap="YlGnBu", vmin=0, vmax=max(1.0, np.nanmax(values)))
             ax.set_xticks(range(grid.shape[1]), [str(int(j)) for j in grid.columns])
             ax.set_yticks(range(grid.shape[0]), [str(int(i)) for i in grid.index])
             ax.set_xlabel(f"j: top-j directions of A, r = {rb}")
             ax.set_ylabel(f"i: top-i directions of A, r = {ra}")
-            ax.set_title(
-                f"φ(A_r={ra}, A_r={rb}, i, j),\nmean of {sel['module'].nunique()} modules",
-                fontsize=9.5,
-            )
+            title = f"φ(A_r={ra}, A_r={rb}, i, j), mean of {sel['module'].nunique()} modules"
+            if null is not None:
+                title += "\n×k: k times the random-subspace φ, max(i, j) / d"
+            ax.set_title(title, fontsize=9.5)
             if values.size <= 64:
-                annotate_cells(ax, values, light_text=values > 0.6)
+                if null is not None:
+                    _annotate_phi(ax, values, null)
+                else:
+                    annotate_cells(ax, values, light_text=values > 0.6)
         if image is not None:
             bottom.colorbar(
                 image,
@@ -170,6 +268,21 @@ def spectra_figure(
                 cell = sel[(sel["i"] == i) & (sel["j"] == j)]
                 if len(cell):
                     band(ax, by_layer(cell), color=color, ls=ls, label=f"r = {ra} vs {rb}: {what}")
+            nulls = sub_null[(sub_null["rank_a"] == ra) & (sub_null["rank_b"] == rb)]
+            for i, j in ((1, 1), (ra, rb)):
+                cell = nulls[(nulls["i"] == i) & (nulls["j"] == j)]
+                if len(cell):
+                    level = float(cell["mean"].mean())
+                    ax.axhline(level, color=color, ls=":", lw=1.2)
+                    ax.annotate(
+                        f"random: {max(i, j)}/d = {level:.3f}",
+                        (1.0, level),
+                        xycoords=("axes fraction", "data"),
+                        ha="right",
+                        va="bottom",
+                        fontsize=7,
+                        color=color,
+                    )
         if pairs:
             ax.set_ylabel("φ(A_r1, A_r2, i, j) (0–1)")
             ax.set_xlabel(DEPTH_LABEL)

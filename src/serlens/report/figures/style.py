@@ -149,20 +149,30 @@ def rows(table: pd.DataFrame, **equal) -> pd.DataFrame:
 
 
 def band(ax, frame: pd.DataFrame, x: str = "depth", **line) -> None:
-    """Mean line with a ± std band from an aggregated table (columns ``x``, ``mean``, ``std``)."""
+    """Mean line with a shaded band from an aggregated table (columns ``x``, ``mean``, and
+    ``band_low``/``band_high`` — the 95 % speaker band — where present, else ± ``std``)."""
     frame = frame.sort_values(x)
     if frame.empty:
         return
     xs, mean = frame[x].to_numpy(float), frame["mean"].to_numpy(float)
-    std = frame["std"].to_numpy(float) if "std" in frame else np.full_like(mean, np.nan)
+    nan = np.full_like(mean, np.nan)
+    std = frame["std"].to_numpy(float) if "std" in frame else nan
+    low, high = mean - std, mean + std
+    if "band_low" in frame and np.isfinite(frame["band_low"].to_numpy(float)).any():
+        low, high = frame["band_low"].to_numpy(float), frame["band_high"].to_numpy(float)
     (handle,) = ax.plot(
         xs, mean, marker=line.pop("marker", "o"), markersize=line.pop("markersize", 3.5), **line
     )
-    ok = np.isfinite(std)
+    ok = np.isfinite(low) & np.isfinite(high)
     if ok.any():
-        ax.fill_between(
-            xs[ok], (mean - std)[ok], (mean + std)[ok], color=handle.get_color(), alpha=0.15, lw=0
-        )
+        ax.fill_between(xs[ok], low[ok], high[ok], color=handle.get_color(), alpha=0.15, lw=0)
+
+
+def band_note(table: pd.DataFrame) -> str:
+    """What a figure's shaded area is: the speaker band where the table has it, else ± std."""
+    if "band_low" in table and np.isfinite(pd.to_numeric(table["band_low"])).any():
+        return f"shaded: 95 % band from resampling test speakers within folds ({fold_note(table)})"
+    return f"shaded: ± std over {fold_note(table)}"
 
 
 def annotate_cells(ax, values: np.ndarray, light_text: np.ndarray) -> None:
@@ -180,20 +190,24 @@ def annotate_cells(ax, values: np.ndarray, light_text: np.ndarray) -> None:
 
 
 def fold_note(table: pd.DataFrame) -> str:
-    """'3 folds' or '2-3 folds' (from ``n_folds``), and the missing ones if any."""
+    """'3 folds × 1 seed' or '2–3 folds × 3 seeds' (from ``n_folds``, ``n_seeds``), and the
+    missing runs if any."""
     if table.empty or "n_folds" not in table:
         return "no folds"
     lo, hi = int(table["n_folds"].min()), int(table["n_folds"].max())
     note = f"{hi} fold{'s' if hi != 1 else ''}" if lo == hi else f"{lo}–{hi} folds"
-    # read back from TSV, the column is empty (NaN), a fold number (float) or "1,3" (str)
-    column = table["missing_folds"].dropna() if "missing_folds" in table else []
-    missing = sorted(
-        {f"{v:g}" if isinstance(v, float) else str(v) for v in column if str(v).strip()}
-    )
-    return note + (f"; missing folds {'; '.join(missing)}" if missing else "")
+    if "n_seeds" in table:
+        s_lo, s_hi = int(table["n_seeds"].min()), int(table["n_seeds"].max())
+        seeds = f"{s_hi} seed{'s' if s_hi != 1 else ''}" if s_lo == s_hi else f"{s_lo}–{s_hi} seeds"
+        note += f" × {seeds}"
+    column = table["missing_runs"].dropna() if "missing_runs" in table else []
+    missing = sorted({str(v) for v in column if str(v).strip()})
+    return note + (f"; missing runs {'; '.join(missing)}" if missing else "")
 
 
 def spread_note(table: pd.DataFrame) -> str:
+    if "band_low" in table and np.isfinite(pd.to_numeric(table["band_low"])).any():
+        return f"mean over {fold_note(table)}, 95 % speaker band"
     return f"mean ± std over {fold_note(table)}"
 
 

@@ -20,11 +20,13 @@ from .style import (
 )
 
 
-def load_histories(files: Mapping[tuple[str, int], Path]) -> dict[tuple[str, int], pd.DataFrame]:
-    """Read ``{(method, fold): history.tsv}`` of one model; absent files are left out."""
+def load_histories(
+    files: Mapping[tuple[str, int, int], Path],
+) -> dict[tuple[str, int, int], pd.DataFrame]:
+    """Read ``{(method, seed, fold): history.tsv}`` of one model; absent files are left out."""
     return {
-        (str(method), int(fold)): pd.read_csv(path, sep="\t")
-        for (method, fold), path in files.items()
+        (str(method), int(seed), int(fold)): pd.read_csv(path, sep="\t")
+        for (method, seed, fold), path in files.items()
         if Path(path).is_file()
     }
 
@@ -38,22 +40,28 @@ def selected_epoch(history: pd.DataFrame) -> int | None:
 
 
 def training_curves_figure(
-    histories: Mapping[tuple[str, int], pd.DataFrame], model: str, n_classes: int | None = None
+    histories: Mapping[tuple[str, int, int], pd.DataFrame],
+    model: str,
+    n_classes: int | None = None,
 ):
-    """Dev UAR (top) and training loss (bottom) per epoch; one column per method, one line per fold.
+    """Dev UAR (top) and training loss (bottom) per epoch; one column per method, one line per
+    run: the colour is the test fold, the line style the training seed.
 
     A star marks the epoch whose checkpoint was kept (best dev UAR).
     """
-    methods = method_order(m for m, _ in histories)
-    folds = sorted({f for _, f in histories})
+    methods = method_order(m for m, _, _ in histories)
+    folds = sorted({f for _, _, f in histories})
+    seeds = sorted({s for _, s, _ in histories})
     fold_colors = {f: matplotlib.colormaps["tab10"](i % 10) for i, f in enumerate(folds)}
+    styles = ["-", "--", ":", "-."]
+    seed_style = {s: styles[i % len(styles)] for i, s in enumerate(seeds)}
     with figure_style():
         fig, axes = new_subplots(
             2, len(methods), figsize=(2.2 + 2.7 * len(methods), 5.6), squeeze=False
         )
         for c, method in enumerate(methods):
-            for fold in folds:
-                history = histories.get((method, fold))
+            for seed, fold in ((s, f) for s in seeds for f in folds):
+                history = histories.get((method, seed, fold))
                 if history is None:
                     continue
                 color = fold_colors[fold]
@@ -64,8 +72,9 @@ def training_curves_figure(
                         history["epoch"],
                         history[column],
                         color=color,
+                        ls=seed_style[seed],
                         lw=1.4,
-                        label=f"test fold {fold}",
+                        label=f"test fold {fold}" + (f", seed {seed}" if len(seeds) > 1 else ""),
                     )
                     if best is not None:
                         y = history.loc[history["epoch"] == best, column]
@@ -92,5 +101,6 @@ def training_curves_figure(
         )
         labels.append("kept checkpoint (best dev UAR)")
         legend_below(fig, handles, labels, ncols=min(len(labels), 4))
-        fig.suptitle(f"{model}: training curves per test fold")
+        seeds_note = f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+        fig.suptitle(f"{model}: training curves per test fold ({seeds_note})")
     return fig

@@ -1,0 +1,156 @@
+"""How the LoRA update grows over training (``update_dynamics.tsv``), from the adapter saved at
+initialisation (epoch 0) and after every epoch (``adapter_epochs/epoch{e}.safetensors``).
+
+For every adapted module and epoch ``e`` (with A_e, B_e the factors, s the run's scaling
+α/r or α/√r, ΔW_e = s·B_e·A_e):
+
+- ``delta_w_norm``: ‖ΔW_e‖_F (0 at initialisation, where B = 0; Hu et al. 2021);
+- ``delta_w_sigma1``: its largest singular value, ``delta_w_energy_rank``: the number of
+  directions holding ``energy_fraction`` of ‖ΔW_e‖²_F (0 at epoch 0);
+- ``a_change``: ‖A_e − A_0‖_F / ‖A_0‖_F, how far A moved from its random initialisation
+  (a trained A is known to stay close to it: Zhu et al. 2024, "Asymmetry in low-rank adapters");
+- ``a_init_phi``: φ(A_e, A_0) = ‖U_eᵀ U_0‖²_F / r for the right singular subspaces of A_e
+  and A_0 (Hu et al. 2021, eq. 7) — 1 while A keeps its initial row space; ``null`` is r / d_in,
+  the value for an unrelated random subspace;
+- ``b_norm``: ‖B_e‖_F.
+
+Columns ``module, layer, depth, epoch, quantity, value, null`` (``null`` empty where a
+quantity has none). ``depth = (layer + 1) / L`` as in ``svd.tsv``. The epoch the run kept
+(best dev UAR) is in its ``history.tsv``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["module", "layer", "depth", "epoch", "quantity", "value", "null"]
+_EPOCH = re.compile(r"^epoch(\d+)\.safetensors$")
+
+
+def epoch_files(folder: Path) -> dict[int, Path]:
+    """``{epoch: file}`` of an ``adapter_epochs/`` folder, in epoch order; epoch 0 must be there."""
+    folder = Path(folder)
+    files = {
+        int(m[1]): folder / name
+        for name in sorted(p.name for p in folder.iterdir())
+        if (m := _EPOCH.match(name))
+    }
+    if 0 not in files:
+        raise FileNotFoundError(
+            f"{folder}: no epoch0.safetensors (the adapter at initialisation); rerun its training"
+        )
+    return dict(sorted(files.items()))
+
+
+def load_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """``{module: {"A": ..., "B": ...}}`` (float64) of one snapshot."""
+    from safetensors.numpy import load_file
+
+    from serlens.analysis.lora_spectra import _ADAPTER_KEY
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(path)).items():
+        match = _ADAPTER_KEY.match(key)
+        if match:
+            out.setdefault(match["module"], {})[match["which"]] = value.astype(np.float64)
+    if not out:
+        raise ValueError(f"{path}: no LoRA weights (keys like '...v_proj.lora_A.weight')")
+    return out
+
+
+def scaling(adapter_dir: Path, rank: int) -> float:
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    alpha = config["lora_alpha"]
+    return float(alpha / (rank**0.5 if config.get("use_rslora") else rank))
+
+
+def _right_basis(A: np.ndarray) -> np.ndarray:
+    _, _, vt = np.linalg.svd(A, full_matrices=False)
+    return vt.T
+
+
+def update_table(
+    snapshots: dict[int, dict], scale: float, n_layers: int, fraction: float
+) -> pd.DataFrame:
+    """The module docstring's quantities for every module of every snapshot."""
+    from serlens.analysis.lora_spectra import layer_index
+    from serlens.analysis.spectra import energy_rank
+
+    first = snapshots[min(snapshots)]
+    rows = []
+    for module in sorted(first, key=lambda m: (layer_index(m) or 0, m)):
+        A0 = first[module]["A"]
+        basis0 = _right_basis(A0)
+        rank, d_in = A0.shape
+        layer = layer_index(module)
+        where = {
+            "module": module,
+            "layer": layer,
+            "depth": (layer + 1) / n_layers if layer is not None else np.nan,
+        }
+        for epoch, factors in snapshots.items():
+            A, B = factors[module]["A"], factors[module]["B"]
+            # σ(s·B·A) from the r x r core of thin QR factors: B = Q_B R_B, Aᵀ = Q_A R_A
+            _, r_b = np.linalg.qr(B)
+            _, r_a = np.linalg.qr(A.T)
+            sigma = scale * np.linalg.svd(r_b @ r_a.T, compute_uv=False)
+            phi = float(np.sum((_right_basis(A).T @ basis0) ** 2) / rank)
+            values = {
+                "delta_w_norm": (float(np.sqrt(np.sum(sigma**2))), np.nan),
+                "delta_w_sigma1": (float(sigma.max()), np.nan),
+                "delta_w_energy_rank": (float(energy_rank(sigma, fraction)), np.nan),
+                "a_change": (float(np.linalg.norm(A - A0) / np.linalg.norm(A0)), np.nan),
+                "a_init_phi": (phi, rank / d_in),
+                "b_norm": (float(np.linalg.norm(B)), np.nan),
+            }
+            rows += [
+                {**where, "epoch": epoch, "quantity": q, "value": v, "null": n}
+                for q, (v, n) in values.items()
+            ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def update_from_files(epochs_dir: Path, adapter_dir: Path, fraction: float) -> pd.DataFrame:
+    from serlens.analysis.lora_spectra import _n_layers
+
+    snapshots = {e: load_factors(p) for e, p in epoch_files(epochs_dir).items()}
+    first = next(iter(snapshots.values()))
+    rank = next(iter(first.values()))["A"].shape[0]
+    return update_table(
+        snapshots, scaling(adapter_dir, rank), _n_layers(adapter_dir, first), fraction
+    )
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    return update_from_files(
+        run.path("adapter_epochs"), run.path("adapter"), settings["energy_fraction"]
+    )
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures.update import update_figure
+
+    return update_figure(tables["update_dynamics"], model)
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="update_dynamics",
+        compute=_compute,
+        applies_to=lambda method: method.has_adapter,
+        reads=frozenset({"adapter", "adapter_epochs"}),
+        keys=("energy_fraction",),
+        table=TableSpec(("module", "layer", "depth", "epoch", "quantity"), ("value", "null")),
+        figures=(FigureSpec("update_dynamics", _draw, ("update_dynamics",), "LoRA spectra"),),
+        doc="growth of ΔW and drift of A from its initialisation, epoch by epoch",
+    )
+
+
+SPEC = _spec()
