@@ -63,7 +63,7 @@ def test_known_answers(snapshots):
     assert value[(1, 2, "a_init_phi")] < 0.9
     change = np.linalg.norm(moved[1] - A0[1]) / np.linalg.norm(A0[1])
     assert value[(1, 2, "a_change")] == pytest.approx(change, rel=1e-5)
-    assert table["null"][(1, 2, "a_init_phi")] == pytest.approx(R / D)
+    assert table["random_value"][(1, 2, "a_init_phi")] == pytest.approx(R / D)
     assert table.reset_index()["depth"].max() == 1.0
 
 

@@ -14,9 +14,9 @@ compares run ``s`` with run ``s0`` of the same model, method and fold:
   A matrices of each adapted module, φ(i) = ‖U_iᵀ V_i‖²_F / i for the top-i right singular
   vectors U_i, V_i of A_s and A_s0, i = 1..r (0 = orthogonal, 1 = the same subspace); its
   random-subspace expectation is i / d_in (φ(i, i) of independent uniform subspaces),
-  given as ``null`` beside it.
+  given as ``random_value`` beside it (a column named ``null`` would read back as empty).
 
-Columns: ``reference_seed, measure, module, layer, depth, i, value, null`` (``module`` and
+Columns: ``reference_seed, measure, module, layer, depth, i, value, random_value`` (``module`` and
 ``i`` empty for CKA rows). With one configured seed there is no pair: the aggregated table
 says that the floor needs two or more seeds instead of being left out.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["reference_seed", "measure", "module", "layer", "depth", "i", "value", "null"]
+COLUMNS = ["reference_seed", "measure", "module", "layer", "depth", "i", "value", "random_value"]
 NEEDS_SEEDS = "the seed-to-seed floor needs two or more training seeds (config key seeds)"
 
 
@@ -51,13 +51,15 @@ def cka_rows(states: np.ndarray, reference: np.ndarray) -> list[dict]:
         X = states[:, layer].astype(np.float64)
         Y = reference[:, layer].astype(np.float64)
         common = {"module": "", "layer": layer, "depth": layer / n_layers, "i": np.nan}
-        rows.append({"measure": "cka_linear", **common, "value": linear_cka(X, Y), "null": np.nan})
+        rows.append(
+            {"measure": "cka_linear", **common, "value": linear_cka(X, Y), "random_value": np.nan}
+        )
         rows.append(
             {
                 "measure": "cka_debiased",
                 **common,
                 "value": debiased_linear_cka(X, Y) if len(X) >= 4 else np.nan,
-                "null": 0.0,  # debiased CKA of independent representations (Song et al. 2012)
+                "random_value": 0.0,  # debiased CKA of independent representations (Song et al. 2012)
             }
         )
     return rows
@@ -87,7 +89,7 @@ def phi_rows(adapter, reference_adapter, n_layers: int) -> list[dict]:
                     "depth": (layer + 1) / n_layers if layer is not None else np.nan,
                     "i": i,
                     "value": phi(top_right_singular(A, i), top_right_singular(A_ref, i)),
-                    "null": i / d_in,
+                    "random_value": i / d_in,
                 }
             )
     return rows
@@ -120,7 +122,7 @@ def _spec():
         applies_to=lambda method: method.trains_encoder,
         reads=frozenset({"states", "adapter"}),
         keys=(),
-        table=TableSpec(("measure", "module", "layer", "depth", "i"), ("value", "null")),
+        table=TableSpec(("measure", "module", "layer", "depth", "i"), ("value", "random_value")),
         scope="seed_pairs",
         doc="CKA and subspace similarity between two runs that differ only in the training seed",
     )

@@ -10,11 +10,11 @@ For every adapted module and epoch ``e`` (with A_e, B_e the factors, s the run's
 - ``a_change``: ‖A_e − A_0‖_F / ‖A_0‖_F, how far A moved from its random initialisation
   (a trained A is known to stay close to it: Zhu et al. 2024, "Asymmetry in low-rank adapters");
 - ``a_init_phi``: φ(A_e, A_0) = ‖U_eᵀ U_0‖²_F / r for the right singular subspaces of A_e
-  and A_0 (Hu et al. 2021, eq. 7) — 1 while A keeps its initial row space; ``null`` is r / d_in,
+  and A_0 (Hu et al. 2021, eq. 7) — 1 while A keeps its initial row space; ``random_value`` is r / d_in,
   the value for an unrelated random subspace;
 - ``b_norm``: ‖B_e‖_F.
 
-Columns ``module, layer, depth, epoch, quantity, value, null`` (``null`` empty where a
+Columns ``module, layer, depth, epoch, quantity, value, random_value`` (``random_value`` empty where a
 quantity has none). ``depth = (layer + 1) / L`` as in ``svd.tsv``. The epoch the run kept
 (best dev UAR) is in its ``history.tsv``.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["module", "layer", "depth", "epoch", "quantity", "value", "null"]
+COLUMNS = ["module", "layer", "depth", "epoch", "quantity", "value", "random_value"]
 _EPOCH = re.compile(r"^epoch(\d+)\.safetensors$")
 
 
@@ -109,7 +109,7 @@ def update_table(
                 "b_norm": (float(np.linalg.norm(B)), np.nan),
             }
             rows += [
-                {**where, "epoch": epoch, "quantity": q, "value": v, "null": n}
+                {**where, "epoch": epoch, "quantity": q, "value": v, "random_value": n}
                 for q, (v, n) in values.items()
             ]
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -147,7 +147,9 @@ def _spec():
         applies_to=lambda method: method.has_adapter,
         reads=frozenset({"adapter", "adapter_epochs"}),
         keys=("energy_fraction",),
-        table=TableSpec(("module", "layer", "depth", "epoch", "quantity"), ("value", "null")),
+        table=TableSpec(
+            ("module", "layer", "depth", "epoch", "quantity"), ("value", "random_value")
+        ),
         figures=(FigureSpec("update_dynamics", _draw, ("update_dynamics",), "LoRA spectra"),),
         doc="growth of ΔW and drift of A from its initialisation, epoch by epoch",
     )
