@@ -64,7 +64,6 @@ def main():
     first, second = args.devices
     out = Path(tempfile.mkdtemp(prefix="serlens-gpu-passes-"))
     from serlens.analysis.passes import pass_settings
-    from serlens.config import default_config
 
     settings = pass_settings(default_config())
     files, times = {}, {}

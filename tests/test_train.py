@@ -53,6 +53,7 @@ def config(epochs=2):
 
     cfg = validate_config({})
     cfg["train"].update(epochs=epochs, batch_size=4, patience=5, frozen_epochs=epochs)
+    cfg["seed"] = 0  # the run's training seed (steps.train_run passes the grid's)
     return cfg
 
 
@@ -108,6 +109,18 @@ def test_lora_run_outputs_and_resume(weights, splits, tmp_path):
     h_full = pd.read_csv(tmp_path / "full" / "history.tsv", sep="\t")
     h_resumed = pd.read_csv(tmp_path / "resumed" / "history.tsv", sep="\t")
     pd.testing.assert_series_equal(h_full["train_loss"], h_resumed["train_loss"])
+    # the adapter at initialisation and after each epoch, the same whether killed or not
+    from safetensors.numpy import load_file
+
+    for run in ("full", "resumed"):
+        names = sorted(p.name for p in (tmp_path / run / "adapter_epochs").iterdir())
+        assert names == ["epoch0.safetensors", "epoch1.safetensors", "epoch2.safetensors"]
+    for epoch in (0, 1, 2):
+        a = load_file(str(tmp_path / "full" / "adapter_epochs" / f"epoch{epoch}.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / "adapter_epochs" / f"epoch{epoch}.safetensors"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    init = load_file(str(tmp_path / "full" / "adapter_epochs" / "epoch0.safetensors"))
+    assert all(not v.any() for k, v in init.items() if "lora_B" in k)  # B = 0 at initialisation
 
     # predictions cover the test split exactly once, metrics match a recomputation
     assert sorted(full["utt_id"]) == sorted(splits["test"].utt_ids)
