@@ -262,3 +262,14 @@ def test_schema_ships_as_package_data(tmp_path):
     )
     assert check.returncode == 0, check.stderr[-2000:]
     assert str(target) in check.stdout
+
+
+def test_numbers_given_as_strings_on_the_command_line_are_read_as_numbers():
+    """``--config 'seeds=[0,1]'`` and nested ``--config`` values reach the config as strings."""
+    config = validate_config(
+        {"seeds": ["0", "1"], "corpus": {"synthetic": {"scripted_fraction": "0.25"}}}
+    )
+    assert config["seeds"] == [0, 1]
+    assert config["corpus"]["synthetic"]["scripted_fraction"] == 0.25
+    with pytest.raises(ConfigError, match=r"train.epochs: 'ten' is not of type 'integer'"):
+        validate_config({"train": {"epochs": "ten"}})

@@ -34,7 +34,9 @@ def _config(paths) -> dict:
 def cmd_synth_corpus(args) -> None:
     from serlens.steps import synth_corpus
 
-    root = synth_corpus(Path(args.out), args.utterances_per_speaker, args.seed)
+    root = synth_corpus(
+        Path(args.out), args.utterances_per_speaker, args.seed, args.scripted_fraction
+    )
     print(root)
 
 
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--utterances-per-speaker", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scripted-fraction", type=float, default=0.5, help="share of script lines per speaker"
+    )
     p.set_defaults(func=cmd_synth_corpus)
 
     p = sub.add_parser("manifest", help="read a corpus into manifest.tsv (+ summary.tsv beside it)")

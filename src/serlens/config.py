@@ -52,6 +52,31 @@ def _fill_defaults(instance: dict, schema: dict) -> None:
             _fill_defaults(instance[name], sub)
 
 
+def _number(value: str, kind: str):
+    try:
+        return int(value) if kind == "integer" else float(value)
+    except ValueError:
+        return value
+
+
+def _coerce_numbers(instance, schema: dict) -> None:
+    """Numbers that arrive as strings (Snakemake's ``--config 'seeds=[0,1]'`` or
+    ``corpus={synthetic: {scripted_fraction: 0.25}}``) become the numbers the schema asks
+    for; anything else is left for the schema to reject with its message."""
+    if isinstance(instance, dict):
+        for name, sub in schema.get("properties", {}).items():
+            value = instance.get(name)
+            if isinstance(value, str) and sub.get("type") in ("integer", "number"):
+                instance[name] = _number(value, sub["type"])
+            elif isinstance(value, (dict, list)):
+                _coerce_numbers(value, sub)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        kind = schema["items"].get("type")
+        for i, value in enumerate(instance):
+            if isinstance(value, str) and kind in ("integer", "number"):
+                instance[i] = _number(value, kind)
+
+
 def default_config() -> dict:
     """Every key at its schema default (no validation; for scripts and benchmarks)."""
     config: dict = {}
@@ -71,11 +96,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
         )
     schema = schema or load_schema()
     _fill_defaults(config, schema)
-    # `--config seeds=[0,1]` arrives as strings: read whole numbers as the integers they are
-    if isinstance(config.get("seeds"), list):
-        config["seeds"] = [
-            int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in config["seeds"]
-        ]
+    _coerce_numbers(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     problems = [
         describe_error(e)

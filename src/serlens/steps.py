@@ -39,7 +39,9 @@ def compute_time():
         log.info(COMPUTE_LINE, time.perf_counter() - tic)
 
 
-def synth_corpus(root: Path, utterances_per_speaker: int, seed: int) -> Path:
+def synth_corpus(
+    root: Path, utterances_per_speaker: int, seed: int, scripted_fraction: float = 0.5
+) -> Path:
     """Generate the synthetic corpus at ``root``, replacing an older one."""
     from serlens.corpus.synth import write_synthetic_corpus
 
@@ -48,7 +50,10 @@ def synth_corpus(root: Path, utterances_per_speaker: int, seed: int) -> Path:
         shutil.rmtree(root)
     with compute_time():
         return write_synthetic_corpus(
-            root, utterances_per_speaker=utterances_per_speaker, seed=seed
+            root,
+            utterances_per_speaker=utterances_per_speaker,
+            seed=seed,
+            scripted_fraction=scripted_fraction,
         )
 
 

@@ -18,6 +18,7 @@ rule synth_corpus:
     params:
         utterances_per_speaker=config["corpus"]["synthetic"]["utterances_per_speaker"],
         seed=config["corpus"]["synthetic"]["seed"],
+        scripted_fraction=config["corpus"]["synthetic"]["scripted_fraction"],
     script:
         "../scripts/synth_corpus.py"
 
