@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ def snapshots(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 2 * R}))
+    shutil.copy(epochs / "epoch2.safetensors", adapter / "adapter_model.safetensors")
     return epochs, adapter, A0, B1, moved
 
 

@@ -30,17 +30,6 @@ COLUMNS = ["reference_seed", "measure", "module", "layer", "depth", "i", "value"
 NEEDS_SEEDS = "the seed-to-seed floor needs two or more training seeds (config key seeds)"
 
 
-def top_right_singular(A: np.ndarray, i: int) -> np.ndarray:
-    """The top-``i`` right singular vectors of ``A`` (r x d_in) as a d_in x i orthonormal basis."""
-    _, _, vt = np.linalg.svd(np.asarray(A, dtype=np.float64), full_matrices=False)
-    return vt[:i].T
-
-
-def phi(U: np.ndarray, V: np.ndarray) -> float:
-    """φ = ‖Uᵀ V‖²_F / min(i, j) for orthonormal bases U (d x i), V (d x j) (Hu et al. 2021, eq. 7)."""
-    return float(np.sum((U.T @ V) ** 2) / min(U.shape[1], V.shape[1]))
-
-
 def cka_rows(states: np.ndarray, reference: np.ndarray) -> list[dict]:
     """Layer-by-layer CKA between two ``(n, L + 1, d)`` pooled-state arrays of the same utterances."""
     from serlens.analysis.cka import debiased_linear_cka, linear_cka
@@ -67,7 +56,14 @@ def cka_rows(states: np.ndarray, reference: np.ndarray) -> list[dict]:
 
 def phi_rows(adapter, reference_adapter, n_layers: int) -> list[dict]:
     """φ(i) between the A matrices of two adapters, for every module both adapt, i = 1..r."""
-    from serlens.analysis.lora_spectra import layer_index, load_lora_a
+    from serlens.analysis.lora_spectra import (
+        _depth,
+        _module_order,
+        layer_index,
+        load_lora_a,
+        random_subspace_phi,
+    )
+    from serlens.analysis.spectra import subspace_similarity
 
     ours, theirs = load_lora_a(adapter), load_lora_a(reference_adapter)
     if set(ours) != set(theirs):
@@ -76,7 +72,7 @@ def phi_rows(adapter, reference_adapter, n_layers: int) -> list[dict]:
             f"({sorted(set(ours) ^ set(theirs))}); they are not two seeds of one method"
         )
     rows = []
-    for module in sorted(ours, key=lambda m: (layer_index(m) or 0, m)):
+    for module in sorted(ours, key=_module_order):
         A, A_ref = ours[module], theirs[module]
         rank, d_in = A.shape
         layer = layer_index(module)
@@ -86,10 +82,10 @@ def phi_rows(adapter, reference_adapter, n_layers: int) -> list[dict]:
                     "measure": "phi",
                     "module": module.split(".", 2)[-1] if layer is not None else module,
                     "layer": layer,
-                    "depth": (layer + 1) / n_layers if layer is not None else np.nan,
+                    "depth": _depth(layer, n_layers),
                     "i": i,
-                    "value": phi(top_right_singular(A, i), top_right_singular(A_ref, i)),
-                    "random_value": i / d_in,
+                    "value": subspace_similarity(A, A_ref, i, i),
+                    "random_value": random_subspace_phi(i, i, d_in),
                 }
             )
     return rows

@@ -21,7 +21,6 @@ quantity has none). ``depth = (layer + 1) / L`` as in ``svd.tsv``. The epoch the
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -63,49 +62,39 @@ def load_factors(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def scaling(adapter_dir: Path, rank: int) -> float:
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    alpha = config["lora_alpha"]
-    return float(alpha / (rank**0.5 if config.get("use_rslora") else rank))
-
-
-def _right_basis(A: np.ndarray) -> np.ndarray:
-    _, _, vt = np.linalg.svd(A, full_matrices=False)
-    return vt.T
-
-
 def update_table(
-    snapshots: dict[int, dict], scale: float, n_layers: int, fraction: float
+    snapshots: dict[int, dict], scalings: dict[str, float], n_layers: int, fraction: float
 ) -> pd.DataFrame:
-    """The module docstring's quantities for every module of every snapshot."""
-    from serlens.analysis.lora_spectra import layer_index
-    from serlens.analysis.spectra import energy_rank
+    """The module docstring's quantities for every module of every snapshot; ``scalings``:
+    each module's α/r (or α/√r) from the run's adapter config."""
+    from serlens.analysis.lora_spectra import (
+        _depth,
+        _module_order,
+        layer_index,
+        product_singular_values,
+        random_subspace_phi,
+    )
+    from serlens.analysis.spectra import energy_rank, subspace_similarity
 
     first = snapshots[min(snapshots)]
     rows = []
-    for module in sorted(first, key=lambda m: (layer_index(m) or 0, m)):
+    for module in sorted(first, key=_module_order):
         A0 = first[module]["A"]
-        basis0 = _right_basis(A0)
         rank, d_in = A0.shape
         layer = layer_index(module)
-        where = {
-            "module": module,
-            "layer": layer,
-            "depth": (layer + 1) / n_layers if layer is not None else np.nan,
-        }
+        where = {"module": module, "layer": layer, "depth": _depth(layer, n_layers)}
         for epoch, factors in snapshots.items():
             A, B = factors[module]["A"], factors[module]["B"]
-            # σ(s·B·A) from the r x r core of thin QR factors: B = Q_B R_B, Aᵀ = Q_A R_A
-            _, r_b = np.linalg.qr(B)
-            _, r_a = np.linalg.qr(A.T)
-            sigma = scale * np.linalg.svd(r_b @ r_a.T, compute_uv=False)
-            phi = float(np.sum((_right_basis(A).T @ basis0) ** 2) / rank)
+            sigma = scalings[module] * product_singular_values(B, A)
             values = {
                 "delta_w_norm": (float(np.sqrt(np.sum(sigma**2))), np.nan),
                 "delta_w_sigma1": (float(sigma.max()), np.nan),
                 "delta_w_energy_rank": (float(energy_rank(sigma, fraction)), np.nan),
                 "a_change": (float(np.linalg.norm(A - A0) / np.linalg.norm(A0)), np.nan),
-                "a_init_phi": (phi, rank / d_in),
+                "a_init_phi": (
+                    subspace_similarity(A, A0, rank, rank),
+                    random_subspace_phi(rank, rank, d_in),
+                ),
                 "b_norm": (float(np.linalg.norm(B)), np.nan),
             }
             rows += [
@@ -116,14 +105,12 @@ def update_table(
 
 
 def update_from_files(epochs_dir: Path, adapter_dir: Path, fraction: float) -> pd.DataFrame:
-    from serlens.analysis.lora_spectra import _n_layers
+    from serlens.analysis.lora_spectra import _n_layers, load_lora_factors
 
     snapshots = {e: load_factors(p) for e, p in epoch_files(epochs_dir).items()}
+    scalings = {m: scale for m, (_, _, scale) in load_lora_factors(adapter_dir).items()}
     first = next(iter(snapshots.values()))
-    rank = next(iter(first.values()))["A"].shape[0]
-    return update_table(
-        snapshots, scaling(adapter_dir, rank), _n_layers(adapter_dir, first), fraction
-    )
+    return update_table(snapshots, scalings, _n_layers(adapter_dir, first), fraction)
 
 
 def _compute(run, settings) -> pd.DataFrame:
