@@ -7,13 +7,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: install demo test test-fast lint config-readme format bench paper-dry-run report clean
+.PHONY: install demo real-demo test test-real test-fast lint config-readme format bench paper-dry-run report clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,slurm]"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev,slurm,base]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -28,8 +28,19 @@ demo: install
 test: install
 	$(BIN)/pytest -q -ra
 
+# The real-speech tier alone (EmoDB at $(EMODB); skipped with the reason where it is absent).
+test-real: install
+	$(BIN)/pytest -q -ra -m real
+
 test-fast: install
 	$(BIN)/pytest -q -ra -m "not slow and not slurm"
+
+# The full EmoDB grid (five speaker-group folds) with the bundled Whisper tiny.en and base.
+EMODB ?= $(abspath ../shared/data/emodb)
+real-demo: install
+	$(BIN)/snakemake --cores $(CORES) --configfile config/emodb.yaml \
+	  --config 'corpus={root: $(EMODB)}' 'models={tiny.en: bundled:tiny.en, base: bundled:base}'
+	@echo "results: $(CURDIR)/results/emodb (tables/, figures/, corpus/fold_summary.tsv)"
 
 # config/README.md's key table, from the schema (a test fails when it is out of date)
 config-readme: install

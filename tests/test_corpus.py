@@ -70,7 +70,9 @@ def test_label_mapping_drops_and_counts(tree):
         "label",
         "duration_s",
         "item",
+        "split",
     ]
+    assert (manifest["split"] == "").all()  # IEMOCAP has no split of its own
     assert manifest["duration_s"].between(0.9, 2.0).all()
     assert (manifest["item"] == "").all()  # improvised dialogs only: no recurring item
 

@@ -9,9 +9,10 @@ import pytest
 import soundfile as sf
 
 from serlens.config import validate_config
-from serlens.corpus.emodb import EMOTIONS, SPEAKERS, parse_name, read_emodb, speaker_groups
-from serlens.corpus.folds import leave_one_session_out
-from serlens.corpus.manifest import build_manifest, emodb_candidates
+from serlens.corpus import emodb
+from serlens.corpus.emodb import EMOTIONS, SPEAKERS, parse_name, read_emodb
+from serlens.corpus.folds import assign_speaker_groups, leave_one_session_out
+from serlens.corpus.manifest import build_manifest
 from serlens.corpus.registry import read_candidates
 from serlens.errors import ConfigError, CorpusError
 
@@ -62,7 +63,7 @@ def test_malformed_names_are_errors_that_name_the_file(name, message):
 
 
 def test_groups_pair_one_male_with_one_female_speaker():
-    groups = speaker_groups()
+    groups = assign_speaker_groups(SPEAKERS, 5)
     assert sorted(set(groups.values())) == [f"g{k}" for k in range(1, 6)]
     for group in set(groups.values()):
         members = [s for s, g in groups.items() if g == group]
@@ -94,9 +95,10 @@ def test_tree_reads_into_a_manifest_and_speaker_independent_folds(tmp_path):
 
 def test_text_codes_are_the_recurring_items(tmp_path):
     root = write_emodb(tmp_path / "emodb")
-    candidates = emodb_candidates(root)
+    corpus = validate_config({"corpus": {"kind": "emodb", "root": str(root)}})["corpus"]
+    candidates = read_candidates(corpus, root)
     assert all(c.item == c.utt_id[2:5] for c in candidates)
-    assert {c.session for c in candidates} == set(speaker_groups().values())
+    assert {c.session for c in candidates} == set(assign_speaker_groups(SPEAKERS, 5).values())
     manifest, _ = build_manifest(candidates, ["neu", "hap", "ang", "sad"], {}, "error")
     assert (manifest["item"] == manifest["utt_id"].str[2:5]).all()
     assert set(manifest["item"]) == {"a01", "a02", "a05"}  # the texts of the kept emotions
@@ -125,15 +127,19 @@ def test_the_real_copy_reads_as_its_readme_counts():
     assert set(per_speaker) == set(SPEAKERS) and min(per_speaker.values()) == 35
     assert max(per_speaker.values()) == 71
     assert len({u.text for u in utterances}) == 10
-    corpus = validate_config({"corpus": {"kind": "emodb", "root": str(EMODB)}})
-    assert corpus["folds"]["run"] == [1, 2, 3, 4, 5]
+    from serlens.config import corpus_folds, corpus_specs
+    from serlens.corpus.registry import speaker_groups
+
+    config = validate_config({"corpus": {"kind": "emodb", "root": str(EMODB)}})
+    spec = corpus_specs(config)["emodb"]
+    assert corpus_folds(spec, speaker_groups(spec, config["resources_dir"])) == [1, 2, 3, 4, 5]
     manifest = pd.DataFrame([u.__dict__ for u in utterances])
     assert manifest.groupby("speaker")["gender"].nunique().eq(1).all()
 
 
 @pytest.mark.skipif(not (EMODB / "wav").is_dir(), reason=f"the EmoDB copy is not at {EMODB}")
 def test_the_real_copy_has_ten_items_said_by_every_actor():
-    candidates = emodb_candidates(EMODB)
+    candidates = emodb.read(EMODB, {})
     items = Counter(c.item for c in candidates)
     assert len(items) == 10 and sorted(items) == sorted({u.text for u in read_emodb(EMODB)})
     assert min(items.values()) >= 40  # each text in several emotions by every actor

@@ -290,3 +290,50 @@ def test_svd_from_the_files_equals_svd_of_the_loaded_model(workflow):
     assert stored["value"].to_numpy() == pytest.approx(
         live["value"].to_numpy(), rel=1e-6, abs=1e-9, nan_ok=True
     )
+
+
+def test_cross_corpus_scores_the_trained_runs_on_another_corpus(workflow):
+    """The fixture's runs (corpus ``synthetic``) on a second generated corpus with three of
+    its classes: only the second corpus's manifest, features and the cross jobs run."""
+    tmp, config = workflow
+    small = config["corpus"]["synthetic"]
+    cross = small_config(
+        tmp,
+        corpora={
+            "synthetic": {"kind": "synthetic", "synthetic": small},
+            "other": {
+                "kind": "synthetic",
+                "classes": ["neu", "ang", "sad"],
+                "merge": {},
+                "synthetic": {**small, "seed": 1},
+            },
+        },
+        cross_corpus=[["synthetic", "other"]],
+    )
+    tables = tmp / "results/cross_corpus/synthetic_to_other/tables"
+    targets = [str(tables / f"{n}.tsv") for n in ("performance_summary", "confusion")]
+    counts = job_counts(snakemake(tmp, cross, "-n", *targets).stdout)
+    assert (
+        counts["cross_eval"] == 3 * 2 and "train_lora" not in counts and "train_head" not in counts
+    )
+    snakemake(tmp, cross, "-p", *targets)  # a flag ends --configfile's list
+    manifest = pd.read_csv(tmp / "results/other/corpus/manifest.tsv", sep="\t")
+    expected = set(manifest.loc[manifest["label"].isin(["neu", "ang", "sad"]), "utt_id"])
+    for method in ("frozen", "frozen_wsum", "lora_r4"):
+        for fold in (1, 2):
+            run = (
+                tmp
+                / f"results/cross_corpus/synthetic_to_other/eval/tiny.en/{method}/seed0/fold{fold}"
+            )
+            predictions = pd.read_csv(run / "predictions.tsv", sep="\t")
+            assert set(predictions["utt_id"]) == expected and len(predictions) == len(expected)
+            assert set(predictions["pred"]) <= {"neu", "ang", "sad"}
+            assert [c for c in predictions.columns if c.startswith("p_")] == [
+                "p_neu",
+                "p_ang",
+                "p_sad",
+            ]
+            assert predictions[["p_neu", "p_ang", "p_sad"]].sum(axis=1).round(3).eq(1).all()
+    summary = pd.read_csv(tables / "performance_summary.tsv", sep="\t")
+    assert set(summary["method"]) == {"frozen", "frozen_wsum", "lora_r4"}
+    assert (summary["n_folds"] == 2).all() and summary["uar_ci_low"].notna().all()

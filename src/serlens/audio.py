@@ -29,15 +29,35 @@ MAX_ENCODER_FRAMES = 1500
 POLICIES = ("crop", "pad30")
 
 
+def digital_silence(data: np.ndarray) -> tuple[int, int]:
+    """``(start, stop)``: the span of ``data`` (samples x channels, or samples) between its
+    leading and trailing *digital* silence, runs of samples that are exactly zero in every
+    channel (a file padded with zeros, as the EmoDB 2-s copy is). Quiet but non-zero
+    samples are audio. An all-zero signal gives ``(0, len(data))``: nothing is trimmed (the
+    manifest rejects silent files)."""
+    voiced = np.flatnonzero(np.any(np.asarray(data).reshape(len(data), -1) != 0, axis=1))
+    if voiced.size == 0:
+        return 0, len(data)
+    return int(voiced[0]), int(voiced[-1]) + 1
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 samples at ``sample_rate``; other rates are resampled (and logged)."""
+    """Mono float32 samples at ``sample_rate``; other rates are resampled (and logged).
+
+    Trailing digital silence (:func:`digital_silence`: exact zeros, as the EmoDB 2-s copy
+    pads its short clips) is cut before resampling, so zero padding in a file is not audio
+    to the pooling, the frame masks or any frame statistic; it is what ``crop`` itself pads
+    a batch with, and under ``pad30`` the clip is padded to 30 s again as Whisper expects.
+    Leading zeros are kept: they shift the clip's onset, which changes what Whisper hears
+    (its transcripts of eSpeak speech get worse without them)."""
     import soundfile as sf
 
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:
         raise CorpusError(f"{path}: unreadable audio ({exc}).") from exc
-    data = data.mean(axis=1)
+    _, stop = digital_silence(data)
+    data = data[:stop].mean(axis=1)
     if rate != sample_rate:
         import librosa
 

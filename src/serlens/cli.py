@@ -52,12 +52,20 @@ def cmd_manifest(args) -> None:
 
 
 def cmd_folds(args) -> None:
+    from serlens.corpus.registry import corpus_kind
     from serlens.steps import make_folds
 
     config = _config(args.config)
     if args.dev:
         config["folds"]["dev"] = args.dev
-    folds = make_folds(config["folds"]["dev"], Path(args.manifest), Path(args.out))
+    out = Path(args.out)
+    folds = make_folds(
+        config["folds"]["dev"],
+        Path(args.manifest),
+        out,
+        grouping=corpus_kind(config["corpus"]["kind"]).grouping,
+        summary_out=out.with_name("fold_summary.tsv"),
+    )
     print(folds.groupby(["fold", "split"]).size().unstack().to_string())
 
 
@@ -78,34 +86,36 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_tables(args) -> None:
+    from serlens.config import corpus_folds, corpus_specs
+    from serlens.corpus.registry import speaker_groups
     from serlens.methods import configured_methods
     from serlens.paths import Paths
     from serlens.report.tables import prediction_files, write_performance_tables
     from serlens.steps import log_to
 
     config = _config(args.config)
-    corpus = config["corpus"]["name"] or config["corpus"]["kind"]
-    tables = Path(Paths(config["results"]).table(corpus, "performance")).parent
-    log_to(tables / "tables_by_hand.log")
-    files = prediction_files(
-        config["results"],
-        corpus,
-        list(config["models"]),
-        list(configured_methods(config)),
-        config["seeds"],
-        config["folds"]["run"],
-    )
-    write_performance_tables(
-        files,
-        config["corpus"]["classes"],
-        Paths(config["results"]).corpus(corpus, "manifest.tsv"),
-        tables / "performance.tsv",
-        tables / "performance_summary.tsv",
-        tables / "significance.tsv",
-        significance=config["significance"],
-        seed=config["analysis_seed"],
-    )
-    print((tables / "performance_summary.tsv").read_text())
+    for corpus, spec in corpus_specs(config).items():
+        tables = Path(Paths(config["results"]).table(corpus, "performance")).parent
+        log_to(tables / "tables_by_hand.log")
+        files = prediction_files(
+            config["results"],
+            corpus,
+            list(config["models"]),
+            list(configured_methods(config)),
+            config["seeds"],
+            corpus_folds(spec, speaker_groups(spec, config["resources_dir"], corpus)),
+        )
+        write_performance_tables(
+            files,
+            spec["classes"],
+            Paths(config["results"]).corpus(corpus, "manifest.tsv"),
+            tables / "performance.tsv",
+            tables / "performance_summary.tsv",
+            tables / "significance.tsv",
+            significance=config["significance"],
+            seed=config["analysis_seed"],
+        )
+        print(f"{corpus}:\n" + (tables / "performance_summary.tsv").read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ def describe_error(error) -> str:
     if error.validator == "pattern" and key.startswith("models."):
         return (
             f"config key {key}: weight source {error.instance!r} is not understood; use "
-            "'bundled:tiny.en', 'hf:openai/whisper-<size>' or 'local:/path/to/model'"
+            "'bundled:tiny.en', 'bundled:base', 'hf:openai/whisper-<size>' or 'local:/path/to/model'"
         )
     return f"config key {key}: {error.message}"
 
@@ -59,19 +59,41 @@ def _number(value: str, kind: str):
         return value
 
 
-def _coerce_numbers(instance, schema: dict) -> None:
+def _resolve(schema: dict, root: dict) -> dict:
+    """A sub-schema with its local ``$ref`` (``#/properties/...``) followed."""
+    while isinstance(schema, dict) and "$ref" in schema:
+        node = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema if isinstance(schema, dict) else {}
+
+
+def _coerce_numbers(instance, schema: dict, root: dict | None = None) -> None:
     """Numbers that arrive as strings (Snakemake's ``--config 'seeds=[0,1]'`` or
     ``corpus={synthetic: {scripted_fraction: 0.25}}``) become the numbers the schema asks
     for; anything else is left for the schema to reject with its message."""
+    root = root if root is not None else schema
+    schema = _resolve(schema, root)
+    for branch in schema.get("anyOf", []) + schema.get("oneOf", []):
+        branch = _resolve(branch, root)
+        wanted = branch.get("type")
+        if (isinstance(instance, dict) and wanted == "object") or (
+            isinstance(instance, list) and wanted == "array"
+        ):
+            schema = branch
     if isinstance(instance, dict):
-        for name, sub in schema.get("properties", {}).items():
-            value = instance.get(name)
+        extra = schema.get("additionalProperties")
+        for name, value in instance.items():
+            sub = _resolve(schema.get("properties", {}).get(name, extra or {}), root)
+            if not isinstance(sub, dict):
+                continue
             if isinstance(value, str) and sub.get("type") in ("integer", "number"):
                 instance[name] = _number(value, sub["type"])
             elif isinstance(value, (dict, list)):
-                _coerce_numbers(value, sub)
+                _coerce_numbers(value, sub, root)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
-        kind = schema["items"].get("type")
+        kind = _resolve(schema["items"], root).get("type")
         for i, value in enumerate(instance):
             if isinstance(value, str) and kind in ("integer", "number"):
                 instance[i] = _number(value, kind)
@@ -109,29 +131,80 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     return config
 
 
+def corpus_specs(config: dict) -> dict[str, dict]:
+    """name -> corpus spec of every corpus in the grid, defaults filled.
+
+    ``corpora`` (name -> spec) when given, else the single ``corpus`` named after
+    ``corpus.name`` or its kind. Each spec's ``folds`` is the top-level ``folds`` with the
+    corpus's own ``folds`` keys over it; its ``name`` is its key in the grid.
+    """
+    schema = load_schema()["properties"]
+    if config.get("corpora"):
+        specs = {name: json.loads(json.dumps(spec)) for name, spec in config["corpora"].items()}
+    else:
+        corpus = json.loads(json.dumps(config["corpus"]))
+        specs = {corpus.get("name") or corpus.get("kind", "synthetic"): corpus}
+    out = {}
+    for name, spec in specs.items():
+        _fill_defaults(spec, schema["corpus"])
+        folds = json.loads(json.dumps(config.get("folds") or {}))
+        _fill_defaults(folds, schema["folds"])
+        spec["folds"] = {**folds, **(spec.get("folds") or {})}
+        spec["name"] = name
+        # one key order whichever form it came from: a rule's params (rerun triggers) compare
+        # equal for the same corpus given as corpus or as an entry of corpora
+        out[name] = json.loads(json.dumps(spec, sort_keys=True))
+    return out
+
+
+def corpus_folds(spec: dict, groups: list[str]) -> list[int]:
+    """The folds to run of one corpus spec: ``folds.run``, ``all`` = 1..len(groups)."""
+    run = spec["folds"]["run"]
+    return list(range(1, len(groups) + 1)) if run == "all" else list(run)
+
+
 def semantic_problems(config: dict) -> list[str]:
     """Rules a JSON schema cannot say: paths that must exist, keys that must agree."""
     problems = []
     from serlens.corpus.registry import speaker_groups
 
-    corpus = config["corpus"]
-    groups = None
-    try:
-        groups = speaker_groups(corpus, config["resources_dir"])
-    except (ConfigError, CorpusError) as error:
-        problems.append(str(error))
-    bad_merge = {k: v for k, v in corpus["merge"].items() if v not in corpus["classes"]}
-    if bad_merge:
-        problems.append(
-            f"config key corpus.merge: target(s) {bad_merge} are not in corpus.classes {corpus['classes']}"
-        )
-    if groups is not None:
-        beyond = [f for f in config["folds"]["run"] if not 1 <= f <= len(groups)]
-        if beyond:
+    specs = corpus_specs(config)
+    for name, corpus in specs.items():
+        key = "corpus" if not config.get("corpora") else f"corpora.{name}"
+        groups = None
+        try:
+            groups = speaker_groups(corpus, config["resources_dir"], name)
+        except (ConfigError, CorpusError) as error:
+            problems.append(str(error).replace("config key corpus.", f"config key {key}."))
+        bad_merge = {k: v for k, v in corpus["merge"].items() if v not in corpus["classes"]}
+        if bad_merge:
             problems.append(
-                f"config key folds.run: fold(s) {beyond} do not exist; the corpus has "
-                f"{len(groups)} speaker groups {groups}, so allowed values are 1..{len(groups)}"
+                f"config key {key}.merge: target(s) {bad_merge} are not in {key}.classes {corpus['classes']}"
             )
+        if groups is not None and corpus["folds"]["run"] != "all":
+            beyond = [f for f in corpus["folds"]["run"] if not 1 <= f <= len(groups)]
+            if beyond:
+                problems.append(
+                    f"config key folds.run: fold(s) {beyond} do not exist in corpus {name!r}; it "
+                    f"has {len(groups)} speaker groups {groups}, so allowed values are "
+                    f"1..{len(groups)} or all"
+                )
+    for pair in config.get("cross_corpus") or []:
+        unknown = [c for c in pair if c not in specs]
+        if unknown:
+            problems.append(
+                f"config key cross_corpus: {pair} names corpora {unknown} that are not in the "
+                f"grid; allowed: {sorted(specs)}"
+            )
+        elif pair[0] == pair[1]:
+            problems.append(f"config key cross_corpus: {pair} trains and tests on one corpus")
+        else:
+            shared = [c for c in specs[pair[0]]["classes"] if c in specs[pair[1]]["classes"]]
+            if len(shared) < 2:
+                problems.append(
+                    f"config key cross_corpus: {pair} share the classes {shared}; a cross-corpus "
+                    "test needs at least two"
+                )
     unknown = sorted(set(config["model_resources"]) - set(config["models"]) - {"default"})
     if unknown:
         problems.append(

@@ -69,10 +69,23 @@ class Paths:
     def table(self, corpus: str, name: str) -> str:
         return f"{self.results}/{corpus}/tables/{name}.tsv"
 
-    def figure(self, corpus: str, family: str, model: str | None = None, ext: str = "png") -> str:
-        """A per-model figure (``family/{model}.png``) or an all-model one (``family.png``)."""
+    def figure(
+        self, corpus: str | None, family: str, model: str | None = None, ext: str = "png"
+    ) -> str:
+        """A per-model figure (``family/{model}.png``) or an all-model one (``family.png``);
+        corpus None: a figure of the workflow itself (``{results}/figures/``)."""
         stem = f"{family}/{model}" if model is not None else family
-        return f"{self.results}/{corpus}/figures/{stem}.{ext}"
+        where = f"{self.results}/{corpus}" if corpus is not None else self.results
+        return f"{where}/figures/{stem}.{ext}"
+
+    # --- cross-corpus tests -----------------------------------------------------------------
+    def cross(self, train: str, test: str) -> str:
+        """Where the runs trained on ``train`` are scored on ``test``; the levels below are
+        the corpus's (``tables/``, ``figures/``, ``eval/{model}/{method}/seed{s}/fold{f}/``)."""
+        return f"{self.results}/cross_corpus/{train}_to_{test}"
+
+    def cross_eval(self, train: str, test: str, model: str, method: str, seed, fold) -> str:
+        return f"{self.cross(train, test)}/eval/{model}/{method}/seed{seed}/fold{fold}"
 
     # --- bookkeeping ----------------------------------------------------------------------
     def log(self, path: str) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from serlens.config import digest
-from serlens.corpus.folds import leave_one_session_out
+from serlens.corpus.folds import fixed_split_folds, fold_summary, leave_one_session_out
 from serlens.corpus.manifest import build_manifest, read_manifest
 from serlens.io import write_tsv_atomic
 
@@ -59,12 +59,16 @@ def synth_corpus(
 
 def make_manifest(corpus: dict, root: Path, manifest_out: Path, summary_out: Path) -> pd.DataFrame:
     """Read the corpus (``corpus`` = ``config["corpus"]``), map labels, check audio; write both tables."""
-    from serlens.corpus.registry import read_candidates
+    from serlens.corpus.registry import read_candidates, skipped_files
 
     candidates = read_candidates(corpus, Path(root))
     manifest, summary = build_manifest(
         candidates, corpus["classes"], corpus["merge"], corpus["on_bad_audio"]
     )
+    skipped = skipped_files(corpus, Path(root))
+    if skipped:  # files the reader leaves out by design are counted, never silently dropped
+        rows = [("", "", f"skipped: {why}", n) for why, n in sorted(skipped.items())]
+        summary = pd.concat([summary, pd.DataFrame(rows, columns=summary.columns)])
     write_tsv_atomic(summary, summary_out)
     write_tsv_atomic(manifest, manifest_out)
     counts = manifest["label"].value_counts().reindex(corpus["classes"]).to_dict()
@@ -77,9 +81,35 @@ def make_manifest(corpus: dict, root: Path, manifest_out: Path, summary_out: Pat
     return manifest
 
 
-def make_folds(dev: str, manifest_path: Path, folds_out: Path) -> pd.DataFrame:
-    """Leave-one-session-out folds; ``dev`` = ``config["folds"]["dev"]``."""
-    folds = leave_one_session_out(read_manifest(manifest_path), dev)
+def make_folds(
+    dev: str,
+    manifest_path: Path,
+    folds_out: Path,
+    grouping: str = "sessions",
+    summary_out: Path | None = None,
+) -> pd.DataFrame:
+    """The corpus's folds: leave-one-session-out over its sessions or speaker groups
+    (``dev`` = ``folds.dev``), or its own split (``grouping`` "split"); ``summary_out``
+    gets :func:`serlens.corpus.folds.fold_summary` (held-out speakers, text overlap)."""
+    manifest = read_manifest(manifest_path)
+    if grouping == "split":
+        folds = fixed_split_folds(manifest)
+    else:
+        folds = leave_one_session_out(manifest, dev)
+    summary = fold_summary(manifest, folds)
+    for row in summary.itertuples():
+        if row.test_utts_item_in_train:
+            log.warning(
+                "fold %d: %d of %d test utterances say a sentence that also occurs in training "
+                "(%d of %d test items); speaker-independent, not text-independent",
+                row.fold,
+                row.test_utts_item_in_train,
+                row.n_test,
+                row.test_items_in_train,
+                row.test_items,
+            )
+    if summary_out is not None:
+        write_tsv_atomic(summary, summary_out)
     write_tsv_atomic(folds, folds_out)
     return folds
 
@@ -164,6 +194,39 @@ def encoder_pass(
             base_pass(run, folds, settings, out)
         else:
             adapted_pass(run, settings, out, ab_out)
+
+
+def cross_eval(
+    method: str,
+    run_dir: Path,
+    train_classes: list[str],
+    test_manifest: Path,
+    test_classes: list[str],
+    out: Path,
+    weights_json: Path,
+    test_features: Path | None,
+    audio: dict,
+    batch_size: int,
+    threads: int = 1,
+) -> None:
+    """One trained run scored on another corpus (:func:`serlens.cross_corpus.cross_predict`)."""
+    from serlens.cross_corpus import cross_predict
+
+    device = device_and_threads(threads)
+    with compute_time():
+        cross_predict(
+            method,
+            Path(run_dir),
+            list(train_classes),
+            Path(test_manifest),
+            list(test_classes),
+            Path(out),
+            weights_json=weights_json,
+            test_features=test_features,
+            audio=dict(audio),
+            batch_size=batch_size,
+            device=device,
+        )
 
 
 def run_info(settings: dict, model: str, method: str, seed: int, fold: int, source: str) -> dict:

@@ -29,7 +29,7 @@ for spec in ANALYSES.values():
         params:
             name=spec.name,
             settings=spec.settings(config),
-            classes=CLASSES,
+            classes=classes_of,
             reference_seed=SEEDS[0] if spec.scope == "seed_pairs" else None,
         run:
             jobs.run("analysis", input, output, params, wildcards, log)

@@ -1,7 +1,8 @@
 import re
 
 from serlens.analysis.registry import ANALYSES, run_inputs
-from serlens.config import validate_config
+from serlens.config import corpus_folds, corpus_specs, validate_config
+from serlens.corpus.registry import corpus_kind, corpus_root, speaker_groups
 from serlens.errors import ConfigError
 from serlens.methods import configured_methods
 from serlens.paths import Paths
@@ -15,12 +16,18 @@ except ConfigError as error:
 
 PATHS = Paths(config["results"])
 RESOURCES = config["resources_dir"]
-CORPUS = config["corpus"]["name"] or config["corpus"]["kind"]
+CORPORA = corpus_specs(
+    config
+)  # name -> corpus spec (config corpora, or the one corpus)
 MODELS = list(config["models"])
 METHODS = configured_methods(config)  # name -> serlens.methods.Method
 SEEDS = config["seeds"]
-FOLDS = config["folds"]["run"]
-CLASSES = config["corpus"]["classes"]
+# per corpus: its folds to run (folds.run, "all" = one per session or speaker group), classes
+FOLDS = {
+    name: corpus_folds(spec, speaker_groups(spec, RESOURCES, name))
+    for name, spec in CORPORA.items()
+}
+CLASSES = {name: spec["classes"] for name, spec in CORPORA.items()}
 ENV = "../envs/serlens.yaml"
 
 # Resources of one encoder job per model; mem_mb and runtime grow with the attempt number
@@ -33,11 +40,13 @@ def alternatives(names):
 
 
 wildcard_constraints:
-    corpus=re.escape(CORPUS),
+    corpus=alternatives(CORPORA),
     model=alternatives(MODELS),
     method=alternatives(METHODS),
     seed=r"\d+",
     fold=r"\d+",
+    train=alternatives(CORPORA),
+    test=alternatives(CORPORA),
 
 
 # Every rule's log and benchmark sit at the same place below results/ as its first output.
@@ -75,31 +84,46 @@ BASE_STATES = PATHS.states_file("{corpus}", "{model}", "base")
 RUN_STATES = PATHS.states_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 RUN_AB = PATHS.ab_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 
-GRID = dict(corpus=[CORPUS], model=MODELS, seed=SEEDS, fold=FOLDS)
-
 
 def grid(pattern, methods=None, **fixed):
-    """``pattern`` expanded over the grid (methods: those given, or every configured one)."""
-    dims = {**GRID, "method": list(METHODS) if methods is None else methods, **fixed}
-    return expand(pattern, **dims)
+    """``pattern`` expanded over the grid, each corpus with its own folds (methods: those
+    given, or every configured one)."""
+    out = []
+    for corpus, folds in FOLDS.items():
+        dims = dict(corpus=corpus, model=MODELS, seed=SEEDS, fold=folds)
+        dims.update(method=list(METHODS) if methods is None else methods, **fixed)
+        out += expand(pattern, **dims)
+    return out
 
 
 def all_targets():
     return [
-        PATHS.corpus(CORPUS, "manifest.tsv"),
-        PATHS.corpus(CORPUS, "folds.tsv"),
+        *expand(PATHS.corpus("{corpus}", "manifest.tsv"), corpus=CORPORA),
+        *expand(PATHS.corpus("{corpus}", "folds.tsv"), corpus=CORPORA),
         *expand(PATHS.weights("{model}"), model=MODELS),
         *grid(f"{RUN}/predictions.tsv"),
         *analysis_targets(),
-        *report_targets(),
+        *[path for corpus in CORPORA for path in report_targets(corpus)],
+        *cross_corpus_targets(),
     ]
 
 
 # --- inputs, params and targets of the rules (one function each) ---
 
 
+def classes_of(wildcards):
+    return CLASSES[wildcards.corpus]
+
+
+def n_classes_of(wildcards):
+    return len(CLASSES[wildcards.corpus])
+
+
 def train_settings(wildcards):
-    return {"classes": CLASSES, **METHODS[wildcards.method].train_settings(config)}
+    return {
+        "classes": CLASSES[wildcards.corpus],
+        **METHODS[wildcards.method].train_settings(config),
+    }
 
 
 def analysis_inputs(spec):
@@ -147,8 +171,8 @@ def analysis_output(spec):
     return PATHS.analysis("{corpus}", "{model}", method, "{seed}", "{fold}", spec.name)
 
 
-def analysis_runs(spec):
-    """Every per-run table of an analysis in the grid, as (keys, files)."""
+def analysis_runs(spec, corpus):
+    """Every per-run table of an analysis in one corpus's grid, as (keys, files)."""
     seeds = SEEDS[1:] if spec.scope == "seed_pairs" else SEEDS
     if spec.scope == "lora_ranks":
         methods = ["lora"] if len(methods_where(lambda m: m.kind == "lora")) > 1 else []
@@ -158,16 +182,29 @@ def analysis_runs(spec):
     for model in MODELS:
         for method in methods:
             for seed in seeds:
-                for fold in FOLDS:
+                for fold in FOLDS[corpus]:
                     keys.append([model, method, seed, fold])
                     files.append(
-                        PATHS.analysis(CORPUS, model, method, seed, fold, spec.name)
+                        PATHS.analysis(corpus, model, method, seed, fold, spec.name)
                     )
     return keys, files
 
 
+def analysis_table_files(spec):
+    return lambda wildcards: analysis_runs(spec, wildcards.corpus)[1]
+
+
+def analysis_table_keys(spec):
+    return lambda wildcards: analysis_runs(spec, wildcards.corpus)[0]
+
+
 def analysis_targets():
-    return [path for spec in ANALYSES.values() for path in analysis_runs(spec)[1]]
+    return [
+        path
+        for corpus in CORPORA
+        for spec in ANALYSES.values()
+        for path in analysis_runs(spec, corpus)[1]
+    ]
 
 
 def figure(path, caption, category, subcategory, **labels):
@@ -175,70 +212,170 @@ def figure(path, caption, category, subcategory, **labels):
     return report(
         path,
         caption=f"../report/{caption}.rst",
-        category=category,
+        category=category if "{corpus}" not in path else f"{{corpus}} · {category}",
         subcategory=subcategory,
         labels=labels or None,
     )
 
 
-def predictions():
+def predictions(corpus):
     keys, files = [], []
     for model in MODELS:
         for method in METHODS:
             for seed in SEEDS:
-                for fold in FOLDS:
+                for fold in FOLDS[corpus]:
                     keys.append([model, method, seed, fold])
                     files.append(
-                        f"{PATHS.run(CORPUS, model, method, seed, fold)}/predictions.tsv"
+                        f"{PATHS.run(corpus, model, method, seed, fold)}/predictions.tsv"
                     )
     return keys, files
+
+
+def prediction_files(wildcards):
+    return predictions(wildcards.corpus)[1]
+
+
+def prediction_keys(wildcards):
+    return predictions(wildcards.corpus)[0]
 
 
 def histories(wildcards):
     keys, files = [], []
     for method in METHODS:
         for seed in SEEDS:
-            for fold in FOLDS:
+            for fold in FOLDS[wildcards.corpus]:
                 keys.append([method, seed, fold])
                 files.append(
-                    f"{PATHS.run(CORPUS, wildcards.model, method, seed, fold)}/history.tsv"
+                    f"{PATHS.run(wildcards.corpus, wildcards.model, method, seed, fold)}/history.tsv"
                 )
     return keys, files
 
 
 def figure_context(spec_keys):
-    return {
-        "n_classes": len(CLASSES),
-        "models": MODELS,
-        **{key: config["analysis"][key] for key in spec_keys},
-    }
+    def context(wildcards):
+        return {
+            "n_classes": len(CLASSES[wildcards.corpus]),
+            "models": MODELS,
+            **{key: config["analysis"][key] for key in spec_keys},
+        }
+
+    return context
 
 
 def tables_of(figure_spec):
-    return {name: PATHS.table(CORPUS, name) for name in figure_spec.tables}
+    return {name: PATHS.table("{corpus}", name) for name in figure_spec.tables}
 
 
-def report_targets():
+def report_targets(corpus):
     targets = [
-        PATHS.table(CORPUS, name)
+        PATHS.table(corpus, name)
         for name in ("performance", "performance_summary", "significance", "confusion")
     ]
+    targets.append(PATHS.corpus(corpus, "fold_summary.tsv"))
     for spec in ANALYSES.values():
         # a seed-pair table is written without runs too: it says the floor needs two seeds
-        if analysis_runs(spec)[1] or spec.scope == "seed_pairs":
-            targets.append(PATHS.table(CORPUS, spec.name))
+        if analysis_runs(spec, corpus)[1] or spec.scope == "seed_pairs":
+            targets.append(PATHS.table(corpus, spec.name))
         for fig in spec.figures:
-            if not analysis_runs(spec)[1]:  # the figure's own analysis has no run here
+            if not analysis_runs(spec, corpus)[1]:  # its analysis has no run here
                 continue
             models = MODELS if fig.per_model else [None]
             for model in models:
                 for ext in ("png", "svg"):
-                    targets.append(PATHS.figure(CORPUS, fig.name, model, ext))
-    for name in ("performance", "confusion", "rulegraph"):
-        targets += [PATHS.figure(CORPUS, name, None, ext) for ext in ("png", "svg")]
+                    targets.append(PATHS.figure(corpus, fig.name, model, ext))
+    for name in ("performance", "confusion"):
+        targets += [PATHS.figure(corpus, name, None, ext) for ext in ("png", "svg")]
     targets += expand(
-        PATHS.figure(CORPUS, "training_curves", "{model}", "{ext}"),
+        PATHS.figure(corpus, "training_curves", "{model}", "{ext}"),
         model=MODELS,
         ext=["png", "svg"],
     )
+    targets += [PATHS.figure(None, "rulegraph", None, ext) for ext in ("png", "svg")]
     return targets
+
+
+# --- cross-corpus tests ---
+
+CROSS = [tuple(pair) for pair in config["cross_corpus"]]
+CROSS_EVAL = PATHS.cross_eval(
+    "{train}", "{test}", "{model}", "{method}", "{seed}", "{fold}"
+)
+
+
+def cross_table(name, train="{train}", test="{test}"):
+    return f"{PATHS.cross(train, test)}/tables/{name}.tsv"
+
+
+def cross_figure(ext, train="{train}", test="{test}"):
+    return f"{PATHS.cross(train, test)}/figures/performance.{ext}"
+
+
+def shared_classes_of(wildcards):
+    return [c for c in CLASSES[wildcards.train] if c in CLASSES[wildcards.test]]
+
+
+def cross_eval_inputs(wildcards):
+    w = wildcards
+    run = PATHS.run(w.train, w.model, w.method, w.seed, w.fold)
+    inputs = {
+        "head": f"{run}/head.safetensors",
+        "manifest": PATHS.corpus(w.test, "manifest.tsv"),
+        "weights": PATHS.weights(w.model),
+    }
+    if METHODS[w.method].uses_features:
+        inputs["features"] = PATHS.features(w.test, w.model)
+    else:
+        inputs["adapter"] = f"{run}/adapter"
+    return inputs
+
+
+def cross_predictions(train, test):
+    keys, files = [], []
+    for model in MODELS:
+        for method in METHODS:
+            for seed in SEEDS:
+                for fold in FOLDS[train]:
+                    keys.append([model, method, seed, fold])
+                    path = PATHS.cross_eval(train, test, model, method, seed, fold)
+                    files.append(f"{path}/predictions.tsv")
+    return keys, files
+
+
+def cross_prediction_files(wildcards):
+    return cross_predictions(wildcards.train, wildcards.test)[1]
+
+
+def cross_prediction_keys(wildcards):
+    return cross_predictions(wildcards.train, wildcards.test)[0]
+
+
+def cross_corpus_targets():
+    targets = []
+    for train, test in CROSS:
+        for name in ("performance", "performance_summary", "significance", "confusion"):
+            targets.append(cross_table(name, train, test))
+        targets += [cross_figure(ext, train, test) for ext in ("png", "svg")]
+    return targets
+
+
+# --- corpus rules ---
+
+
+def corpus_spec(wildcards):
+    return {k: v for k, v in CORPORA[wildcards.corpus].items() if k != "synthetic"}
+
+
+def generated_root(wildcards):
+    """A generated corpus is a rule output; a user's corpus is read where it lies."""
+    spec = CORPORA[wildcards.corpus]
+    if corpus_kind(spec["kind"]).generated:
+        return str(corpus_root(spec, RESOURCES, wildcards.corpus))
+    return []
+
+
+def read_root(wildcards, input):
+    return input[0] if input else str(corpus_root(CORPORA[wildcards.corpus], RESOURCES))
+
+
+def synthetic_setting(key):
+    return lambda wildcards: CORPORA[wildcards.name]["synthetic"][key]

@@ -1,32 +1,29 @@
-from serlens.corpus.registry import corpus_kind, corpus_root
-
-CORPUS_KIND = corpus_kind(config["corpus"]["kind"])
-CORPUS_ROOT = str(corpus_root(config["corpus"], RESOURCES))
-
-
 rule synth_corpus:
     output:
-        directory(f"{RESOURCES}/corpus/synthetic"),
+        directory(f"{RESOURCES}/corpus/{{name}}"),
     log:
-        f"{PATHS.results}/logs/synth_corpus.log",
+        f"{PATHS.results}/logs/synth_corpus/{{name}}.log",
     benchmark:
-        f"{PATHS.results}/benchmarks/synth_corpus.tsv"
+        f"{PATHS.results}/benchmarks/synth_corpus/{{name}}.tsv"
+    wildcard_constraints:
+        name=alternatives(
+            [n for n, spec in CORPORA.items() if corpus_kind(spec["kind"]).generated]
+        ),
     localrule: True
     conda:
         ENV
     threads: 1
     params:
-        utterances_per_speaker=config["corpus"]["synthetic"]["utterances_per_speaker"],
-        seed=config["corpus"]["synthetic"]["seed"],
-        scripted_fraction=config["corpus"]["synthetic"]["scripted_fraction"],
+        utterances_per_speaker=synthetic_setting("utterances_per_speaker"),
+        seed=synthetic_setting("seed"),
+        scripted_fraction=synthetic_setting("scripted_fraction"),
     script:
         "../scripts/synth_corpus.py"
 
 
 rule manifest:
     input:
-        # a generated corpus is a rule output; a user's corpus is read where it lies
-        CORPUS_ROOT if CORPUS_KIND.generated else [],
+        generated_root,
     output:
         manifest=PATHS.corpus("{corpus}", "manifest.tsv"),
         summary=PATHS.corpus("{corpus}", "summary.tsv"),
@@ -39,8 +36,8 @@ rule manifest:
         ENV
     threads: 1
     params:
-        root=lambda wildcards, input: input[0] if input else CORPUS_ROOT,
-        corpus={k: v for k, v in config["corpus"].items() if k != "synthetic"},
+        root=read_root,
+        corpus=corpus_spec,
     script:
         "../scripts/manifest.py"
 
@@ -49,7 +46,8 @@ rule folds:
     input:
         PATHS.corpus("{corpus}", "manifest.tsv"),
     output:
-        PATHS.corpus("{corpus}", "folds.tsv"),
+        folds=PATHS.corpus("{corpus}", "folds.tsv"),
+        summary=PATHS.corpus("{corpus}", "fold_summary.tsv"),
     log:
         log_of(PATHS.corpus("{corpus}", "folds.tsv")),
     benchmark:
@@ -59,6 +57,9 @@ rule folds:
         ENV
     threads: 1
     params:
-        dev=config["folds"]["dev"],
+        dev=lambda wildcards: CORPORA[wildcards.corpus]["folds"]["dev"],
+        grouping=lambda wildcards: corpus_kind(
+            CORPORA[wildcards.corpus]["kind"]
+        ).grouping,
     script:
         "../scripts/folds.py"

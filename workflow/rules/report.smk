@@ -13,23 +13,23 @@ for spec in ANALYSES.values():
         name:
             f"table_{spec.name}"
         input:
-            analysis_runs(spec)[1],
+            analysis_table_files(spec),
         output:
             report(
-                PATHS.table(CORPUS, spec.name),
+                PATHS.table("{corpus}", spec.name),
                 caption="../report/analysis_table.rst",
-                category="Tables",
+                category="{corpus} · tables",
                 subcategory="analyses, mean and std over folds",
                 labels={"table": spec.name},
             ),
         log:
-            log_of(PATHS.table(CORPUS, spec.name)),
+            log_of(PATHS.table("{corpus}", spec.name)),
         benchmark:
-            bench_of(f"table_{spec.name}", PATHS.table(CORPUS, spec.name))
+            bench_of(f"table_{spec.name}", PATHS.table("{corpus}", spec.name))
         localrule: True
         params:
             name=spec.name,
-            run_keys=analysis_runs(spec)[0],
+            run_keys=analysis_table_keys(spec),
             resamples=config["significance"]["resamples"],
             seed=config["analysis_seed"],
         run:
@@ -45,7 +45,7 @@ for spec in ANALYSES.values():
             output:
                 png=figure(
                     PATHS.figure(
-                        CORPUS, fig.name, "{model}" if fig.per_model else None
+                        "{corpus}", fig.name, "{model}" if fig.per_model else None
                     ),
                     fig.name,
                     fig.category,
@@ -53,19 +53,19 @@ for spec in ANALYSES.values():
                     **({"model": "{model}"} if fig.per_model else {"model": "all"}),
                 ),
                 svg=PATHS.figure(
-                    CORPUS, fig.name, "{model}" if fig.per_model else None, "svg"
+                    "{corpus}", fig.name, "{model}" if fig.per_model else None, "svg"
                 ),
             log:
                 log_of(
                     PATHS.figure(
-                        CORPUS, fig.name, "{model}" if fig.per_model else None
+                        "{corpus}", fig.name, "{model}" if fig.per_model else None
                     )
                 ),
             benchmark:
                 bench_of(
                     f"figure_{fig.name}",
                     PATHS.figure(
-                        CORPUS, fig.name, "{model}" if fig.per_model else None
+                        "{corpus}", fig.name, "{model}" if fig.per_model else None
                     ),
                 )
             localrule: True
@@ -78,32 +78,32 @@ for spec in ANALYSES.values():
 
 rule performance:
     input:
-        manifest=PATHS.corpus(CORPUS, "manifest.tsv"),
-        predictions=predictions()[1],
+        manifest=PATHS.corpus("{corpus}", "manifest.tsv"),
+        predictions=prediction_files,
     output:
-        performance=PATHS.table(CORPUS, "performance"),
+        performance=PATHS.table("{corpus}", "performance"),
         summary=report(
-            PATHS.table(CORPUS, "performance_summary"),
+            PATHS.table("{corpus}", "performance_summary"),
             caption="../report/performance_table.rst",
-            category="Tables",
+            category="{corpus} · tables",
             subcategory="performance",
             labels={"table": "performance summary"},
         ),
         significance=report(
-            PATHS.table(CORPUS, "significance"),
+            PATHS.table("{corpus}", "significance"),
             caption="../report/significance_table.rst",
-            category="Tables",
+            category="{corpus} · tables",
             subcategory="performance",
             labels={"table": "significance"},
         ),
     log:
-        log_of(PATHS.table(CORPUS, "performance")),
+        log_of(PATHS.table("{corpus}", "performance")),
     benchmark:
-        bench_of("performance", PATHS.table(CORPUS, "performance"))
+        bench_of("performance", PATHS.table("{corpus}", "performance"))
     localrule: True
     params:
-        run_keys=predictions()[0],
-        classes=CLASSES,
+        run_keys=prediction_keys,
+        classes=classes_of,
         significance=config["significance"],
         seed=config["analysis_seed"],
     run:
@@ -112,71 +112,71 @@ rule performance:
 
 rule confusion_table:
     input:
-        predictions()[1],
+        prediction_files,
     output:
         report(
-            PATHS.table(CORPUS, "confusion"),
+            PATHS.table("{corpus}", "confusion"),
             caption="../report/confusion_table.rst",
-            category="Tables",
+            category="{corpus} · tables",
             subcategory="performance",
             labels={"table": "confusion"},
         ),
     log:
-        log_of(PATHS.table(CORPUS, "confusion")),
+        log_of(PATHS.table("{corpus}", "confusion")),
     benchmark:
-        bench_of("confusion_table", PATHS.table(CORPUS, "confusion"))
+        bench_of("confusion_table", PATHS.table("{corpus}", "confusion"))
     localrule: True
     params:
-        run_keys=predictions()[0],
-        classes=CLASSES,
+        run_keys=prediction_keys,
+        classes=classes_of,
     run:
         jobs.run("confusion", input, output, params, wildcards, log)
 
 
 rule figure_performance:
     input:
-        PATHS.table(CORPUS, "performance"),
+        PATHS.table("{corpus}", "performance"),
     output:
         png=figure(
-            PATHS.figure(CORPUS, "performance"),
+            PATHS.figure("{corpus}", "performance"),
             "performance",
             "Performance",
             "all models",
             figure="UAR and WAR",
         ),
-        svg=PATHS.figure(CORPUS, "performance", None, "svg"),
+        svg=PATHS.figure("{corpus}", "performance", None, "svg"),
     log:
-        log_of(PATHS.figure(CORPUS, "performance")),
+        log_of(PATHS.figure("{corpus}", "performance")),
     benchmark:
-        bench_of("figure_performance", PATHS.figure(CORPUS, "performance"))
+        bench_of("figure_performance", PATHS.figure("{corpus}", "performance"))
     localrule: True
     params:
         models=MODELS,
-        n_classes=len(CLASSES),
+        n_classes=n_classes_of,
     run:
         jobs.run("performance_figure", input, output, params, wildcards, log)
 
 
 rule figure_confusion:
     input:
-        PATHS.table(CORPUS, "confusion"),
+        PATHS.table("{corpus}", "confusion"),
     output:
         png=figure(
-            PATHS.figure(CORPUS, "confusion"),
+            PATHS.figure("{corpus}", "confusion"),
             "confusion",
             "Performance",
             "all models",
             figure="confusion matrices",
         ),
-        svg=PATHS.figure(CORPUS, "confusion", None, "svg"),
+        svg=PATHS.figure("{corpus}", "confusion", None, "svg"),
     log:
-        log_of(PATHS.figure(CORPUS, "confusion")),
+        log_of(PATHS.figure("{corpus}", "confusion")),
     benchmark:
-        bench_of("figure_confusion", PATHS.figure(CORPUS, "confusion"))
+        bench_of("figure_confusion", PATHS.figure("{corpus}", "confusion"))
     localrule: True
     params:
         models=MODELS,
-        classes=CLASSES,
+        classes=classes_of,
     run:
         jobs.run("confusion_figure", input, output, params, wildcards, log)
 
@@ -186,24 +186,24 @@ rule figure_training_curves:
         lambda w: histories(w)[1],
     output:
         png=figure(
-            PATHS.figure(CORPUS, "training_curves", "{model}"),
+            PATHS.figure("{corpus}", "training_curves", "{model}"),
             "training_curves",
             "Training curves",
             "{model}",
             model="{model}",
         ),
-        svg=PATHS.figure(CORPUS, "training_curves", "{model}", "svg"),
+        svg=PATHS.figure("{corpus}", "training_curves", "{model}", "svg"),
     log:
-        log_of(PATHS.figure(CORPUS, "training_curves", "{model}")),
+        log_of(PATHS.figure("{corpus}", "training_curves", "{model}")),
     benchmark:
         bench_of(
             "figure_training_curves",
-            PATHS.figure(CORPUS, "training_curves", "{model}"),
+            PATHS.figure("{corpus}", "training_curves", "{model}"),
         )
     localrule: True
     params:
         run_keys=lambda w: histories(w)[0],
-        n_classes=len(CLASSES),
+        n_classes=n_classes_of,
     run:
         jobs.run("training_curves", input, output, params, wildcards, log)
 
@@ -215,14 +215,14 @@ rule figure_rulegraph:
         rules=sorted(glob.glob(f"{workflow.basedir}/rules/*.smk")),
     output:
         png=figure(
-            PATHS.figure(CORPUS, "rulegraph"), "rulegraph", "Rule graph", "workflow"
+            PATHS.figure(None, "rulegraph"), "rulegraph", "Rule graph", "workflow"
         ),
-        svg=PATHS.figure(CORPUS, "rulegraph", None, "svg"),
-        dot=PATHS.figure(CORPUS, "rulegraph", None, "dot"),
+        svg=PATHS.figure(None, "rulegraph", None, "svg"),
+        dot=PATHS.figure(None, "rulegraph", None, "dot"),
     log:
-        log_of(PATHS.figure(CORPUS, "rulegraph")),
+        log_of(PATHS.figure(None, "rulegraph")),
     benchmark:
-        bench_of("figure_rulegraph", PATHS.figure(CORPUS, "rulegraph"))
+        bench_of("figure_rulegraph", PATHS.figure(None, "rulegraph"))
     localrule: True
     conda:
         ENV

@@ -14,10 +14,10 @@ Each text code is a *recurring item* (the manifest's ``item`` column,
 :func:`serlens.corpus.manifest.emodb_candidates`): the ten sentences are said by every actor,
 in several emotions, which is what the probing control task needs.
 
-EmoDB has no sessions. Speaker-independent folds use speaker groups of one male and one
-female speaker each (five folds for the ten actors), paired in speaker order: the k-th male
-with the k-th female speaker, group ``g{k}``. Speakers outside the published ten are an
-error (their gender is unknown).
+EmoDB has no sessions. Speaker-independent folds use speaker groups balanced by gender
+(:func:`serlens.corpus.folds.assign_speaker_groups`; the default five hold one male and one
+female speaker each, the k-th of each in speaker order), or leave-one-speaker-out. Speakers
+outside the published ten are an error (their gender is unknown).
 """
 
 from __future__ import annotations
@@ -63,16 +63,6 @@ class EmodbUtterance:
     raw_label: str
 
 
-def speaker_groups() -> dict[str, str]:
-    """speaker -> ``g{k}``: the k-th male with the k-th female speaker (speaker order)."""
-    males = sorted(s for s, g in SPEAKERS.items() if g == "M")
-    females = sorted(s for s, g in SPEAKERS.items() if g == "F")
-    groups = {}
-    for k, (m, f) in enumerate(zip(males, females, strict=True), start=1):
-        groups[m] = groups[f] = f"g{k}"
-    return groups
-
-
 def parse_name(path: Path) -> EmodbUtterance:
     """One file's utterance; CorpusError naming the file and the expected form otherwise."""
     match = NAME.match(path.stem)
@@ -116,3 +106,34 @@ def read_emodb(root: Path) -> list[EmodbUtterance]:
     if not files:
         raise CorpusError(f"{wav_dir(root)}: holds no .wav files")
     return [parse_name(p) for p in files]
+
+
+def read(root: Path, settings: dict) -> list:
+    """The manifest candidates (registry interface): the text code is the recurring item;
+    ``session`` is left for the speaker groups."""
+    from serlens.corpus.manifest import Candidate
+
+    return [
+        Candidate(
+            utt_id=u.utt_id,
+            path=u.path,
+            session="",
+            speaker=u.speaker,
+            gender=u.gender,
+            raw_label=u.raw_label,
+            where=str(u.path),
+            item=u.text,
+        )
+        for u in read_emodb(root)
+    ]
+
+
+def speakers(root: Path, settings: dict) -> dict[str, str]:
+    """speaker -> gender of the speakers in the tree (file names only)."""
+    return {u.speaker: u.gender for u in read_emodb(root)}
+
+
+def skipped(root: Path, settings: dict) -> dict[str, int]:
+    """Files in ``wav/`` that are not wav files (left out, counted)."""
+    others = [p for p in wav_dir(root).iterdir() if p.is_file() and p.suffix.lower() != ".wav"]
+    return {"not a .wav file": len(others)} if others else {}

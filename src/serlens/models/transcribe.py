@@ -94,19 +94,36 @@ def transcribe(
     audio: np.ndarray | str | Path,
     sample_rate: int | None = None,
     max_new_tokens: int = 128,
+    language: str | None = "en",
 ) -> str:
-    """Greedy English transcript of ``audio``: a sound file, or samples at ``sample_rate``.
+    """Greedy transcript of ``audio``: a sound file, or samples at ``sample_rate``.
 
     Samples default to 16 kHz; a file's rate comes from its header. Audio is mixed to mono
     and resampled to 16 kHz; at most 30 s (one Whisper window) is accepted.
+
+    ``language`` (a code such as ``"en"``, default English) is forced on a multilingual model
+    (``bundled:base``), which otherwise detects the language (``language=None``). English-only
+    models (``bundled:tiny.en``) always transcribe English; any other language is refused.
     """
     import torch
 
     model, processor = load_whisper(model_dir)
-    wave = _mono_16k(audio, sample_rate)
-    features = processor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     gen = copy.deepcopy(model.generation_config)
     gen.update(num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)
+    forced = {}
+    if getattr(gen, "is_multilingual", False):
+        if language is not None:
+            known = getattr(gen, "lang_to_id", None) or {}
+            if f"<|{language}|>" not in known:
+                codes = sorted(t[2:-2] for t in known)
+                raise ValueError(
+                    f"{model_dir}: language {language!r} is not one of the model's {codes}"
+                )
+            forced = {"language": language, "task": "transcribe"}
+    elif language not in (None, "en"):
+        raise ValueError(f"{model_dir}: English-only model, cannot transcribe {language!r}")
+    wave = _mono_16k(audio, sample_rate)
+    features = processor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode(), _quiet_generate():
-        ids = model.generate(features.to(model.dtype), generation_config=gen)
+        ids = model.generate(features.to(model.dtype), generation_config=gen, **forced)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()

