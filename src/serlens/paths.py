@@ -62,6 +62,10 @@ class Paths:
         """``ab.safetensors``: the A/B statistics of a LoRA run's pass."""
         return f"{self.states(corpus, model, method, seed, fold)}/ab.safetensors"
 
+    def causal_file(self, corpus: str, model: str, method: str, seed, fold) -> str:
+        """``causal.safetensors``: the head's logits of a run under every causal intervention."""
+        return f"{self.states(corpus, model, method, seed, fold)}/causal.safetensors"
+
     def analysis(self, corpus: str, model: str, method: str, seed, fold, name: str) -> str:
         return f"{self.results}/{corpus}/analysis/{model}/{method}/seed{seed}/fold{fold}/{name}.tsv"
 

@@ -178,6 +178,8 @@ def encoder_pass(
     run_dir: Path | None = None,
     ab_out: Path | None = None,
     threads: int = 1,
+    causal_out: Path | None = None,
+    epoch0: Path | None = None,
 ) -> None:
     """One model load, every forward pass the analyses of a run need (``method = "base"``: the
     pre-trained encoder on every utterance, for every run of the model; ``fold`` unused)."""
@@ -193,7 +195,7 @@ def encoder_pass(
             folds = pd.read_csv(folds_path, sep="\t", dtype={"utt_id": str})
             base_pass(run, folds, settings, out)
         else:
-            adapted_pass(run, settings, out, ab_out)
+            adapted_pass(run, settings, out, ab_out, causal_out, epoch0)
 
 
 def cross_eval(

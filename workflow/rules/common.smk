@@ -83,6 +83,7 @@ CORPUS_TABLES = {
 BASE_STATES = PATHS.states_file("{corpus}", "{model}", "base")
 RUN_STATES = PATHS.states_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 RUN_AB = PATHS.ab_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
+RUN_CAUSAL = PATHS.causal_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 
 
 def grid(pattern, methods=None, **fixed):

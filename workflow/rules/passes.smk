@@ -35,10 +35,12 @@ rule pass_run:
         **CORPUS_TABLES,
         weights=PATHS.weights("{model}"),
         adapter=f"{RUN}/adapter",
+        adapter_epochs=f"{RUN}/adapter_epochs",
         head=f"{RUN}/head.safetensors",
     output:
         states=RUN_STATES,
         ab=RUN_AB,
+        causal=RUN_CAUSAL,
     log:
         log_of(RUN_STATES),
     benchmark:
@@ -55,5 +57,6 @@ rule pass_run:
     params:
         settings=pass_settings(config),
         run_dir=lambda wildcards, input: str(Path(input.head).parent),
+        epoch0=lambda wildcards, input: f"{input.adapter_epochs}/epoch0.safetensors",
     script:
         "../scripts/encoder_pass.py"

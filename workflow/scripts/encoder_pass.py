@@ -13,4 +13,6 @@ encoder_pass(
     run_dir=snakemake.params.get("run_dir"),
     ab_out=snakemake.output.get("ab"),
     threads=snakemake.threads,
+    causal_out=snakemake.output.get("causal"),
+    epoch0=snakemake.params.get("epoch0"),
 )

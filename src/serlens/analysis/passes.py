@@ -264,8 +264,17 @@ def base_pass(run, folds, settings: dict, out: Path) -> None:
     write_states(out, arrays, ids)
 
 
-def adapted_pass(run, settings: dict, out: Path, ab_out: Path | None = None) -> None:
-    """A run's own encoder on test, train, dev and the sample; A/B statistics if ``ab_out``.
+def adapted_pass(
+    run,
+    settings: dict,
+    out: Path,
+    ab_out: Path | None = None,
+    causal_out: Path | None = None,
+    epoch0: Path | None = None,
+) -> None:
+    """A run's own encoder on test, train, dev and the sample; A/B statistics if ``ab_out``;
+    the causal interventions' logits (:mod:`serlens.analysis.causal`) if ``causal_out``
+    (``epoch0``: the adapter at initialisation, for the A/B swap).
 
     ``train`` holds pooled and normalised states of every training utterance (probes, the
     tuned lens' fit), ``dev`` the normalised states (the tuned lens' early stopping).
@@ -297,3 +306,8 @@ def adapted_pass(run, settings: dict, out: Path, ab_out: Path | None = None) -> 
         write_ab_statistics(
             run, sample, settings["batch_size"], baseline, settings["seed"], ab_out, init_std
         )
+    if causal_out is not None:
+        from serlens.analysis.causal import causal_logits, write_causal
+
+        logits, variants = causal_logits(run, settings, epoch0)
+        write_causal(causal_out, logits, variants, test.utt_ids, len(run.encoder.layers))

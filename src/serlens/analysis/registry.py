@@ -30,6 +30,7 @@ PRODUCTS = {
     "states": "the run's own encoder states (states.safetensors of its pass, or the base pass)",
     "base_states": "the pre-trained encoder's states on the same fold (base pass)",
     "ab": "A/B activation and gradient statistics of the run's pass (ab.safetensors)",
+    "causal": "the run's head logits under every causal intervention (causal.safetensors of its pass)",
     "features": "the cached pooled states of the pre-trained encoder (every utterance)",
     "head": "the run's trained head (head.safetensors)",
     "adapter": "the run's adapter folder (adapter/)",
@@ -163,6 +164,7 @@ def run_inputs(spec: AnalysisSpec, method: Method, paths, corpus, model, seed, f
         "states": paths.states_file(corpus, model, variant, seed, fold),
         "base_states": paths.states_file(corpus, model, "base"),
         "ab": paths.ab_file(corpus, model, method.name, seed, fold),
+        "causal": paths.causal_file(corpus, model, method.name, seed, fold),
         "features": paths.features(corpus, model),
         "head": f"{run}/head.safetensors",
         "adapter": f"{run}/adapter",
@@ -204,6 +206,7 @@ ORDER = [
     "ab_dynamics",
     "cka",
     "seed_floor",
+    "causal",
 ]
 
 

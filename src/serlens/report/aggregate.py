@@ -154,7 +154,8 @@ def speaker_band(long: pd.DataFrame, spec, resamples: int = 1000, seed: int = 0)
     out = []
     for (model, method), frame in long.groupby(["model", "method"], sort=False):
         # one value per (fold, speaker, observation): the mean over seeds
-        frame = frame.assign(_obs=frame[obs[2:]].astype(str).agg("\x1f".join, axis=1))
+        # map(str), not astype(str): the string dtype keeps NaN keys (whole-encoder rows) NaN
+        frame = frame.assign(_obs=frame[obs[2:]].map(str).agg("\x1f".join, axis=1))
         per_speaker = frame.groupby(["fold", "speaker", "_obs"], sort=False).agg(
             value=("value", "mean"), n_utts=("n_utts", "mean")
         )

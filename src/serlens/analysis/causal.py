@@ -1,0 +1,480 @@
+"""Causal tests: where in the encoder does the adaptation do its work? (``causal.tsv``)
+
+Every other analysis describes how the adapted encoder differs from the frozen one; these
+intervene on it and measure what the run's own classifier loses. The paper names this as its
+limitation and proposes the checks ("remove LoRA's A or B", "intervene on the layers"); the
+tools are those of activation patching and ablation (Meng et al. 2022, "Locating and editing
+factual associations in GPT"; Heimersheim & Nanda 2024, "How to use and interpret activation
+patching"; Zhang & Nanda 2024, "Towards best practices of activation patching").
+
+The run's pass (:func:`causal_logits`, one model load, streamed over batches of the test
+split) computes the head's logits on every test utterance under each *variant*:
+
+- ``reference``: ``on`` (every adapter on: the run itself) and ``off`` (every adapter off:
+  the frozen encoder read out with the LoRA head);
+- ``adapter_off`` (layer l's adapters off, all others on), ``adapter_only`` (only layer l's
+  on), ``adapters_upto`` (on in layers 0..l), ``adapters_from`` (on in layers l..L-1): is the
+  useful change early or late? (the causal test of "delayed specialisation");
+- ``patch_frozen_into_adapted`` (the adapted encoder with layer l's residual-stream output
+  replaced by the frozen encoder's on the same utterance) and ``patch_adapted_into_frozen``
+  (the converse), everything else unchanged: the share of the gap one site carries;
+- ``skip_adapted`` / ``skip_frozen``: layer l skipped (its output set to its input; the
+  paper's "residual erasure", ``analysis_utils.residual_erasure``, here on every test
+  utterance of every fold); ``skip_upto_adapted``: layers 0..l skipped (its
+  ``progressive_residual_erasure``);
+- ``ablate_attn_{adapted,frozen}`` / ``ablate_mlp_{adapted,frozen}``: layer l's attention
+  (or MLP) output replaced by its mean over the audio frames of the fold's analysis sample
+  (training utterances; mean-ablation), the causal counterpart of the contribution norms;
+- ``ab_swap``: ``init_a`` (trained B with the adapter's own initial A, from
+  ``adapter_epochs/epoch0``) and ``rotated_b`` (trained A with B·Q, Q a seeded random r × r
+  orthogonal matrix: same norms, rotated code space).
+
+Per utterance u with true class y and logits z (the analysis, :func:`causal_table`):
+
+- ``kl`` = KL(p_on ‖ p_variant) = Σ_c p_on,c (log p_on,c − log p_variant,c), the output change;
+- ``logit_diff`` = z_y − mean_{c≠y} z_c, the evidence for the true class;
+- ``correct`` = [argmax z = y] (its mean is WAR);
+- ``paper_score``: the paper code's "contribution" of an erasure, (acc_on − acc_v) +
+  0.5 (conf_on − conf_v) − 0.1 (loss_v − loss_on), with conf the top probability and loss
+  the cross-entropy, per utterance (its mean is the paper's score over the utterances
+  averaged; the paper used 50 random test utterances of fold 1);
+- ``share`` = (ld_variant,u − LD_off) / (LD_on − LD_off), with LD the run's mean logit
+  difference: its mean over utterances is the variant's share of the gap, exactly 0 for
+  ``off`` and 1 for ``on``. The denominator is the run's, so resampling speakers holds it
+  fixed (the band is of the numerator).
+
+Rows are per test speaker (``speaker, n_utts``), so the aggregated table carries a speaker
+band, as the contributions table does. Columns ``family, variant, layer, depth, quantity,
+value`` (``layer`` −1 and ``depth`` empty for variants of the whole encoder). A frozen run has
+no adapter, so the analysis applies to runs with one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from serlens.models.encoder import attention_mask, embed, masked_mean
+
+COLUMNS = ["family", "variant", "layer", "depth", "quantity", "value"]
+QUANTITIES = ("kl", "logit_diff", "correct", "share", "paper_score")
+PER_LAYER = (
+    "adapter_off",
+    "adapter_only",
+    "adapters_upto",
+    "adapters_from",
+    "patch_frozen_into_adapted",
+    "patch_adapted_into_frozen",
+    "skip_adapted",
+    "skip_frozen",
+    "skip_upto_adapted",
+    "ablate_attn_adapted",
+    "ablate_mlp_adapted",
+    "ablate_attn_frozen",
+    "ablate_mlp_frozen",
+)
+
+
+# --- the encoder, run with interventions --------------------------------------------------
+
+
+def lora_layers(encoder: nn.Module) -> dict[int, list[nn.Module]]:
+    """Encoder layer index -> the peft LoRA modules inside it."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[int, list[nn.Module]] = {li: [] for li in range(len(encoder.layers))}
+    for li, layer in enumerate(encoder.layers):
+        out[li] = [m for m in layer.modules() if isinstance(m, LoraLayer)]
+    return out
+
+
+@contextlib.contextmanager
+def adapters_in(encoder: nn.Module, on: set[int] | None):
+    """Adapters live only in the layers ``on`` (None: all), by zeroing the others' scaling
+    (a LoRA module then adds exactly 0 to its base output); restored on exit."""
+    modules = lora_layers(encoder)
+    saved = []
+    for li, found in modules.items():
+        for m in found:
+            saved.append((m, dict(m.scaling)))
+            if on is not None and li not in on:
+                for key in m.scaling:
+                    m.scaling[key] = 0.0
+    try:
+        yield
+    finally:
+        for m, scaling in saved:
+            m.scaling.update(scaling)
+
+
+def attn_out(layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
+    """A Whisper encoder layer's attention update (pre-LN, as its forward computes it)."""
+    out, _ = layer.self_attn(hidden_states=layer.self_attn_layer_norm(x), attention_mask=mask)
+    return out
+
+
+def mlp_out(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
+
+
+def layer_forward(layer, x, mask, ablate: tuple[str, torch.Tensor] | None = None):
+    """The layer as :class:`WhisperEncoderLayer` computes it in eval mode; ``ablate``
+    ``(component, mean)`` replaces that component's update by ``mean`` (a D-vector)."""
+    a = attn_out(layer, x, mask)
+    if ablate is not None and ablate[0] == "attn":
+        a = ablate[1].to(a.dtype).expand_as(a)
+    h = x + a
+    m = mlp_out(layer, h)
+    if ablate is not None and ablate[0] == "mlp":
+        m = ablate[1].to(m.dtype).expand_as(m)
+    return h + m
+
+
+def run_variant(
+    encoder,
+    head,
+    batch,
+    *,
+    skip: int | set[int] | None = None,
+    patch: tuple[int, torch.Tensor] | None = None,
+    ablate: tuple[int, str, torch.Tensor] | None = None,
+    capture: bool = False,
+):
+    """Head logits of one batch under one intervention; with ``capture`` also every layer's
+    output (the residual stream after layer l) for patching."""
+    x = embed(encoder, batch.mel)
+    mask = attention_mask(batch, x.dtype)
+    outputs = []
+    skipped = {skip} if isinstance(skip, int) else set(skip or ())
+    for li, layer in enumerate(encoder.layers):
+        if li in skipped:
+            y = x
+        elif ablate is not None and ablate[0] == li:
+            y = layer_forward(layer, x, mask, ablate[1:])
+        else:
+            y = layer(x, mask)
+        if patch is not None and patch[0] == li:
+            y = patch[1]
+        if capture:
+            outputs.append(y)
+        x = y
+    logits = head(masked_mean(encoder.layer_norm(x), batch.frame_mask))
+    return (logits, outputs) if capture else logits
+
+
+def component_means(run, indices: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean over the audio frames of the sample ``indices`` (training split) of each layer's
+    attention and MLP update, adapted (``adapted``) and frozen (``frozen``):
+    ``{f"{which}/{component}": (L, D)}``."""
+    encoder = run.encoder
+    sums: dict[str, torch.Tensor] = {}
+    frames = 0.0
+    for which in ("adapted", "frozen"):
+        context = contextlib.nullcontext() if which == "adapted" else run.adapter_disabled()
+        with context, torch.inference_mode():
+            for _, batch in run.batches(run.splits["train"], batch_size, indices):
+                x = embed(encoder, batch.mel)
+                mask = attention_mask(batch, x.dtype)
+                w = batch.frame_mask.to(torch.float64).unsqueeze(-1)
+                if which == "adapted":
+                    frames += float(w.sum())
+                for li, layer in enumerate(encoder.layers):
+                    a = attn_out(layer, x, mask)
+                    m = mlp_out(layer, x + a)
+                    for name, value in (("attn", a), ("mlp", m)):
+                        key = f"{which}/{name}"
+                        total = (value.double() * w).sum(dim=(0, 1))
+                        if key not in sums:
+                            sums[key] = torch.zeros(
+                                len(encoder.layers), total.shape[0], dtype=torch.float64
+                            )
+                        sums[key][li] += total.cpu()
+                    x = x + a + m
+    return {k: (v / max(frames, 1.0)).float() for k, v in sums.items()}
+
+
+@contextlib.contextmanager
+def swapped_factors(encoder, replace: dict[str, tuple[str, torch.Tensor]]):
+    """Temporarily set LoRA factors: ``{module_name: ("A" | "B", weight)}``."""
+    modules = dict(encoder.named_modules())
+    saved = []
+    for name, (which, weight) in replace.items():
+        layer = modules[name]
+        target = (layer.lora_A if which == "A" else layer.lora_B)["default"].weight
+        saved.append((target, target.data.clone()))
+        target.data.copy_(weight.to(target.dtype).to(target.device))
+    try:
+        yield
+    finally:
+        for target, data in saved:
+            target.data.copy_(data)
+
+
+def ab_swaps(encoder, epoch0: Path | None, seed: int) -> dict[str, dict]:
+    """The two factor swaps: ``init_a`` (A from ``epoch0``, the adapter at initialisation;
+    :func:`serlens.analysis.update_dynamics.load_factors`) and ``rotated_b`` (B·Q, Q a
+    Haar-random r × r orthogonal matrix from ``seed``; Mezzadri 2007)."""
+    from serlens.analysis.update_dynamics import load_factors
+
+    modules = {n: m for n, m in encoder.named_modules() if _is_lora(m)}
+    swaps: dict[str, dict] = {}
+    if epoch0 is not None:
+        init = load_factors(Path(epoch0))
+        missing = sorted(set(modules) - set(init))
+        if missing:
+            raise KeyError(
+                f"{epoch0}: no initial A for {missing[:3]}; rerun training (it saves epoch 0)"
+            )
+        swaps["init_a"] = {n: ("A", torch.from_numpy(init[n]["A"]).float()) for n in modules}
+    generator = torch.Generator().manual_seed(int(seed))
+    replace = {}
+    for name, m in modules.items():
+        B = m.lora_B["default"].weight.detach().float().cpu()
+        q, r = torch.linalg.qr(torch.randn(B.shape[1], B.shape[1], generator=generator))
+        replace[name] = ("B", B @ (q * torch.sign(torch.diagonal(r))))
+    swaps["rotated_b"] = replace
+    return swaps
+
+
+def _is_lora(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) and "default" in module.lora_A
+
+
+def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.ndarray, list[dict]]:
+    """``(V, N, C)`` head logits of every variant (module docstring) on the test split, in
+    its order, and the variants' ``{family, variant, layer}``. One batch of frame states
+    plus the logits in memory at a time."""
+    from serlens.analysis.passes import analysis_sample
+
+    encoder, head, test = run.encoder, run.head, run.splits["test"]
+    n_layers = len(encoder.layers)
+    means = component_means(run, analysis_sample(run, settings), settings["batch_size"])
+    swaps = ab_swaps(encoder, epoch0, settings["seed"])
+    variants: list[dict] = [
+        {"family": "reference", "variant": "on", "layer": -1},
+        {"family": "reference", "variant": "off", "layer": -1},
+    ]
+    variants += [
+        {"family": f, "variant": f, "layer": li} for f in PER_LAYER for li in range(n_layers)
+    ]
+    variants += [{"family": "ab_swap", "variant": name, "layer": -1} for name in swaps]
+    index = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
+    out = np.zeros((len(variants), len(test), head.classifier.out_features), dtype=np.float32)
+    every = set(range(n_layers))
+
+    def put(key, rows, logits):
+        out[index[key], rows] = logits.float().cpu().numpy()
+
+    with torch.inference_mode():
+        for rows, batch in run.batches(test, settings["batch_size"]):
+            with adapters_in(encoder, None):
+                on, adapted = run_variant(encoder, head, batch, capture=True)
+            put(("reference", "on", -1), rows, on)
+            with adapters_in(encoder, set()):
+                off, frozen = run_variant(encoder, head, batch, capture=True)
+            put(("reference", "off", -1), rows, off)
+            for li in range(n_layers):
+                for family, layers in (
+                    ("adapter_off", every - {li}),
+                    ("adapter_only", {li}),
+                    ("adapters_upto", set(range(li + 1))),
+                    ("adapters_from", set(range(li, n_layers))),
+                ):
+                    with adapters_in(encoder, layers):
+                        put((family, family, li), rows, run_variant(encoder, head, batch))
+                with adapters_in(encoder, None):
+                    put(
+                        ("patch_frozen_into_adapted", "patch_frozen_into_adapted", li),
+                        rows,
+                        run_variant(encoder, head, batch, patch=(li, frozen[li])),
+                    )
+                    put(
+                        ("skip_adapted", "skip_adapted", li),
+                        rows,
+                        run_variant(encoder, head, batch, skip=li),
+                    )
+                    put(
+                        ("skip_upto_adapted", "skip_upto_adapted", li),
+                        rows,
+                        run_variant(encoder, head, batch, skip=set(range(li + 1))),
+                    )
+                    for comp in ("attn", "mlp"):
+                        family = f"ablate_{comp}_adapted"
+                        ablate = (li, comp, means[f"adapted/{comp}"][li].to(batch.mel.device))
+                        put(
+                            (family, family, li),
+                            rows,
+                            run_variant(encoder, head, batch, ablate=ablate),
+                        )
+                with adapters_in(encoder, set()):
+                    put(
+                        ("patch_adapted_into_frozen", "patch_adapted_into_frozen", li),
+                        rows,
+                        run_variant(encoder, head, batch, patch=(li, adapted[li])),
+                    )
+                    put(
+                        ("skip_frozen", "skip_frozen", li),
+                        rows,
+                        run_variant(encoder, head, batch, skip=li),
+                    )
+                    for comp in ("attn", "mlp"):
+                        family = f"ablate_{comp}_frozen"
+                        ablate = (li, comp, means[f"frozen/{comp}"][li].to(batch.mel.device))
+                        put(
+                            (family, family, li),
+                            rows,
+                            run_variant(encoder, head, batch, ablate=ablate),
+                        )
+            for name, replace in swaps.items():
+                with adapters_in(encoder, None), swapped_factors(encoder, replace):
+                    put(("ab_swap", name, -1), rows, run_variant(encoder, head, batch))
+    return out, variants
+
+
+def write_causal(
+    path: Path, logits: np.ndarray, variants: list[dict], utt_ids: list[str], n_layers: int
+) -> None:
+    """``causal.safetensors``: ``test/logits`` (V, N, C); the variants and the rows' ids in
+    the metadata. Written aside, then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "test/utt_ids": json.dumps(list(utt_ids)),
+        "variants": json.dumps(variants),
+        "n_layers": str(int(n_layers)),
+    }
+    tmp = path.with_name(path.name + ".part")
+    tensors = {"test/logits": torch.from_numpy(np.ascontiguousarray(logits))}
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+# --- the analysis: metrics from the stored logits -------------------------------------------
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def logit_diff(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """z_y − mean_{c≠y} z_c per utterance (rows of ``z``)."""
+    z = z.astype(np.float64)
+    true = z[np.arange(len(labels)), labels]
+    others = (z.sum(axis=1) - true) / (z.shape[1] - 1)
+    return true - others
+
+
+def per_utterance(logits: np.ndarray, variants: list[dict], labels: np.ndarray) -> dict:
+    """``{quantity: (V, N)}`` of the module docstring's per-utterance quantities."""
+    ref = {(v["family"], v["variant"]): k for k, v in enumerate(variants)}
+    on, off = ref[("reference", "on")], ref[("reference", "off")]
+    logp = _log_softmax(logits)
+    p_on = np.exp(logp[on])
+    kl = (p_on[None] * (logp[on][None] - logp)).sum(axis=-1)
+    ld = np.stack([logit_diff(z, labels) for z in logits])
+    gap = ld[on].mean() - ld[off].mean()
+    share = (ld - ld[off].mean()) / gap if abs(gap) > 1e-12 else np.full_like(ld, np.nan)
+    correct = (logits.argmax(axis=-1) == labels[None]).astype(np.float64)
+    confidence = np.exp(logp).max(axis=-1)
+    loss = -logp[:, np.arange(len(labels)), labels]
+    paper = (correct[on] - correct) + 0.5 * (confidence[on] - confidence) - 0.1 * (loss - loss[on])
+    return {
+        "kl": np.maximum(kl, 0.0),
+        "logit_diff": ld,
+        "correct": correct,
+        "share": share,
+        "paper_score": paper,
+    }
+
+
+def causal_table(
+    logits: np.ndarray,
+    variants: list[dict],
+    labels: np.ndarray,
+    speakers: np.ndarray,
+    n_layers: int,
+) -> pd.DataFrame:
+    """Per-speaker rows (``speaker, n_utts``) of every variant and quantity."""
+    values = per_utterance(logits, variants, labels)
+    speakers = np.asarray(speakers, dtype=object)
+    rows = []
+    for speaker in sorted(set(speakers.tolist())):
+        member = speakers == speaker
+        for k, v in enumerate(variants):
+            layer = int(v["layer"])
+            depth = (layer + 1) / n_layers if layer >= 0 else np.nan
+            for quantity in QUANTITIES:
+                rows.append(
+                    {
+                        "family": v["family"],
+                        "variant": v["variant"],
+                        "layer": layer,
+                        "depth": depth,
+                        "quantity": quantity,
+                        "value": float(values[quantity][k, member].mean()),
+                        "speaker": speaker,
+                        "n_utts": int(member.sum()),
+                    }
+                )
+    return pd.DataFrame(rows, columns=[*COLUMNS, "speaker", "n_utts"])
+
+
+def read_causal(path: Path) -> tuple[np.ndarray, list[dict], list[str], int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        meta = handle.metadata()
+        logits = handle.get_tensor("test/logits")
+    return (
+        logits,
+        json.loads(meta["variants"]),
+        json.loads(meta["test/utt_ids"]),
+        int(meta["n_layers"]),
+    )
+
+
+def _compute(run, settings) -> pd.DataFrame:
+    logits, variants, utt_ids, n_layers = read_causal(run.path("causal"))
+    test = run.splits["test"]
+    if list(test.utt_ids) != list(utt_ids):
+        raise ValueError(
+            f"{run.path('causal')}: its test rows are not the fold's test split; rerun its pass"
+        )
+    speakers = np.array([run.speakers[u] for u in utt_ids], dtype=object)
+    return causal_table(logits, variants, np.asarray(test.labels), speakers, n_layers)
+
+
+def _draw(tables, model, context):
+    from serlens.report.figures.causal import causal_figure
+
+    return causal_figure(tables["causal"], model, context["n_classes"])
+
+
+def _spec():
+    from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
+
+    return AnalysisSpec(
+        name="causal",
+        compute=_compute,
+        applies_to=lambda method: method.has_adapter,
+        reads=frozenset({"causal"}),
+        keys=(),
+        table=TableSpec(("family", "variant", "layer", "depth", "quantity")),
+        figures=(FigureSpec("causal", _draw, ("causal",), "Causal tests"),),
+        doc="adapter ablation, activation patching, layer skips, component mean-ablation and A/B swaps",
+    )
+
+
+SPEC = _spec()

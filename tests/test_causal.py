@@ -1,0 +1,227 @@
+"""Causal tests: known answers of every intervention, on real tiny.en weights with seeded adapters."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from serlens.analysis.causal import (
+    PER_LAYER,
+    adapters_in,
+    causal_logits,
+    causal_table,
+    layer_forward,
+    logit_diff,
+    per_utterance,
+    read_causal,
+    run_variant,
+    write_causal,
+)
+from serlens.models.encoder import masked_mean, run_encoder
+
+SETTINGS = {"batch_size": 4, "train_sample": 4, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def causal(lora_run):
+    logits, variants = causal_logits(lora_run, SETTINGS)
+    return (
+        logits,
+        variants,
+        {(v["family"], v["layer"], v["variant"]): k for k, v in enumerate(variants)},
+    )
+
+
+def direct_logits(run, adapters: bool) -> np.ndarray:
+    """The head on the (adapted or frozen) encoder, one utterance at a time."""
+    test = run.splits["test"]
+    out = []
+    context = contextlib.nullcontext() if adapters else run.adapter_disabled()
+    with context, torch.inference_mode():
+        for i in range(len(test)):
+            _, batch = next(run.batches(test, 1, np.array([i])))
+            hidden = run_encoder(run.encoder, batch)
+            out.append(run.head(masked_mean(hidden.last_hidden_state, hidden.frame_mask))[0])
+    return torch.stack(out).numpy()
+
+
+def test_all_on_is_the_run_and_all_off_the_frozen_encoder(lora_run, causal):
+    logits, _, at = causal
+    np.testing.assert_allclose(
+        logits[at[("reference", -1, "on")]], direct_logits(lora_run, True), atol=2e-4
+    )
+    off = logits[at[("reference", -1, "off")]]
+    np.testing.assert_allclose(off, direct_logits(lora_run, False), atol=2e-4)
+    assert np.abs(logits[at[("reference", -1, "on")]] - off).max() > 1e-3  # the adapters matter
+
+
+def test_layer_sets_at_their_ends_equal_the_references(causal, lora_run):
+    logits, _, at = causal
+    L = len(lora_run.encoder.layers)
+    on, off = logits[at[("reference", -1, "on")]], logits[at[("reference", -1, "off")]]
+    np.testing.assert_allclose(logits[at[("adapters_upto", L - 1, "adapters_upto")]], on, atol=1e-5)
+    np.testing.assert_allclose(logits[at[("adapters_from", 0, "adapters_from")]], on, atol=1e-5)
+    if L == 1:
+        np.testing.assert_allclose(logits[at[("adapter_off", 0, "adapter_off")]], off, atol=1e-5)
+    # patching the last layer's output carries the whole gap, in both directions
+    np.testing.assert_allclose(
+        logits[at[("patch_adapted_into_frozen", L - 1, "patch_adapted_into_frozen")]], on, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        logits[at[("patch_frozen_into_adapted", L - 1, "patch_frozen_into_adapted")]],
+        off,
+        atol=1e-4,
+    )
+
+
+def test_shares_are_zero_and_one_at_the_references(causal, lora_run):
+    logits, variants, at = causal
+    labels = np.asarray(lora_run.splits["test"].labels)
+    share = per_utterance(logits, variants, labels)["share"]
+    assert share[at[("reference", -1, "off")]].mean() == pytest.approx(0.0, abs=1e-9)
+    assert share[at[("reference", -1, "on")]].mean() == pytest.approx(1.0, abs=1e-9)
+    values = per_utterance(logits, variants, labels)
+    assert values["kl"][at[("reference", -1, "on")]].max() == pytest.approx(0.0, abs=1e-9)
+    assert values["paper_score"][at[("reference", -1, "on")]].max() == pytest.approx(0.0, abs=1e-12)
+    # the paper's score, by hand for one erasure
+    k = at[("skip_adapted", 1, "skip_adapted")]
+    p_on = torch.softmax(torch.tensor(logits[at[("reference", -1, "on")]]).double(), -1).numpy()
+    p_v = torch.softmax(torch.tensor(logits[k]).double(), -1).numpy()
+    idx = np.arange(len(labels))
+    expected = (
+        (p_on.argmax(1) == labels).mean()
+        - (p_v.argmax(1) == labels).mean()
+        + 0.5 * (p_on.max(1).mean() - p_v.max(1).mean())
+        - 0.1 * (-np.log(p_v[idx, labels]).mean() + np.log(p_on[idx, labels]).mean())
+    )
+    assert values["paper_score"][k].mean() == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_layer_forward_is_the_model_s_and_adapter_toggles_restore(lora_run):
+    encoder = lora_run.encoder
+    _, batch = next(lora_run.batches(lora_run.splits["test"], 4))
+    from serlens.models.encoder import attention_mask, embed
+
+    with torch.inference_mode():
+        x = embed(encoder, batch.mel)
+        mask = attention_mask(batch, x.dtype)
+        layer = encoder.layers[0]
+        torch.testing.assert_close(layer_forward(layer, x, mask), layer(x, mask), atol=1e-5, rtol=0)
+        before = run_variant(encoder, lora_run.head, batch)
+        with adapters_in(encoder, set()):
+            off = run_variant(encoder, lora_run.head, batch)
+        after = run_variant(encoder, lora_run.head, batch)
+    torch.testing.assert_close(before, after)  # scalings restored
+    assert (before - off).abs().max() > 1e-4
+
+
+def test_progressive_skip_of_the_first_layer_is_the_single_skip(causal):
+    logits, _, at = causal
+    np.testing.assert_allclose(
+        logits[at[("skip_upto_adapted", 0, "skip_upto_adapted")]],
+        logits[at[("skip_adapted", 0, "skip_adapted")]],
+        atol=1e-6,
+    )
+
+
+def test_skipping_an_identity_layer_and_ablating_a_silent_component_change_nothing(lora_run):
+    encoder = lora_run.encoder
+    _, batch = next(lora_run.batches(lora_run.splits["test"], 4))
+    layer = encoder.layers[1]
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    try:
+        with torch.no_grad():  # the MLP writes exactly zero: fc2 = 0
+            layer.fc2.weight.zero_()
+            layer.fc2.bias.zero_()
+        with torch.inference_mode():
+            plain = run_variant(encoder, lora_run.head, batch)
+            zero = torch.zeros(encoder.config.d_model)
+            ablated = run_variant(encoder, lora_run.head, batch, ablate=(1, "mlp", zero))
+        torch.testing.assert_close(plain, ablated, atol=1e-6, rtol=0)
+        with torch.no_grad():  # and attention writes zero too: the layer is the identity
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+        with torch.inference_mode():
+            plain = run_variant(encoder, lora_run.head, batch)
+            skipped = run_variant(encoder, lora_run.head, batch, skip=1)
+        torch.testing.assert_close(plain, skipped, atol=1e-6, rtol=0)
+    finally:
+        layer.load_state_dict(saved)
+
+
+def test_ab_swaps_need_the_initial_a_and_rotations_keep_b_s_norm(lora_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from serlens.analysis.causal import ab_swaps
+
+    encoder = lora_run.encoder
+    state = {}
+    for name, module in encoder.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            state[f"base_model.model.{name}.lora_A.weight"] = (
+                module.lora_A["default"].weight.detach().clone()
+            )
+            state[f"base_model.model.{name}.lora_B.weight"] = torch.zeros_like(
+                module.lora_B["default"].weight
+            )
+    save_file(state, str(tmp_path / "epoch0.safetensors"))
+    swaps = ab_swaps(encoder, tmp_path / "epoch0.safetensors", seed=3)
+    assert set(swaps) == {"init_a", "rotated_b"}
+    for name, (which, weight) in swaps["rotated_b"].items():
+        B = dict(encoder.named_modules())[name].lora_B["default"].weight.detach()
+        assert which == "B" and torch.linalg.norm(weight) == pytest.approx(
+            float(torch.linalg.norm(B)), rel=1e-5
+        )
+        assert not torch.allclose(weight, B)
+    # the saved A is the trained one here: swapping it in changes nothing
+    logits, variants = causal_logits(lora_run, SETTINGS, tmp_path / "epoch0.safetensors")
+    at = {(v["family"], v["variant"]): k for k, v in enumerate(variants)}
+    np.testing.assert_allclose(
+        logits[at[("ab_swap", "init_a")]], logits[at[("reference", "on")]], atol=1e-5
+    )
+    with pytest.raises(KeyError, match="no initial A"):
+        save_file({"x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
+        ab_swaps(encoder, tmp_path / "bad.safetensors", seed=3)
+
+
+def test_table_has_per_speaker_rows_whose_weighted_mean_is_the_run_s(causal, lora_run, tmp_path):
+    logits, variants, _ = causal
+    test = lora_run.splits["test"]
+    labels = np.asarray(test.labels)
+    speakers = np.array(["s1", "s1", "s2", "s2"], dtype=object)[: len(labels)]
+    L = len(lora_run.encoder.layers)
+    write_causal(tmp_path / "causal.safetensors", logits, variants, test.utt_ids, L)
+    back, back_variants, ids, n_layers = read_causal(tmp_path / "causal.safetensors")
+    assert back_variants == variants and ids == list(test.utt_ids) and n_layers == L
+    table = causal_table(back, back_variants, labels, speakers, n_layers)
+    assert set(table["family"]) == {"reference", "ab_swap", *PER_LAYER} - {"ab_swap"} | (
+        {"ab_swap"} if any(v["family"] == "ab_swap" for v in variants) else set()
+    )
+    share = table[(table["variant"] == "on") & (table["quantity"] == "share")]
+    weighted = (share["value"] * share["n_utts"]).sum() / share["n_utts"].sum()
+    assert weighted == pytest.approx(1.0, abs=1e-9)
+    assert table.loc[table["layer"] >= 0, "depth"].between(0, 1).all()
+    # logit difference: z_true − mean of the others
+    z = np.array([[2.0, 0.0, 1.0, -1.0]])
+    assert logit_diff(z, np.array([0]))[0] == pytest.approx(2.0)
+
+
+def test_figure_draws_the_aggregated_table(causal, lora_run):
+    from serlens.report.figures.causal import causal_figure
+
+    logits, variants, _ = causal
+    labels = np.asarray(lora_run.splits["test"].labels)
+    table = causal_table(logits, variants, labels, np.array(["a"] * len(labels), dtype=object), 4)
+    agg = (
+        table.groupby(["family", "variant", "layer", "depth", "quantity"], dropna=False)["value"]
+        .mean()
+        .reset_index()
+        .rename(columns={"value": "mean"})
+        .assign(model="tiny.en", method="lora_r4", std=0.0, n_folds=1, n_seeds=1)
+    )
+    fig = causal_figure(pd.DataFrame(agg), "tiny.en", 4)
+    assert len(fig.axes) == 3
