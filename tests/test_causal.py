@@ -23,7 +23,7 @@ from serlens.analysis.causal import (
 )
 from serlens.models.encoder import masked_mean, run_encoder
 
-SETTINGS = {"batch_size": 4, "train_sample": 4, "seed": 0}
+SETTINGS = {"batch_size": 4, "train_sample": 4, "seed": 0, "causal_stride": 1}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,39 @@ def test_the_layer_forward_is_the_model_s_and_adapter_toggles_restore(lora_run):
         after = run_variant(encoder, lora_run.head, batch)
     torch.testing.assert_close(before, after)  # scalings restored
     assert (before - off).abs().max() > 1e-4
+
+
+def test_starting_from_the_reference_stream_equals_recomputing_everything(lora_run, causal):
+    """Variants reuse the reference runs below the layer they change: the same logits as a
+    full pass with the intervention."""
+    logits, _, at = causal
+    test = lora_run.splits["test"]
+    encoder, head = lora_run.encoder, lora_run.head
+    L = len(encoder.layers)
+    full = {"adapter_off": [], "adapters_from": [], "skip_adapted": []}
+    with torch.inference_mode():
+        for _, batch in lora_run.batches(test, 4):
+            with adapters_in(encoder, set(range(L)) - {1}):
+                full["adapter_off"].append(run_variant(encoder, head, batch))
+            with adapters_in(encoder, set(range(1, L))):
+                full["adapters_from"].append(run_variant(encoder, head, batch))
+            with adapters_in(encoder, None):
+                full["skip_adapted"].append(run_variant(encoder, head, batch, skip=1))
+    order = np.concatenate([rows for rows, _ in lora_run.batches(test, 4)])
+    for family, parts in full.items():
+        expected = np.empty_like(logits[0])
+        expected[order] = torch.cat(parts).numpy()
+        np.testing.assert_allclose(logits[at[(family, 1, family)]], expected, atol=1e-5)
+
+
+def test_a_layer_stride_visits_every_kth_layer_and_the_last(lora_run):
+    from serlens.analysis.causal import tested_layers
+
+    assert tested_layers(4, 1) == [0, 1, 2, 3]
+    assert tested_layers(32, 4) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert tested_layers(6, 4) == [1, 5]
+    _, variants = causal_logits(lora_run, {**SETTINGS, "causal_stride": 2})
+    assert {v["layer"] for v in variants if v["layer"] >= 0} == {1, 3}
 
 
 def test_progressive_skip_of_the_first_layer_is_the_single_skip(causal):

@@ -110,6 +110,22 @@ def test_every_analysis_table_is_written(workflow):
     assert not (analysis / "frozen_wsum").exists()  # no analysis applies to a weighted-sum head
 
 
+def test_causal_tests_and_claims_are_written(workflow):
+    tmp, _ = workflow
+    results = tmp / "results/synthetic"
+    causal = pd.read_csv(results / "analysis/tiny.en/lora_r4/seed0/fold1/causal.tsv", sep="\t")
+    share = causal[(causal["quantity"] == "share") & (causal["family"] == "reference")]
+    on = share[share["variant"] == "on"]
+    assert (on["value"] * on["n_utts"]).sum() / on["n_utts"].sum() == pytest.approx(1.0)
+    assert {"adapter_off", "patch_adapted_into_frozen", "skip_adapted", "ab_swap"} <= set(
+        causal["family"]
+    )
+    assert "init_a" in set(causal["variant"])  # the adapter's own epoch-0 A was found
+    claims = pd.read_csv(results / "tables/claims.tsv", sep="\t")
+    assert {c.split(":")[0] for c in claims["claim"]} == {"1", "2", "3", "4"}
+    assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive", "not tested"}
+
+
 def test_every_rule_records_a_benchmark(workflow):
     tmp, _ = workflow
     benchmarks = tmp / "results/benchmarks"

@@ -273,6 +273,7 @@ def report_targets(corpus):
         for name in ("performance", "performance_summary", "significance", "confusion")
     ]
     targets.append(PATHS.corpus(corpus, "fold_summary.tsv"))
+    targets.append(PATHS.table(corpus, "claims"))
     for spec in ANALYSES.values():
         # a seed-pair table is written without runs too: it says the floor needs two seeds
         if analysis_runs(spec, corpus)[1] or spec.scope == "seed_pairs":

@@ -110,6 +110,36 @@ rule performance:
         jobs.run("performance", input, output, params, wildcards, log)
 
 
+# The paper's claims as tested hypotheses (serlens.report.claims): one row per claim, model
+# and LoRA method, with its statistic, interval, reference and verdict.
+rule claims:
+    input:
+        significance=PATHS.table("{corpus}", "significance"),
+        causal=analysis_table_files(ANALYSES["causal"]),
+        ab=analysis_table_files(ANALYSES["ab_dynamics"]),
+    output:
+        report(
+            PATHS.table("{corpus}", "claims"),
+            caption="../report/claims_table.rst",
+            category="{corpus} · what this run says about the paper",
+            subcategory="claims",
+            labels={"table": "claims"},
+        ),
+    log:
+        log_of(PATHS.table("{corpus}", "claims")),
+    benchmark:
+        bench_of("claims", PATHS.table("{corpus}", "claims"))
+    localrule: True
+    params:
+        causal_keys=analysis_table_keys(ANALYSES["causal"]),
+        ab_keys=analysis_table_keys(ANALYSES["ab_dynamics"]),
+        settings=config["claims"],
+        resamples=config["significance"]["resamples"],
+        seed=config["analysis_seed"],
+    run:
+        jobs.run("claims", input, output, params, wildcards, log)
+
+
 rule confusion_table:
     input:
         prediction_files,

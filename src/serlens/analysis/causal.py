@@ -141,31 +141,41 @@ def run_variant(
     head,
     batch,
     *,
+    start: tuple[int, torch.Tensor] | None = None,
     skip: int | set[int] | None = None,
-    patch: tuple[int, torch.Tensor] | None = None,
     ablate: tuple[int, str, torch.Tensor] | None = None,
     capture: bool = False,
 ):
-    """Head logits of one batch under one intervention; with ``capture`` also every layer's
-    output (the residual stream after layer l) for patching."""
-    x = embed(encoder, batch.mel)
-    mask = attention_mask(batch, x.dtype)
-    outputs = []
+    """Head logits of one batch under one intervention.
+
+    ``start = (i, x)``: begin at layer i with ``x`` as its input (the residual stream
+    entering layer i of a reference run), so layers below an intervention, which it leaves
+    unchanged, are not recomputed; i = L runs no layer. ``skip``: layers whose output is set
+    to their input; ``ablate = (l, component, mean)``: :func:`layer_forward`'s ablation at
+    layer l. With ``capture`` also the residual stream entering every layer and leaving the
+    last (``resid[0..L]``)."""
+    mask = attention_mask(batch, torch.float32 if start is None else start[1].dtype)
+    first, x = (0, embed(encoder, batch.mel)) if start is None else start
+    resid = [x]
     skipped = {skip} if isinstance(skip, int) else set(skip or ())
-    for li, layer in enumerate(encoder.layers):
+    for li in range(first, len(encoder.layers)):
+        layer = encoder.layers[li]
         if li in skipped:
             y = x
         elif ablate is not None and ablate[0] == li:
             y = layer_forward(layer, x, mask, ablate[1:])
         else:
             y = layer(x, mask)
-        if patch is not None and patch[0] == li:
-            y = patch[1]
-        if capture:
-            outputs.append(y)
+        resid.append(y)
         x = y
     logits = head(masked_mean(encoder.layer_norm(x), batch.frame_mask))
-    return (logits, outputs) if capture else logits
+    return (logits, resid) if capture else logits
+
+
+def tested_layers(n_layers: int, stride: int) -> list[int]:
+    """The layers the per-layer interventions visit: every ``stride``-th (counting from
+    the last layer down) and always the last, so stride 1 is every layer."""
+    return sorted({*range(n_layers - 1, -1, -max(int(stride), 1))})
 
 
 def component_means(run, indices: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
@@ -250,92 +260,80 @@ def _is_lora(module: nn.Module) -> bool:
 
 def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.ndarray, list[dict]]:
     """``(V, N, C)`` head logits of every variant (module docstring) on the test split, in
-    its order, and the variants' ``{family, variant, layer}``. One batch of frame states
-    plus the logits in memory at a time."""
+    its order, and the variants' ``{family, variant, layer}``.
+
+    Per batch, the two reference runs (all adapters on, all off) keep their residual
+    streams; every per-layer variant starts from the reference stream at the first layer it
+    changes (:func:`run_variant`'s ``start``), so a variant at layer l costs L − l layers,
+    about 13 · L/2 + 4 encoder passes per batch in all. ``settings["causal_stride"]``
+    visits every k-th layer only (:func:`tested_layers`; for 32-layer models). Memory: one
+    batch of frame states per reference plus the logits."""
     from serlens.analysis.passes import analysis_sample
 
     encoder, head, test = run.encoder, run.head, run.splits["test"]
     n_layers = len(encoder.layers)
+    layers = tested_layers(n_layers, settings["causal_stride"])
     means = component_means(run, analysis_sample(run, settings), settings["batch_size"])
     swaps = ab_swaps(encoder, epoch0, settings["seed"])
     variants: list[dict] = [
         {"family": "reference", "variant": "on", "layer": -1},
         {"family": "reference", "variant": "off", "layer": -1},
     ]
-    variants += [
-        {"family": f, "variant": f, "layer": li} for f in PER_LAYER for li in range(n_layers)
-    ]
+    variants += [{"family": f, "variant": f, "layer": li} for f in PER_LAYER for li in layers]
     variants += [{"family": "ab_swap", "variant": name, "layer": -1} for name in swaps]
     index = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
     out = np.zeros((len(variants), len(test), head.classifier.out_features), dtype=np.float32)
     every = set(range(n_layers))
 
-    def put(key, rows, logits):
-        out[index[key], rows] = logits.float().cpu().numpy()
+    def put(family, li, rows, logits, variant=None):
+        out[index[(family, variant or family, li)], rows] = logits.float().cpu().numpy()
 
     with torch.inference_mode():
         for rows, batch in run.batches(test, settings["batch_size"]):
             with adapters_in(encoder, None):
                 on, adapted = run_variant(encoder, head, batch, capture=True)
-            put(("reference", "on", -1), rows, on)
             with adapters_in(encoder, set()):
                 off, frozen = run_variant(encoder, head, batch, capture=True)
-            put(("reference", "off", -1), rows, off)
-            for li in range(n_layers):
-                for family, layers in (
-                    ("adapter_off", every - {li}),
-                    ("adapter_only", {li}),
-                    ("adapters_upto", set(range(li + 1))),
-                    ("adapters_from", set(range(li, n_layers))),
+            put("reference", -1, rows, on, "on")
+            put("reference", -1, rows, off, "off")
+            for li in layers:
+                # (family, adapters on, where it starts: (layer, reference stream), extra)
+                plans = [
+                    ("adapter_off", every - {li}, (li, adapted[li]), {}),
+                    ("adapter_only", {li}, (li, frozen[li]), {}),
+                    ("adapters_upto", set(range(li + 1)), (li + 1, adapted[li + 1]), {}),
+                    ("adapters_from", set(range(li, n_layers)), (li, frozen[li]), {}),
+                    ("patch_frozen_into_adapted", every, (li + 1, frozen[li + 1]), {}),
+                    ("patch_adapted_into_frozen", set(), (li + 1, adapted[li + 1]), {}),
+                    ("skip_adapted", every, (li + 1, adapted[li]), {}),
+                    ("skip_frozen", set(), (li + 1, frozen[li]), {}),
+                    ("skip_upto_adapted", every, (li + 1, adapted[0]), {}),
+                ]
+                for which, on_layers, stream in (
+                    ("adapted", every, adapted),
+                    ("frozen", set(), frozen),
                 ):
-                    with adapters_in(encoder, layers):
-                        put((family, family, li), rows, run_variant(encoder, head, batch))
-                with adapters_in(encoder, None):
-                    put(
-                        ("patch_frozen_into_adapted", "patch_frozen_into_adapted", li),
-                        rows,
-                        run_variant(encoder, head, batch, patch=(li, frozen[li])),
-                    )
-                    put(
-                        ("skip_adapted", "skip_adapted", li),
-                        rows,
-                        run_variant(encoder, head, batch, skip=li),
-                    )
-                    put(
-                        ("skip_upto_adapted", "skip_upto_adapted", li),
-                        rows,
-                        run_variant(encoder, head, batch, skip=set(range(li + 1))),
-                    )
                     for comp in ("attn", "mlp"):
-                        family = f"ablate_{comp}_adapted"
-                        ablate = (li, comp, means[f"adapted/{comp}"][li].to(batch.mel.device))
-                        put(
-                            (family, family, li),
-                            rows,
-                            run_variant(encoder, head, batch, ablate=ablate),
+                        mean = means[f"{which}/{comp}"][li].to(batch.mel.device)
+                        plans.append(
+                            (
+                                f"ablate_{comp}_{which}",
+                                on_layers,
+                                (li, stream[li]),
+                                {"ablate": (li, comp, mean)},
+                            )
                         )
-                with adapters_in(encoder, set()):
-                    put(
-                        ("patch_adapted_into_frozen", "patch_adapted_into_frozen", li),
-                        rows,
-                        run_variant(encoder, head, batch, patch=(li, adapted[li])),
-                    )
-                    put(
-                        ("skip_frozen", "skip_frozen", li),
-                        rows,
-                        run_variant(encoder, head, batch, skip=li),
-                    )
-                    for comp in ("attn", "mlp"):
-                        family = f"ablate_{comp}_frozen"
-                        ablate = (li, comp, means[f"frozen/{comp}"][li].to(batch.mel.device))
+                for family, on_layers, start, extra in plans:
+                    with adapters_in(encoder, on_layers):
                         put(
-                            (family, family, li),
+                            family,
+                            li,
                             rows,
-                            run_variant(encoder, head, batch, ablate=ablate),
+                            run_variant(encoder, head, batch, start=start, **extra),
                         )
             for name, replace in swaps.items():
                 with adapters_in(encoder, None), swapped_factors(encoder, replace):
-                    put(("ab_swap", name, -1), rows, run_variant(encoder, head, batch))
+                    put("ab_swap", -1, rows, run_variant(encoder, head, batch), name)
     return out, variants
 
 

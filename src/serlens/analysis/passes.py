@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 PASS_KEYS = ("batch_size", "train_sample")
 #: Keys only the A/B statistics of a run's pass read (:func:`pass_settings` with ``ab``).
 AB_KEYS = ("untrained_baseline",)
+#: Keys only the causal tests of a run's pass read (:mod:`serlens.analysis.causal`).
+CAUSAL_KEYS = ("causal_stride",)
 #: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
 PAPER_BASELINE_KEYS = ("untrained_init_std",)
 
@@ -68,7 +70,7 @@ def pass_settings(config: dict, ab: bool = True) -> dict:
     analysis = config["analysis"]
     keys = [*PASS_KEYS]
     if ab:
-        keys += AB_KEYS
+        keys += AB_KEYS + CAUSAL_KEYS
         if analysis["untrained_baseline"] == "paper":
             keys += PAPER_BASELINE_KEYS
     return {

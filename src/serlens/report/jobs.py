@@ -164,6 +164,20 @@ def performance(input, output, params, wildcards) -> None:
     )
 
 
+def claims(input, output, params, wildcards) -> None:
+    from serlens.report.claims import write_claims
+
+    write_claims(
+        input.significance,
+        keyed(params.causal_keys, input.causal),
+        keyed(params.ab_keys, input.ab),
+        dict(params.settings),
+        output[0],
+        resamples=params.resamples,
+        seed=params.seed,
+    )
+
+
 def figure(input, output, params, wildcards) -> None:
     """A figure of an analysis spec, drawn from its aggregated tables."""
     from serlens.analysis.registry import ANALYSES
@@ -212,6 +226,7 @@ JOBS: dict[str, Callable] = {
         table,
         confusion,
         performance,
+        claims,
         figure,
         performance_figure,
         confusion_figure,

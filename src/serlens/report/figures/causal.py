@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
@@ -9,8 +10,10 @@ from .style import (
     band,
     band_note,
     chance_line,
+    collect_legend,
     empty_panel,
     figure_style,
+    legend_below,
     lora_methods,
     method_label,
     new_subplots,
@@ -54,6 +57,11 @@ PANELS = (
 )
 
 
+_FAMILIES = [family for *_, families in PANELS for family, _, _ in families]
+#: One colour per intervention across the panels, so one legend serves the figure.
+COLOURS = {family: matplotlib.colormaps["tab20"](k / 20) for k, family in enumerate(_FAMILIES)}
+
+
 def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None):
     """One row per LoRA method, one column per family of interventions; mean over runs with
     the speaker band; the reference levels (the run, the frozen encoder with the run's head)
@@ -83,18 +91,31 @@ def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None)
                         ax.axhline(float(level.iloc[0]), color=colour, lw=1, ls="-", label=text)
                 if quantity == "correct":
                     chance_line(ax, n_classes)
+                lines = []
                 for family, label, style in families:
-                    band(ax, rows(sel, family=family, quantity=quantity), ls=style, label=label)
+                    line = rows(sel, family=family, quantity=quantity)
+                    band(ax, line, ls=style, label=label, color=COLOURS[family])
+                    lines.append(line["mean"].to_numpy(float))
+                if quantity == "share":
+                    # the band of a share explodes when the gap is small: keep the means in view
+                    means = np.concatenate([*lines, [0.0, 1.0]])
+                    means = means[np.isfinite(means)]
+                    ax.set_ylim(means.min() - 0.35, means.max() + 0.35)
                 ax.set_xlabel("relative depth of layer l (l / L)")
                 ax.set_xlim(0, 1.05)
                 if r == 0:
                     ax.set_title(title, fontsize=9.5)
                 if c == 0:
-                    ax.set_ylabel(f"{method_label(method)}\n{ylabel}", fontsize=8.5)
+                    gap = rows(sel, family="reference", quantity="logit_diff")
+                    on, off = (rows(gap, variant=v)["mean"] for v in ("on", "off"))
+                    size = (
+                        f"\ngap: {float(on.iloc[0]) - float(off.iloc[0]):+.2f} (logit diff.)"
+                        if len(on) and len(off)
+                        else ""
+                    )
+                    ax.set_ylabel(f"{method_label(method)}{size}\n{ylabel}", fontsize=8.5)
                 else:
                     ax.set_ylabel(ylabel, fontsize=8.5)
-                if r == 0:
-                    ax.legend(fontsize=6.5, loc="best")
             swaps = rows(sel, family="ab_swap", quantity="share")
             if len(swaps):
                 text = ", ".join(
@@ -105,6 +126,9 @@ def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None)
                 axes[r, 0].text(
                     0.02, 0.02, text, transform=axes[r, 0].transAxes, fontsize=7, color="0.2"
                 )
+        if methods:
+            handles, labels = collect_legend(axes[0])
+            legend_below(fig, handles, labels, ncols=4)
         fig.suptitle(
             f"{model}: what the run's classifier loses under interventions on the encoder\n"
             f"({band_note(table)}; share of the gap = (variant − frozen) / (run − frozen) "
