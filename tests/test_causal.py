@@ -146,10 +146,11 @@ def test_a_layer_stride_visits_every_kth_layer_and_the_last(lora_run):
     from serlens.analysis.causal import tested_layers
 
     assert tested_layers(4, 1) == [0, 1, 2, 3]
-    assert tested_layers(32, 4) == [3, 7, 11, 15, 19, 23, 27, 31]
-    assert tested_layers(6, 4) == [1, 5]
-    _, variants = causal_logits(lora_run, {**SETTINGS, "causal_stride": 2})
-    assert {v["layer"] for v in variants if v["layer"] >= 0} == {1, 3}
+    # every 4th from the top, and both sides of the middle (the claims' half split)
+    assert tested_layers(32, 4) == [3, 7, 11, 15, 16, 19, 23, 27, 31]
+    assert tested_layers(6, 6) == [2, 3, 5]
+    _, variants = causal_logits(lora_run, {**SETTINGS, "causal_stride": 3})
+    assert {v["layer"] for v in variants if v["layer"] >= 0} == {0, 1, 2, 3}
 
 
 def test_progressive_skip_of_the_first_layer_is_the_single_skip(causal):

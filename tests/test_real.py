@@ -36,7 +36,7 @@ def real_config(tmp: Path) -> dict:
         train={"epochs": 2, "frozen_epochs": 30, "batch_size": 8},
         lora={"ranks": [8]},
         significance={"resamples": 1000},
-        analysis={"causal_stride": 3},  # causal tests at two layers per model: the tier's budget
+        analysis={"causal_stride": 6},  # causal tests at the last layer only: the tier's budget
     )
     config["corpus"].pop("synthetic", None)
     return config

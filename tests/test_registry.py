@@ -22,6 +22,7 @@ def test_every_analysis_module_is_found():
         "ab_dynamics",
         "cka",
         "seed_floor",
+        "causal",
     ]
 
 

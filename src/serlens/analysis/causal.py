@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,12 @@ def run_variant(
 
 def tested_layers(n_layers: int, stride: int) -> list[int]:
     """The layers the per-layer interventions visit: every ``stride``-th (counting from
-    the last layer down) and always the last, so stride 1 is every layer."""
-    return sorted({*range(n_layers - 1, -1, -max(int(stride), 1))})
+    the last layer down), always the last, and the two layers on either side of the middle
+    (⌈L/2⌉ − 1 and ⌈L/2⌉: the claims table's first-half / last-half split,
+    :mod:`serlens.report.claims`); stride 1 is every layer."""
+    half = math.ceil(n_layers / 2)
+    middle = {half - 1, half} & set(range(n_layers))
+    return sorted({*range(n_layers - 1, -1, -max(int(stride), 1)), *middle})
 
 
 def component_means(run, indices: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:

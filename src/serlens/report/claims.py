@@ -137,6 +137,11 @@ def late_minus_early(causal_runs: pd.DataFrame) -> pd.DataFrame:
         half = math.ceil((int(layers.max()) + 1) / 2)
         late = frame[(frame["family"] == "adapters_from") & (frame["layer"] == half)]
         early = frame[(frame["family"] == "adapters_upto") & (frame["layer"] == half - 1)]
+        if late.empty or early.empty:
+            raise ValueError(
+                f"{model}/{method}: the causal tables lack the half split (adapters from layer "
+                f"{half}, up to layer {half - 1}); rerun the run's pass (pass_run)"
+            )
         keys = ["seed", "fold", "speaker"]
         merged = late.merge(early, on=keys, suffixes=("_late", "_early"))
         merged = merged.assign(

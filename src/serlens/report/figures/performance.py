@@ -105,7 +105,7 @@ def performance_figure(
         folds = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
         seeds = performance["seed"].nunique() if "seed" in performance else 1
         fig.suptitle(
-            "Test-fold performance, leave-one-session-out "
+            "Test-fold performance, speaker-independent folds "
             f"({folds} folds × {seeds} seed{'s' if seeds != 1 else ''} per bar)"
         )
     return fig
