@@ -171,6 +171,8 @@ def test_paper_grid_builds_its_dag(tmp_path):
     assert counts["svd"] == 225 and counts["probing"] == 5 * 4 * 3 * 5
     # the seed-to-seed floor: every seed but the first against the first, per LoRA run
     assert counts["seed_floor"] == 5 * 3 * 2 * 5
+    # the causal tests of every LoRA run are computed in its pass, and one claims table
+    assert counts["causal"] == 225 and counts["claims"] == 1
 
 
 def test_config_readme_table_is_the_schema_s():
