@@ -48,8 +48,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     pads its short clips) is cut before resampling, so zero padding in a file is not audio
     to the pooling, the frame masks or any frame statistic; it is what ``crop`` itself pads
     a batch with, and under ``pad30`` the clip is padded to 30 s again as Whisper expects.
-    Leading zeros are kept: they shift the clip's onset, which changes what Whisper hears
-    (its transcripts of eSpeak speech get worse without them)."""
+    Leading zeros stay in the signal (cutting them shifts the clip's onset, which changes
+    what Whisper hears), but :class:`LogMel` leaves the frames inside them out of the
+    ``frame_mask`` that pooling and the frame statistics average over."""
     import soundfile as sf
 
     try:
@@ -68,18 +69,31 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 @dataclass
 class MelBatch:
-    """Log-mel input of one batch and which encoder frames hold audio."""
+    """Log-mel input of one batch and which encoder frames hold audio.
+
+    ``frame_mask`` marks the frames that are audio: what pooling and every frame statistic
+    average over. It leaves out the batch padding and any leading digital silence of a clip
+    (exact zeros before its first sample, :func:`digital_silence`; trailing zeros are cut
+    on load). ``key_mask`` marks the frames the clip occupies, leading silence included:
+    what attention may look at under ``crop`` (the encoder sees the clip as it is).
+    """
 
     mel: torch.Tensor  # (B, n_mels, 2 * T) float32
     frame_mask: torch.Tensor  # (B, T) bool, True where the encoder frame holds audio
     policy: str
+    key_mask: torch.Tensor | None = None  # (B, T) bool; None = frame_mask
+
+    @property
+    def attended(self) -> torch.Tensor:
+        return self.frame_mask if self.key_mask is None else self.key_mask
 
     @property
     def n_frames(self) -> int:
         return self.frame_mask.shape[1]
 
     def to(self, device) -> MelBatch:
-        return MelBatch(self.mel.to(device), self.frame_mask.to(device), self.policy)
+        key = None if self.key_mask is None else self.key_mask.to(device)
+        return MelBatch(self.mel.to(device), self.frame_mask.to(device), self.policy, key)
 
 
 class LogMel:
@@ -118,13 +132,21 @@ class LogMel:
         lengths = [min(len(w), max_frames * SAMPLES_PER_ENCODER_FRAME) for w in waves]
         audio_frames = [max(1, math.ceil(n / SAMPLES_PER_ENCODER_FRAME)) for n in lengths]
         frames = MAX_ENCODER_FRAMES if policy == "pad30" else max(audio_frames)
-        mask = torch.arange(frames)[None, :] < torch.tensor(audio_frames)[:, None]
+        key = torch.arange(frames)[None, :] < torch.tensor(audio_frames)[:, None]
+        # frames wholly inside a clip's leading digital silence are not audio (at least one
+        # frame of each clip stays)
+        lead = [
+            min(digital_silence(np.asarray(w[:n]))[0] // SAMPLES_PER_ENCODER_FRAME, f - 1)
+            for w, n, f in zip(waves, lengths, audio_frames, strict=True)
+        ]
+        mask = key & (torch.arange(frames)[None, :] >= torch.tensor(lead)[:, None])
+        key = None if not any(lead) else key
         if policy == "pad30":
             # Whisper's own input: every clip zero-padded to 30 s, one spectrogram over it all.
             batch = torch.zeros(len(waves), frames * SAMPLES_PER_ENCODER_FRAME)
             for i, (w, n) in enumerate(zip(waves, lengths, strict=True)):
                 batch[i, :n] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
-            return MelBatch(self.log_mel(batch), mask, policy)
+            return MelBatch(self.log_mel(batch), mask, policy, key)
         # crop: each clip's spectrogram at its own length, the batch padded with zeros, which is
         # what the conv stem's own zero padding sees; with the attention mask this makes a
         # clip's states independent of what it is batched with.
@@ -133,7 +155,7 @@ class LogMel:
             clip = torch.zeros(1, f * SAMPLES_PER_ENCODER_FRAME)
             clip[0, :n] = torch.from_numpy(np.asarray(w[:n], dtype=np.float32))
             log_spec[i, :, : 2 * f] = self.log_mel(clip)[0]
-        return MelBatch(log_spec, mask, policy)
+        return MelBatch(log_spec, mask, policy, key)
 
 
 def length_buckets(

@@ -73,7 +73,7 @@ def map_label(raw: str, classes: list[str], merge: dict[str, str]) -> str | None
 
 
 def check_audio(path: Path, where: str) -> tuple[float, int]:
-    """Duration in seconds (trailing digital silence not counted) and sample rate
+    """Duration in seconds (leading and trailing digital silence not counted) and sample rate
     of a usable wav; CorpusError naming both places otherwise."""
     import soundfile as sf
 
@@ -89,8 +89,8 @@ def check_audio(path: Path, where: str) -> tuple[float, int]:
         raise CorpusError(f"{path}: silent audio (peak < {SILENCE_PEAK}); labelled at {where}.")
     from serlens.audio import digital_silence
 
-    _, stop = digital_silence(data)  # trailing zero padding is not audio (serlens.audio.load_audio)
-    return stop / rate, rate
+    start, stop = digital_silence(data)  # zero padding is not audio (serlens.audio)
+    return (stop - start) / rate, rate
 
 
 def iemocap_candidates(root: Path) -> list[Candidate]:

@@ -66,8 +66,9 @@ def attention_mask(batch: MelBatch, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive key-padding mask (B, 1, 1, T) under crop; None under pad30."""
     if batch.policy == "pad30":
         return None
-    mask = torch.zeros(batch.frame_mask.shape, dtype=dtype, device=batch.frame_mask.device)
-    mask = mask.masked_fill(~batch.frame_mask, torch.finfo(dtype).min)
+    keys = batch.attended  # leading digital silence is attended to; batch padding is not
+    mask = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
+    mask = mask.masked_fill(~keys, torch.finfo(dtype).min)
     return mask[:, None, None, :]
 
 
