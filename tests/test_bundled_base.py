@@ -2,9 +2,9 @@
 
 import importlib.util
 import json
-import re
 
 import pytest
+from test_weights import _edit_distance, _words
 
 from serlens.errors import WeightsError
 from serlens.models import ct2
@@ -222,19 +222,6 @@ SENTENCES = [
     "We need to buy bread, milk and some fresh vegetables for dinner.",
     "The train to the city leaves at seven o'clock every morning.",
 ]
-
-
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def _edit_distance(ref: list[str], hyp: list[str]) -> int:
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diag, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (r != h))
-    return row[-1]
 
 
 def _corpus_wer(model_dir, speech) -> float:

@@ -346,20 +346,15 @@ def write_causal(
     path: Path, logits: np.ndarray, variants: list[dict], utt_ids: list[str], n_layers: int
 ) -> None:
     """``causal.safetensors``: ``test/logits`` (V, N, C); the variants and the rows' ids in
-    the metadata. Written aside, then renamed."""
-    from safetensors.torch import save_file
+    the metadata (:func:`serlens.analysis.passes.write_states`)."""
+    from serlens.analysis.passes import write_states
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "test/utt_ids": json.dumps(list(utt_ids)),
-        "variants": json.dumps(variants),
-        "n_layers": str(int(n_layers)),
-    }
-    tmp = path.with_name(path.name + ".part")
-    tensors = {"test/logits": torch.from_numpy(np.ascontiguousarray(logits))}
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    write_states(
+        path,
+        {"test": {"logits": logits}},
+        {"test": utt_ids},
+        {"variants": json.dumps(variants), "n_layers": str(int(n_layers))},
+    )
 
 
 # --- the analysis: metrics from the stored logits -------------------------------------------

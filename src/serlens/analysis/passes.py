@@ -147,8 +147,14 @@ def split_states(
     return out
 
 
-def write_states(path: Path, arrays: dict[str, dict[str, np.ndarray]], utt_ids: dict) -> None:
-    """``{split: {name: array}}`` to one safetensors file (written aside, then renamed)."""
+def write_states(
+    path: Path,
+    arrays: dict[str, dict[str, np.ndarray]],
+    utt_ids: dict,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """``{split: {name: array}}`` to one safetensors file (written aside, then renamed);
+    ``metadata``: further string entries beside the rows' ids."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -156,7 +162,10 @@ def write_states(path: Path, arrays: dict[str, dict[str, np.ndarray]], utt_ids: 
         for split, named in arrays.items()
         for name, value in named.items()
     }
-    metadata = {f"{split}/utt_ids": json.dumps(list(ids)) for split, ids in utt_ids.items()}
+    metadata = {
+        **(metadata or {}),
+        **{f"{split}/utt_ids": json.dumps(list(ids)) for split, ids in utt_ids.items()},
+    }
     tmp = path.with_name(path.name + ".part")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
