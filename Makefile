@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: install demo real-demo test test-real test-fast lint config-readme format bench paper-dry-run report clean
+.PHONY: install demo real-demo methods-demo test test-real test-fast lint config-readme format bench paper-dry-run report clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ real-demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/emodb.yaml \
 	  --config 'corpus={root: $(EMODB)}' 'models={tiny.en: bundled:tiny.en, base: bundled:base}'
 	@echo "results: $(CURDIR)/results/emodb (tables/, figures/, corpus/fold_summary.tsv)"
+
+# Methods side by side (config/methods.yaml): frozen, LoRA v_proj / all modules / first or
+# last half of the layers, DoRA and full fine-tuning at rank 8, on the embedded default.
+methods-demo: install
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/methods.yaml
+	@$(BIN)/python bench/job_seconds.py results/methods | tail -1
+	@echo "results: $(CURDIR)/results/methods/synthetic (tables/, figures/)"
 
 # config/README.md's key table, from the schema (a test fails when it is out of date)
 config-readme: install

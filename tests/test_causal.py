@@ -11,11 +11,12 @@ import torch
 
 from serlens.analysis.causal import (
     PER_LAYER,
-    adapters_in,
     causal_logits,
     causal_table,
+    cyclic_align,
     layer_forward,
     logit_diff,
+    paper_rows,
     per_utterance,
     read_causal,
     run_variant,
@@ -23,7 +24,13 @@ from serlens.analysis.causal import (
 )
 from serlens.models.encoder import masked_mean, run_encoder
 
-SETTINGS = {"batch_size": 4, "train_sample": 4, "seed": 0, "causal_stride": 1}
+SETTINGS = {
+    "batch_size": 4,
+    "train_sample": 4,
+    "seed": 0,
+    "causal_stride": 1,
+    "causal_ablation": "mean",
+}
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +119,10 @@ def test_the_layer_forward_is_the_model_s_and_adapter_toggles_restore(lora_run):
         layer = encoder.layers[0]
         torch.testing.assert_close(layer_forward(layer, x, mask), layer(x, mask), atol=1e-5, rtol=0)
         before = run_variant(encoder, lora_run.head, batch)
-        with adapters_in(encoder, set()):
+        with lora_run.update_in(set()):
             off = run_variant(encoder, lora_run.head, batch)
         after = run_variant(encoder, lora_run.head, batch)
-    torch.testing.assert_close(before, after)  # scalings restored
+    torch.testing.assert_close(before, after)  # adapters switched back on
     assert (before - off).abs().max() > 1e-4
 
 
@@ -129,11 +136,11 @@ def test_starting_from_the_reference_stream_equals_recomputing_everything(lora_r
     full = {"adapter_off": [], "adapters_from": [], "skip_adapted": []}
     with torch.inference_mode():
         for _, batch in lora_run.batches(test, 4):
-            with adapters_in(encoder, set(range(L)) - {1}):
+            with lora_run.update_in(set(range(L)) - {1}):
                 full["adapter_off"].append(run_variant(encoder, head, batch))
-            with adapters_in(encoder, set(range(1, L))):
+            with lora_run.update_in(set(range(1, L))):
                 full["adapters_from"].append(run_variant(encoder, head, batch))
-            with adapters_in(encoder, None):
+            with lora_run.update_in(None):
                 full["skip_adapted"].append(run_variant(encoder, head, batch, skip=1))
     order = np.concatenate([rows for rows, _ in lora_run.batches(test, 4)])
     for family, parts in full.items():
@@ -259,3 +266,67 @@ def test_figure_draws_the_aggregated_table(causal, lora_run):
     )
     fig = causal_figure(pd.DataFrame(agg), "tiny.en", 4)
     assert len(fig.axes) == 3
+
+
+def test_patching_layer_0_s_v_proj_is_switching_its_adapter(causal, lora_run):
+    """Layer 0 reads the same input in both encoders, and the adapters sit on v_proj only:
+    its adapted v_proj output in the frozen encoder is that layer's adapter alone, and the
+    frozen v_proj output in the adapted encoder is that layer's adapter off."""
+    logits, _, at = causal
+    np.testing.assert_allclose(
+        logits[at[("patch_vproj_adapted_into_frozen", 0, "patch_vproj_adapted_into_frozen")]],
+        logits[at[("adapter_only", 0, "adapter_only")]],
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        logits[at[("patch_vproj_frozen_into_adapted", 0, "patch_vproj_frozen_into_adapted")]],
+        logits[at[("adapter_off", 0, "adapter_off")]],
+        atol=1e-5,
+    )
+    # deeper, the v_proj output carries the upstream adapters' change too: not the same
+    L = len(lora_run.encoder.layers)
+    deep = logits[at[("patch_vproj_adapted_into_frozen", L - 1, "patch_vproj_adapted_into_frozen")]]
+    only = logits[at[("adapter_only", L - 1, "adapter_only")]]
+    assert np.abs(deep - only).max() > 1e-5
+
+
+def test_cyclic_alignment_repeats_only_audio_frames():
+    values = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = cyclic_align(values, mask, 7)[..., 0]
+    assert out[0].tolist() == [1, 2, 1, 2, 1, 2, 1]
+    assert out[1].tolist() == [5, 6, 7, 8, 9, 5, 6]
+
+
+def test_resample_ablation_uses_paired_training_utterances(lora_run):
+    """Resample-ablation replaces a component by its output on another utterance: a
+    different reading from the mean-ablation, the same references, reproducible by seed."""
+    settings = {**SETTINGS, "causal_ablation": "resample", "causal_stride": 2}
+    a, variants = causal_logits(lora_run, settings)
+    b, _ = causal_logits(lora_run, settings)
+    mean, mean_variants = causal_logits(lora_run, {**settings, "causal_ablation": "mean"})
+    at = {(v["family"], v["layer"], v["variant"]): k for k, v in enumerate(variants)}
+    at_mean = {(v["family"], v["layer"], v["variant"]): k for k, v in enumerate(mean_variants)}
+    np.testing.assert_array_equal(a, b)
+    L = len(lora_run.encoder.layers)
+    key = ("ablate_mlp_adapted", L - 1)
+    assert (*key, "resample") in at and (*key, "mean") in at_mean
+    assert np.abs(a[at[(*key, "resample")]] - mean[at_mean[(*key, "mean")]]).max() > 1e-5
+    np.testing.assert_allclose(
+        a[at[("reference", -1, "on")]], mean[at_mean[("reference", -1, "on")]], atol=1e-6
+    )
+
+
+def test_the_paper_protocol_rows_are_the_erasures_on_its_subset(causal, lora_run):
+    """With no more than 50 test utterances the paper's subset is the whole split: its rows
+    equal the utterance means of the honest ones."""
+    logits, variants, at = causal
+    labels = np.asarray(lora_run.splits["test"].labels)
+    L = len(lora_run.encoder.layers)
+    paper = paper_rows(logits, variants, labels, L, seed=0)
+    assert set(paper["family"]) == {"paper_skip_adapted", "paper_skip_upto_adapted"}
+    assert set(paper["variant"]) == {"fold1_50"} and (paper["n_utts"] == len(labels)).all()
+    values = per_utterance(logits, variants, labels)
+    row = paper.query("family == 'paper_skip_adapted' and layer == 1 and quantity == 'paper_score'")
+    k = at[("skip_adapted", 1, "skip_adapted")]
+    assert float(row["value"].iloc[0]) == pytest.approx(values["paper_score"][k].mean(), abs=1e-12)

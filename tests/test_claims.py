@@ -14,7 +14,7 @@ from serlens.report.claims import (
     verdict,
 )
 
-SETTINGS = {"sesoi_uar": 0.02, "sesoi_share": 0.1, "sesoi_log_rank": 0.1}
+SETTINGS = {"sesoi_uar": 0.02, "sesoi_share": 0.1, "sesoi_log_rank": 0.1, "sesoi_cka": 0.1}
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,63 @@ def test_numbers_given_as_strings_on_the_command_line_are_read_as_numbers():
     assert config["corpus"]["synthetic"]["scripted_fraction"] == 0.25
     with pytest.raises(ConfigError, match=r"train.epochs: 'ten' is not of type 'integer'"):
         validate_config({"train": {"epochs": "ten"}})
+
+
+def dry_run_plan(*args: str, cwd: Path) -> list[str]:
+    """The sorted ``rule``/``output:`` lines of a dry run of the workflow (paths as planned)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--snakefile",
+            str(ROOT / "workflow/Snakefile"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return sorted(line for line in lines if re.match(r"^(\s+output:|rule |localrule )", line))
+
+
+def test_the_short_form_plans_the_jobs_and_paths_it_always_did(tmp_path):
+    """frozen, frozen_wsum and lora.ranks, without methods:, plan the default grid of before
+    methods were declarable (tests/data/default_plan.txt), path for path."""
+    golden = [
+        line
+        for line in (ROOT / "tests/data/default_plan.txt").read_text().splitlines()
+        if not line.startswith("#")
+    ]
+    plan = dry_run_plan("--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
+    assert plan == sorted(golden), "\n".join(sorted(set(plan) ^ set(golden))[:20])
+
+
+def test_methods_grid_builds_its_dag(tmp_path):
+    """config/methods.yaml: every method trains per fold, and each analysis runs on the
+    methods of the kinds it applies to (README: its job counts)."""
+    plan = dry_run_plan(
+        "--configfile",
+        str(ROOT / "config/config.yaml"),
+        str(ROOT / "config/methods.yaml"),
+        "--config",
+        f"results={tmp_path / 'results'}",
+        f"resources_dir={tmp_path / 'resources'}",
+        cwd=tmp_path,
+    )
+    rules = Counter(line.split()[1].rstrip(":") for line in plan if not line.startswith(" "))
+    folds = 2
+    assert rules["train_head"] == 2 * folds  # frozen, frozen_wsum
+    assert rules["train_lora"] == 5 * folds  # lora_r8, lora_all_r8, dora_r8, early, late
+    assert rules["train_full"] == folds and rules["pass_full"] == folds
+    assert rules["pass_run"] == 5 * folds
+    # every encoder-trained method (6): its causal tests, CKA and weight-update spectra
+    assert rules["causal"] == rules["cka"] == rules["svd"] == 6 * folds
+    # A/B statistics: LoRA and DoRA (5), not full fine-tuning
+    assert rules["ab_dynamics"] == 5 * folds
+    # contributions, lenses, probes: the last-layer frozen head and the 6 others
+    assert rules["probing"] == rules["logit_lens"] == 7 * folds
+    assert "subspace" not in rules  # one short-form rank: nothing to compare across ranks

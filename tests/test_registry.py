@@ -80,5 +80,26 @@ def test_run_inputs_map_products_to_the_run_and_pass_files():
     assert lora["base_states"] == "r/c/states/m/base/states.safetensors"
     assert set(lora) == {"manifest", "folds", "states", "base_states"}
     svd = run_inputs(ANALYSES["svd"], parse_method("lora_r8"), paths, "c", "m", 0, 1)
-    assert svd["adapter"] == "r/c/train/m/lora_r8/seed0/fold1/adapter"
+    assert svd["weight_update"] == "r/c/train/m/lora_r8/seed0/fold1/adapter"
+    from serlens.methods import Method
+
+    full = Method("full", "full", targets=("v_proj",), lr=1e-5)
+    svd_full = run_inputs(ANALYSES["svd"], full, paths, "c", "m", 0, 1)
+    assert svd_full["weight_update"] == "r/c/train/m/full/seed0/fold1/delta.safetensors"
     assert svd["weights"] == "r/models/m.json"
+
+
+def test_the_architecture_notes_state_which_analysis_applies_to_which_kind():
+    from pathlib import Path
+
+    from serlens.analysis.registry import (
+        APPLICABILITY_BEGIN,
+        APPLICABILITY_END,
+        applicability_table,
+    )
+
+    doc = (Path(__file__).resolve().parents[1] / "docs/architecture.md").read_text()
+    table = doc.split(APPLICABILITY_BEGIN, 1)[1].split(APPLICABILITY_END, 1)[0].strip()
+    assert table == applicability_table(), (
+        "docs/architecture.md is out of date: paste serlens.analysis.registry.applicability_table()"
+    )

@@ -353,3 +353,87 @@ def test_cross_corpus_scores_the_trained_runs_on_another_corpus(workflow):
     summary = pd.read_csv(tables / "performance_summary.tsv", sep="\t")
     assert set(summary["method"]) == {"frozen", "frozen_wsum", "lora_r4"}
     assert (summary["n_folds"] == 2).all() and summary["uar_ci_low"].notna().all()
+
+
+DECLARED = {
+    "dora_r4": {"kind": "dora", "rank": 4},
+    "lora_wide_r2": {
+        "kind": "lora",
+        "rank": 2,
+        "targets": ["q_proj", "fc1"],
+        "layers": "last_half",
+    },
+    "full": {"kind": "full", "lr": 1e-4},
+}
+
+
+def test_declared_methods_run_with_every_analysis_that_applies(tmp_path):
+    """DoRA, LoRA on other modules of some layers and full fine-tuning, end to end: each is
+    in the performance table and has exactly the analyses that apply to its kind."""
+    config = small_config(
+        tmp_path, folds={"run": [1]}, methods=DECLARED, train={"keep_full_weights": False}
+    )
+    snakemake(tmp_path, config)
+    results = tmp_path / "results/synthetic"
+    performance = pd.read_csv(results / "tables/performance.tsv", sep="\t")
+    assert set(performance.method) == {"frozen", "frozen_wsum", "lora_r4", *DECLARED}
+    analysis = results / "analysis/tiny.en"
+    applies = {
+        "contributions": set(DECLARED),
+        "logit_lens": set(DECLARED),
+        "probing": set(DECLARED),
+        "cka": set(DECLARED),
+        "causal": set(DECLARED),
+        "svd": set(DECLARED),
+        "ab_dynamics": {"dora_r4", "lora_wide_r2"},
+    }
+    for name, methods in applies.items():
+        table = pd.read_csv(results / f"tables/{name}.tsv", sep="\t")
+        assert methods <= set(table.method), (name, set(table.method))
+        for method in set(DECLARED) - methods:
+            assert not (analysis / f"{method}/seed0/fold1/{name}.tsv").exists(), (name, method)
+    # the subspace similarity compares the short-form ranks only; A/B never sees full
+    assert not (analysis / "full/seed0/fold1/ab_dynamics.tsv").exists()
+    # full fine-tuning: its encoder weights are dropped once read, its update is kept
+    run = results / "train/tiny.en/full/seed0/fold1"
+    assert (run / "delta.safetensors").is_file() and not (run / "encoder.safetensors").exists()
+    causal = pd.read_csv(analysis / "full/seed0/fold1/causal.tsv", sep="\t")
+    share = causal[(causal["quantity"] == "share") & (causal["family"] == "reference")]
+    on = share[share["variant"] == "on"]
+    assert (on["value"] * on["n_utts"]).sum() / on["n_utts"].sum() == pytest.approx(1.0)
+    assert "ab_swap" not in set(causal["family"])  # no factors to swap
+    wide = pd.read_csv(analysis / "lora_wide_r2/seed0/fold1/svd.tsv", sep="\t")
+    assert {"q_proj", "fc1"} <= {str(m).split(".")[-1] for m in wide["module"]}
+    # a declared method's training reads exactly the settings its rule passes
+    from serlens.analysis.registry import Settings
+    from serlens.methods import configured_methods
+    from serlens.paths import Paths
+    from serlens.steps import train_run
+
+    effective = effective_config(config)
+    paths, methods = Paths(effective["results"]), configured_methods(effective)
+    for name in ("full", "lora_wide_r2"):
+        passed = {
+            "classes": effective["corpus"]["classes"],
+            **methods[name].train_settings(effective),
+        }
+        settings = Settings(
+            name, {k: Settings(k, v) if isinstance(v, dict) else v for k, v in passed.items()}
+        )
+        train_run(
+            settings,
+            model="tiny.en",
+            method=name,
+            seed=0,
+            fold=1,
+            manifest_path=paths.corpus("synthetic", "manifest.tsv"),
+            folds_path=paths.corpus("synthetic", "folds.tsv"),
+            weights_json=paths.weights("tiny.en"),
+            out_dir=tmp_path / name,
+            checkpoints=tmp_path / f"checkpoints-{name}",
+        )
+        assert settings.accessed == set(settings), (name, set(settings) - settings.accessed)
+        for key in settings:
+            if isinstance(settings[key], Settings):
+                unread = set(settings[key]) - settings[key].accessed
+                assert not unread, (name, key, unread)

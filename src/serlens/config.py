@@ -189,6 +189,12 @@ def semantic_problems(config: dict) -> list[str]:
                     f"has {len(groups)} speaker groups {groups}, so allowed values are "
                     f"1..{len(groups)} or all"
                 )
+    from serlens.methods import configured_methods
+
+    try:
+        configured_methods(config)
+    except ConfigError as error:
+        problems.append(f"config key {error}")
     for pair in config.get("cross_corpus") or []:
         unknown = [c for c in pair if c not in specs]
         if unknown:

@@ -71,8 +71,9 @@ def cross_predict(
 ) -> pd.DataFrame:
     """``predictions.tsv`` of one trained run on every shared-class utterance of the test
     corpus. Heads on pre-trained features read ``test_features`` (the test corpus's cached
-    pooled states); runs that adapt the encoder load it with their adapter and run it."""
-    from serlens.methods import parse_method
+    pooled states; the head's own tensors say last layer or weighted sum); runs that adapt
+    the encoder load it with their adapter (``adapter/``) or their fully fine-tuned
+    parameters (``encoder.safetensors``) and run it. ``method`` names the run in the log."""
     from serlens.train.heads import load_head
 
     shared = shared_classes(train_classes, test_classes)
@@ -80,18 +81,17 @@ def cross_predict(
     manifest = manifest[manifest["label"].isin(shared)]
     ids = manifest["utt_id"].tolist()
     split = manifest_split(manifest, ids, shared)
-    spec = parse_method(method)
     head = load_head(Path(run_dir) / "head.safetensors")
     if head.classifier.out_features != len(train_classes):
         raise CorpusError(
             f"{run_dir}/head.safetensors has {head.classifier.out_features} outputs; the "
             f"training corpus has {len(train_classes)} classes {list(train_classes)}"
         )
-    if spec.uses_features:
+    if test_features is not None:
         from serlens.train.features import load_features
 
         features = load_features(test_features, ids)
-        x = features[:, -1] if spec.readout == "last" else features
+        x = features[:, -1] if head.n_layers is None else features
         probs = _head_probs(head, x)
     else:
         probs = _encoder_probs(run_dir, head, split, weights_json, audio, batch_size, device)
@@ -99,7 +99,9 @@ def cross_predict(
         split.utt_ids, split.labels, restrict(probs, train_classes, shared), shared
     )
     write_tsv_atomic(predictions, out)
-    log.info("%s: %d utterances of the test corpus over %s", out, len(predictions), shared)
+    log.info(
+        "%s (%s): %d utterances of the test corpus over %s", out, method, len(predictions), shared
+    )
     return predictions
 
 
@@ -113,15 +115,22 @@ def _encoder_probs(run_dir, head, split, weights_json, audio, batch_size, device
     from serlens.train.lora import predict
 
     encoder = load_encoder(model_path(weights_json))
-    peft_encoder = PeftModel.from_pretrained(encoder, Path(run_dir) / "adapter")
+    full = Path(run_dir) / "encoder.safetensors"
+    if full.is_file():  # full fine-tuning: its trained parameters over the pre-trained ones
+        from safetensors.torch import load_file
+
+        encoder.load_state_dict(load_file(str(full)), strict=False)
+        adapted = encoder
+    else:
+        adapted = PeftModel.from_pretrained(encoder, Path(run_dir) / "adapter").base_model.model
 
     class Adapted(nn.Module):
         def __init__(self):
             super().__init__()
-            self.peft_encoder, self.head = peft_encoder, head
+            self.encoder, self.head = adapted, head
 
         def forward(self, batch):
-            out = run_encoder(self.peft_encoder.base_model.model, batch)
+            out = run_encoder(self.encoder, batch)
             return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
 
     model = Adapted().to(device).eval()

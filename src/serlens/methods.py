@@ -1,29 +1,37 @@
-"""Training methods: one place that owns their names, their parsing and what each one reads.
+"""Training methods: one place that owns their names, their specs and what each one reads.
 
 A *method* is how a run adapts Whisper to emotion. Every method has a name that is a path
 component (``results/{corpus}/train/{model}/{method}/seed{seed}/fold{fold}``) and a
 :class:`Method` that says what the run trains and what the analyses may ask of it. The rest
-of the workflow asks these objects (``method.has_adapter``, ``method.uses_features``), never
-the name's spelling.
+of the workflow asks these objects (``method.has_adapter``, ``method.has_update``,
+``method.uses_features``), never the name's spelling.
 
-Methods today:
+Kinds (``methods.<name>.kind`` in the config):
 
-* ``frozen``: the encoder frozen, a head on the last layer's pooled state (trained on the
-  cached features).
-* ``frozen_wsum``: the encoder frozen, a head on a learned softmax-weighted sum of every
-  layer's pooled state (SUPERB's weighted-sum probe; trained on the cached features).
-* ``lora_r{rank}``: peft LoRA on the encoder's ``lora.target_modules`` of every layer, alpha
-  = ``lora.alpha_per_rank`` x rank, dropout ``lora.dropout``, the head trained jointly.
+* ``frozen``: the encoder frozen, a head on the cached pooled features; ``readout: last``
+  (the last layer's pooled state) or ``wsum`` (SUPERB's learned softmax-weighted sum of every
+  layer's pooled state).
+* ``lora``: peft LoRA of rank ``rank`` on ``targets`` (peft ``target_modules``) of the
+  encoder layers ``layers`` (``all``, ``first_half``, ``last_half`` or a list of indices:
+  peft ``layers_to_transform``), alpha = ``lora.alpha_per_rank`` x rank, dropout
+  ``lora.dropout``; the head trained jointly.
+* ``dora``: the same with peft's ``use_dora`` (Liu et al. 2024, "DoRA: Weight-Decomposed
+  Low-Rank Adaptation"): W' = m * (W0 + s B A) / ||W0 + s B A||_c, a trained magnitude
+  vector m over the column norms.
+* ``full``: every encoder weight trains (learning rate ``lr``, required: full fine-tuning
+  diverges at LoRA's rates).
 
-Adding a method is one entry in :data:`KINDS` (its kind, how names of that kind are built and
-parsed, what it reads from the config); the rules, paths, tables and figures follow from it.
+The short form is what the grid always holds: ``frozen`` and ``frozen_wsum`` (the baselines
+every comparison is read against) and ``lora_r{rank}`` for each of ``lora.ranks`` on
+``lora.target_modules`` of every layer. ``methods:`` adds named specs to it; a declared name
+equal to a short-form name must mean the same run. Short-form runs keep the settings (so
+the paths and rerun triggers) they had before ``methods:`` existed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from serlens.errors import ConfigError
 
@@ -33,124 +41,289 @@ HEAD_TRAIN_KEYS = ("frozen_epochs", "frozen_lr", "frozen_batch_size", "frozen_pa
 ENCODER_TRAIN_KEYS = ("batch_size", "epochs", "patience", "lr")
 LORA_KEYS = ("target_modules", "alpha_per_rank", "dropout")
 
+KINDS = ("frozen", "lora", "dora", "full")
+#: The linear modules of a Whisper encoder layer an adapter may target.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LAYER_SETS = ("all", "first_half", "last_half")
+#: Names a method may not take: ``base`` is the pre-trained encoder's pass, ``lora`` the
+#: cross-rank analyses' folder.
+RESERVED = ("base", "lora")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
 
 @dataclass(frozen=True)
 class Method:
     """One training method of the grid.
 
-    ``kind`` is the family (a key of :data:`KINDS`); ``readout`` the head's input (``last``:
-    the last layer's pooled state, ``wsum``: the weighted sum of all layers); ``rank`` the
-    LoRA rank (None for methods without an adapter).
+    ``kind`` is one of :data:`KINDS`; ``readout`` the head's input (``last``: the last
+    layer's pooled state, ``wsum``: the weighted sum of all layers); ``rank`` the adapter's
+    rank (None without one); ``targets`` the adapted modules (full fine-tuning: the modules
+    whose update ΔW the weight analyses read); ``layers`` which encoder layers are adapted;
+    ``lr`` the peak learning rate when it is not ``train.lr``; ``short``: a short-form method.
     """
 
     name: str
     kind: str
     readout: str = "last"
     rank: int | None = None
+    targets: tuple[str, ...] = ()
+    layers: str | tuple[int, ...] = "all"
+    lr: float | None = None
+    short: bool = False
 
     @property
     def has_adapter(self) -> bool:
-        """The run holds a low-rank update of the encoder (``adapter/``)."""
-        return self.kind == "lora"
+        """The run holds a peft adapter (``adapter/``, ``adapter_epochs/``)."""
+        return self.kind in ("lora", "dora")
+
+    @property
+    def has_update(self) -> bool:
+        """The run changes encoder weights, so it has an update ΔW the weight analyses read."""
+        return self.kind in ("lora", "dora", "full")
 
     @property
     def trains_encoder(self) -> bool:
-        return self.kind == "lora"
+        return self.kind != "frozen"
 
     @property
     def uses_features(self) -> bool:
         """Trained on the cached pooled features of the frozen encoder (no encoder in the loop)."""
-        return not self.trains_encoder
+        return self.kind == "frozen"
+
+    @property
+    def in_rank_family(self) -> bool:
+        """A short-form LoRA run: the runs the cross-rank analyses compare."""
+        return self.kind == "lora" and self.short
 
     @property
     def encoder_variant(self) -> str:
         """Whose encoder states the run's analyses read: its own name, or ``base`` (pre-trained)."""
         return self.name if self.trains_encoder else "base"
 
+    @property
+    def label(self) -> str:
+        """How the method is written in figures: ``frozen, last layer``, ``LoRA r = 8``."""
+        if self.kind == "frozen":
+            return {"last": "frozen, last layer", "wsum": "frozen, weighted sum"}[self.readout]
+        if self.short:
+            return f"LoRA r = {self.rank}"
+        if self.kind == "full":
+            return "full fine-tuning"
+        kind = {"lora": "LoRA", "dora": "DoRA"}[self.kind]
+        short = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
+        where = (
+            "all modules"
+            if set(self.targets) == set(TARGET_MODULES)
+            else "+".join(short.get(t, t) for t in self.targets)
+        )
+        if isinstance(self.layers, str):
+            layers = "" if self.layers == "all" else f", {self.layers.replace('_', ' ')}"
+        else:
+            layers = ", layers " + ",".join(map(str, self.layers))
+        return f"{kind} r = {self.rank} ({where}{layers})"
+
+    def spec(self) -> dict:
+        """The method as the run's settings carry it (plain values, JSON-able)."""
+        out = asdict(self)
+        out["targets"] = list(self.targets)
+        out["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        return out
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """The adapted layers of an encoder of ``n_layers``; ConfigError for an index it lacks."""
+        if self.layers == "all":
+            return list(range(n_layers))
+        if self.layers == "first_half":
+            return list(range(n_layers // 2))
+        if self.layers == "last_half":
+            return list(range(n_layers // 2, n_layers))
+        bad = [i for i in self.layers if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(
+                f"methods.{self.name}.layers: {bad} are not layers of this encoder, which has "
+                f"{n_layers} (0-{n_layers - 1}); use indices in that range, first_half or last_half"
+            )
+        return sorted(self.layers)
+
     def train_settings(self, config: dict) -> dict:
-        """Exactly what the run's training reads: the rule passes it, the code reads only it."""
-        return KINDS[self.kind].settings(self, config)
+        """Exactly what the run's training reads: the rule passes it, the code reads only it.
 
+        Short-form runs carry what they always did (the rank is in the name); declared ones
+        carry their spec under ``method`` on top.
+        """
+        if self.kind == "frozen":
+            settings = {"train": _train(config, HEAD_TRAIN_KEYS)}
+            if not self.short:
+                settings["method"] = self.spec()
+            return settings
+        settings = {
+            "train": _train(config, ENCODER_TRAIN_KEYS),
+            "lora": {k: config["lora"][k] for k in LORA_KEYS},
+            "audio": dict(config["audio"]),
+        }
+        if not self.short:
+            settings["lora"]["target_modules"] = list(self.targets)
+            settings["method"] = self.spec()
+            if self.lr is not None:  # its own rate: train.lr is not read
+                del settings["train"]["lr"]
+            if self.kind == "full":  # no adapter: lora.* is not read
+                del settings["lora"]
+        return settings
 
-@dataclass(frozen=True)
-class MethodKind:
-    """A family of methods: how its names look and what its runs read from the config."""
-
-    pattern: str  # regular expression of the names of this kind
-    build: Callable[[re.Match], Method]
-    settings: Callable[[Method, dict], dict]
-    describe: str
+    @classmethod
+    def from_settings(cls, name: str, settings: dict) -> Method:
+        """The method a training job's settings describe (declared spec, or the short form)."""
+        if "method" in settings:
+            spec = dict(settings["method"])
+            spec["targets"] = tuple(spec["targets"])
+            if not isinstance(spec["layers"], str):
+                spec["layers"] = tuple(spec["layers"])
+            return cls(**spec)
+        method = short_form(name)
+        if method.kind == "lora":
+            targets = tuple(settings["lora"]["target_modules"])
+            return Method(name, "lora", rank=method.rank, targets=targets, short=True)
+        return method
 
 
 def _train(config: dict, keys: tuple[str, ...]) -> dict:
     return {key: config["train"][key] for key in (*SHARED_TRAIN_KEYS, *keys)}
 
 
-def _head_settings(method: Method, config: dict) -> dict:
-    return {"train": _train(config, HEAD_TRAIN_KEYS)}
+def short_form(name: str, targets: tuple[str, ...] = ("v_proj",)) -> Method:
+    """The short-form method a name spells (``frozen``, ``frozen_wsum``, ``lora_r<rank>``)."""
+    if name == "frozen":
+        return Method("frozen", "frozen", readout="last", short=True)
+    if name == "frozen_wsum":
+        return Method("frozen_wsum", "frozen", readout="wsum", short=True)
+    match = re.fullmatch(r"lora_r(?P<rank>[1-9]\d*)", name)
+    if match:
+        return Method(name, "lora", rank=int(match["rank"]), targets=tuple(targets), short=True)
+    raise ConfigError(
+        f"method {name!r} is not understood: short-form names are frozen, frozen_wsum and "
+        "lora_r<rank>; declare any other under methods: (kinds: " + ", ".join(KINDS) + ")"
+    )
 
 
-def _lora_settings(method: Method, config: dict) -> dict:
-    return {
-        "train": _train(config, ENCODER_TRAIN_KEYS),
-        "lora": {k: config["lora"][k] for k in LORA_KEYS},  # the rank is in the method's name
-        "audio": dict(config["audio"]),
-    }
-
-
-KINDS: dict[str, MethodKind] = {
-    "frozen": MethodKind(
-        r"frozen",
-        lambda m: Method("frozen", "frozen", readout="last"),
-        _head_settings,
-        "frozen encoder, head on the last layer",
-    ),
-    "frozen_wsum": MethodKind(
-        r"frozen_wsum",
-        lambda m: Method("frozen_wsum", "frozen_wsum", readout="wsum"),
-        _head_settings,
-        "frozen encoder, head on a learned weighted sum of all layers",
-    ),
-    "lora": MethodKind(
-        r"lora_r(?P<rank>[1-9]\d*)",
-        lambda m: Method(m[0], "lora", rank=int(m["rank"])),
-        _lora_settings,
-        "LoRA of rank <rank> on lora.target_modules, head trained jointly",
-    ),
-}
-
-
-def parse_method(name: str) -> Method:
-    """The :class:`Method` a name stands for; ConfigError naming the allowed forms otherwise."""
-    for kind in KINDS.values():
-        match = re.fullmatch(kind.pattern, name)
-        if match:
-            return kind.build(match)
-    forms = ", ".join(f"{k.pattern!r} ({k.describe})" for k in KINDS.values())
-    raise ConfigError(f"method {name!r} is not understood; allowed forms: {forms}")
+def declared_method(name: str, spec: dict, config: dict) -> Method:
+    """A ``methods:`` entry as a :class:`Method`; ConfigError naming the key and what is allowed."""
+    where = f"methods.{name}"
+    if not re.fullmatch(NAME_PATTERN, name) or name in RESERVED:
+        raise ConfigError(
+            f"{where}: a method name is a path component: letters, digits, _ . - "
+            f"(not {', '.join(RESERVED)})"
+        )
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind: {kind!r} is not a kind; allowed: {', '.join(KINDS)}")
+    allowed = {
+        "frozen": {"kind", "readout"},
+        "lora": {"kind", "rank", "targets", "layers", "lr"},
+        "dora": {"kind", "rank", "targets", "layers", "lr"},
+        "full": {"kind", "targets", "lr"},
+    }[kind]
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise ConfigError(
+            f"{where}: {extra} do not apply to kind {kind}; it takes {sorted(allowed)}"
+        )
+    if kind == "frozen":
+        return Method(name, "frozen", readout=spec.get("readout", "last"))
+    targets = tuple(spec.get("targets") or config["lora"]["target_modules"])
+    unknown = [t for t in targets if t not in TARGET_MODULES]
+    if unknown:
+        raise ConfigError(
+            f"{where}.targets: {unknown} are not modules of a Whisper encoder layer; "
+            f"allowed: {', '.join(TARGET_MODULES)}"
+        )
+    if kind == "full":
+        if "lr" not in spec:
+            raise ConfigError(
+                f"{where}.lr: full fine-tuning needs its own learning rate (it diverges at "
+                f"LoRA's train.lr = {config['train']['lr']}); e.g. lr: 1.0e-5"
+            )
+        return Method(name, "full", targets=targets, lr=float(spec["lr"]))
+    if "rank" not in spec:
+        raise ConfigError(f"{where}.rank: kind {kind} needs a rank (an integer >= 1)")
+    layers = spec.get("layers", "all")
+    if isinstance(layers, str):
+        if layers not in LAYER_SETS:
+            raise ConfigError(
+                f"{where}.layers: {layers!r} is not understood; use {', '.join(LAYER_SETS)} "
+                "or a list of layer indices"
+            )
+    else:
+        layers = tuple(sorted({int(i) for i in layers}))
+        if not layers:
+            raise ConfigError(f"{where}.layers: the list is empty; name at least one layer")
+    lr = float(spec["lr"]) if "lr" in spec else None
+    return Method(name, kind, rank=int(spec["rank"]), targets=targets, layers=layers, lr=lr)
 
 
 def configured_methods(config: dict) -> dict[str, Method]:
-    """Every method of the configured grid, in report order: frozen heads, then LoRA by rank."""
-    names = [
-        "frozen",
-        "frozen_wsum",
-        *(f"lora_r{rank}" for rank in sorted(config["lora"]["ranks"])),
-    ]
-    return {name: parse_method(name) for name in names}
+    """Every method of the configured grid, in report order: the frozen heads, LoRA by rank
+    (the short form), then the declared methods in their config order."""
+    targets = tuple(config["lora"]["target_modules"])
+    short = {
+        name: short_form(name, targets)
+        for name in (
+            "frozen",
+            "frozen_wsum",
+            *(f"lora_r{r}" for r in sorted(config["lora"]["ranks"])),
+        )
+    }
+    methods = dict(short)
+    for name, spec in (config.get("methods") or {}).items():
+        method = declared_method(name, dict(spec), config)
+        if name in short:
+            same = short[name]
+            if (method.kind, method.readout, method.rank, method.targets, method.layers) != (
+                same.kind,
+                same.readout,
+                same.rank,
+                same.targets,
+                same.layers,
+            ) or method.lr is not None:
+                raise ConfigError(
+                    f"methods.{name}: {name} is a short-form name (lora.ranks and the frozen "
+                    "heads) with another meaning; give this method another name"
+                )
+            continue
+        methods[name] = method
+    return methods
+
+
+# The grid's methods, declared by the workflow (workflow/rules/common.smk) so that code run
+# in its process can look a declared name up; short-form names parse without it.
+_DECLARED: dict[str, Method] = {}
+
+
+def declare(methods: dict[str, Method]) -> None:
+    _DECLARED.clear()
+    _DECLARED.update(methods)
+
+
+def parse_method(name: str) -> Method:
+    """The :class:`Method` of a name: a declared one, or the short form; ConfigError otherwise."""
+    if name in _DECLARED:
+        return _DECLARED[name]
+    return short_form(name)
 
 
 def method_label(name: str) -> str:
     """How a method is written in figures: ``frozen, last layer``, ``LoRA r = 8``."""
-    method = parse_method(name)
-    if method.kind == "lora":
-        return f"LoRA r = {method.rank}"
-    return {"last": "frozen, last layer", "wsum": "frozen, weighted sum"}[method.readout]
+    return parse_method(name).label
 
 
-def method_sort_key(name: str) -> tuple[int, int]:
-    """Frozen heads first (last layer, weighted sum), then LoRA by rank."""
+KIND_ORDER = {"frozen": 0, "lora": 2, "dora": 3, "full": 4}
+
+
+def method_sort_key(name: str) -> tuple:
+    """Frozen heads first (last layer, weighted sum), LoRA by rank, then the declared methods
+    by kind (LoRA, DoRA, full) and name."""
     method = parse_method(name)
-    if method.kind == "lora":
-        return (2, method.rank or 0)
-    return (0 if method.readout == "last" else 1, 0)
+    if method.kind == "frozen":
+        return (0 if method.readout == "last" else 1, 0, "")
+    if method.short:
+        return (2, method.rank or 0, "")
+    return (3 + KIND_ORDER[method.kind], method.rank or 0, name)

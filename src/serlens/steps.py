@@ -265,10 +265,10 @@ def train_run(
     ``settings`` is :meth:`serlens.methods.Method.train_settings` plus ``classes``: all the
     run reads. ``checkpoints`` is kept outside the run's outputs and removed when it is done.
     """
-    from serlens.methods import parse_method
+    from serlens.methods import Method
     from serlens.train.data import read_fold_splits
 
-    spec = parse_method(method)
+    spec = Method.from_settings(method, settings)
     classes = list(settings["classes"])
     splits = read_fold_splits(manifest_path, folds_path, fold, classes)
     info = run_info(
@@ -297,15 +297,18 @@ def train_run(
             )
     else:
         from serlens.models.encoder import load_encoder
-        from serlens.train.lora import run_lora
+        from serlens.train.lora import run_encoder_method
 
         for split in splits.values():
             split.load()
         encoder = load_encoder(model_path(weights_json))
-        config = {"seed": seed, **{k: settings[k] for k in ("train", "lora", "audio")}}
+        config = {
+            "seed": seed,
+            **{k: settings[k] for k in ("train", "lora", "audio") if k in settings},
+        }
         with compute_time():
-            run_lora(
-                encoder, splits, classes, spec.rank, config, out_dir, ckpt / "last.pt", info, device
+            run_encoder_method(
+                encoder, splits, classes, spec, config, out_dir, ckpt / "last.pt", info, device
             )
     shutil.rmtree(ckpt, ignore_errors=True)
 

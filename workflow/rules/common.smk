@@ -4,7 +4,7 @@ from serlens.analysis.registry import ANALYSES, run_inputs
 from serlens.config import corpus_folds, corpus_specs, validate_config
 from serlens.corpus.registry import corpus_kind, corpus_root, speaker_groups
 from serlens.errors import ConfigError
-from serlens.methods import configured_methods
+from serlens.methods import configured_methods, declare
 from serlens.paths import Paths
 
 # Validate before any job is scheduled; the message names the key and what is allowed.
@@ -21,6 +21,7 @@ CORPORA = corpus_specs(
 )  # name -> corpus spec (config corpora, or the one corpus)
 MODELS = list(config["models"])
 METHODS = configured_methods(config)  # name -> serlens.methods.Method
+declare(METHODS)  # so code run in this process can look declared names up
 SEEDS = config["seeds"]
 # per corpus: its folds to run (folds.run, "all" = one per session or speaker group), classes
 FOLDS = {
@@ -161,7 +162,7 @@ def rule_inputs(spec):
 
 
 def lora_rank_inputs(wildcards):
-    lora = methods_where(lambda m: m.kind == "lora")
+    lora = methods_where(lambda m: m.in_rank_family)
     return {
         f"adapter_{m}": f"{RUN.format(method=m, **wildcards)}/adapter" for m in lora
     }
@@ -176,7 +177,7 @@ def analysis_runs(spec, corpus):
     """Every per-run table of an analysis in one corpus's grid, as (keys, files)."""
     seeds = SEEDS[1:] if spec.scope == "seed_pairs" else SEEDS
     if spec.scope == "lora_ranks":
-        methods = ["lora"] if len(methods_where(lambda m: m.kind == "lora")) > 1 else []
+        methods = ["lora"] if len(methods_where(lambda m: m.in_rank_family)) > 1 else []
     else:
         methods = spec.methods(METHODS)
     keys, files = [], []
@@ -324,10 +325,13 @@ def cross_eval_inputs(wildcards):
         "manifest": PATHS.corpus(w.test, "manifest.tsv"),
         "weights": PATHS.weights(w.model),
     }
-    if METHODS[w.method].uses_features:
+    method = METHODS[w.method]
+    if method.uses_features:
         inputs["features"] = PATHS.features(w.test, w.model)
-    else:
+    elif method.has_adapter:
         inputs["adapter"] = f"{run}/adapter"
+    else:
+        inputs["encoder"] = f"{run}/encoder.safetensors"
     return inputs
 
 

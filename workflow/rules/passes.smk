@@ -46,7 +46,7 @@ rule pass_run:
     benchmark:
         bench_of("pass_run", RUN_STATES)
     wildcard_constraints:
-        method=alternatives(methods_where(lambda m: m.trains_encoder)),
+        method=alternatives(methods_where(lambda m: m.has_adapter)),
     conda:
         ENV
     threads: max(1, workflow.cores // 2)
@@ -58,5 +58,35 @@ rule pass_run:
         settings=pass_settings(config),
         run_dir=lambda wildcards, input: str(Path(input.head).parent),
         epoch0=lambda wildcards, input: f"{input.adapter_epochs}/epoch0.safetensors",
+    script:
+        "../scripts/encoder_pass.py"
+
+
+# A fully fine-tuned run: its states and causal tests (no adapter, so no A/B statistics).
+rule pass_full:
+    input:
+        **CORPUS_TABLES,
+        weights=PATHS.weights("{model}"),
+        encoder=f"{RUN}/encoder.safetensors",
+        head=f"{RUN}/head.safetensors",
+    output:
+        states=RUN_STATES,
+        causal=RUN_CAUSAL,
+    log:
+        log_of(RUN_STATES),
+    benchmark:
+        bench_of("pass_full", RUN_STATES)
+    wildcard_constraints:
+        method=alternatives(methods_where(lambda m: m.kind == "full")),
+    conda:
+        ENV
+    threads: max(1, workflow.cores // 2)
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        gpu=model_resource("gpu"),
+    params:
+        settings=pass_settings(config, ab=False, causal=True),
+        run_dir=lambda wildcards, input: str(Path(input.head).parent),
     script:
         "../scripts/encoder_pass.py"

@@ -67,7 +67,44 @@ rule train_lora:
     benchmark:
         bench_of("train_lora", RUN)
     wildcard_constraints:
-        method=alternatives(methods_where(lambda m: m.trains_encoder)),
+        method=alternatives(methods_where(lambda m: m.has_adapter)),
+    conda:
+        ENV
+    threads: max(1, workflow.cores // 2)
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        gpu=model_resource("gpu"),
+    params:
+        settings=train_settings,
+        checkpoints=PATHS.checkpoints(
+            "{corpus}", "{model}", "{method}", "{seed}", "{fold}"
+        ),
+    script:
+        "../scripts/train.py"
+
+
+# Full fine-tuning: every encoder weight trains. The trained parameters are kept
+# (encoder.safetensors) for the run's pass, or dropped once it has read them
+# (train.keep_full_weights: false); the update of the method's targets stays (delta).
+rule train_full:
+    input:
+        **CORPUS_TABLES,
+        weights=PATHS.weights("{model}"),
+    output:
+        **{name.split(".")[0]: f"{RUN}/{name}" for name in RUN_FILES},
+        encoder=(
+            f"{RUN}/encoder.safetensors"
+            if config["train"]["keep_full_weights"]
+            else temp(f"{RUN}/encoder.safetensors")
+        ),
+        delta=f"{RUN}/delta.safetensors",
+    log:
+        log_of(RUN),
+    benchmark:
+        bench_of("train_full", RUN)
+    wildcard_constraints:
+        method=alternatives(methods_where(lambda m: m.kind == "full")),
     conda:
         ENV
     threads: max(1, workflow.cores // 2)

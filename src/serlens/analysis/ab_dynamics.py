@@ -1,4 +1,4 @@
-"""Activations and gradients of LoRA's A and B ("forward alignment, backward differentiation").
+"""Activations and gradients of LoRA's (and DoRA's) A and B ("forward alignment, backward differentiation").
 
 For an adapted linear module with frozen weight ``W`` (``d_out x d_in``), input frame ``x``
 and PEFT's adapter ``A`` (``r x d_in``, ``lora_A``), ``B`` (``d_out x r``, ``lora_B``),
@@ -57,6 +57,21 @@ The CKA between the A-code and the B-output gradient (:func:`serlens.analysis.ck
 uses a seeded uniform reservoir of frames (:class:`FrameReservoir`; Vitter 1985, "Random
 sampling with a reservoir", Algorithm R).
 
+Claim 3's CKA quantities
+------------------------
+The same pass also stores, per adapted module, the debiased linear CKA quantities of
+:mod:`serlens.analysis.ab_cka` (:data:`CLAIM3_SCALARS`) on a sample of at least
+``claim3_frames`` (2000) audio frames chosen by utterance (:class:`UtteranceFrameSample`),
+the same frames in every state: ``cka_fwd_a``, ``cka_fwd_b`` (state trained: trained vs
+untrained A codes and B outputs), ``cka_fwd_a_null``, ``cka_fwd_b_null`` (state untrained:
+the untrained baseline vs a second, independent draw of it, ``untrained_pair``, seeded by
+:func:`serlens.analysis.ab_cka.pair_seed`), ``cka_bwd_ba`` (per state: ∂L/∂b vs ∂L/∂a),
+``cka_n_frames`` and ``cka_n_utterances``. The codes, ∂L/∂a and ∂L/∂b are the trained and
+untrained passes' own (no extra backward); the second draw costs one forward without
+gradients per batch (about a sixth more encoder work than the two forward + backward
+passes). Its B outputs come from the codes (``b bᵀ = a BᵀB aᵀ``), so no d_out-wide
+activation is kept; ∂L/∂b is (``d_out`` float32 per frame, module and state, on the CPU).
+
 Untrained baselines
 -------------------
 Every quantity is computed for the trained adapters and head of a run and for an untrained
@@ -84,6 +99,74 @@ baseline on the same frames (``state`` trained / untrained; ``ratio`` = trained 
   1.48, 0.148 for std 0.002, 0.02, 0.2); kept for the side-by-side comparison with the
   paper's numbers.
 
+Gradients are autograd's
+-----------------------
+Every gradient stored (``∂L/∂a``, ``∂L/∂b``, ``∂L/∂A``, ``∂L/∂B`` and DoRA's ``∂L/∂m``) is
+taken by ``torch.autograd.grad`` of the loss through the module's own forward, the A code
+and B output read by forward hooks on ``lora_A`` / ``lora_B``. :func:`lora_factor_gradients`
+is the closed form for plain LoRA only (it is what the tests check autograd against); the
+pass never uses it, so it stays right for any forward peft builds around A and B.
+
+DoRA
+----
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353,
+eq. 5) splits the adapted weight into a trained magnitude ``m`` (``d_out``) and a direction::
+
+    W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row        y = W' x + bias
+
+(``‖·‖_row``: the norm of each output row of the ``d_out x d_in`` weight, the paper's
+column norm ``‖·‖_c`` of its transposed convention; peft's ``lora_magnitude_vector``). The
+closed forms above do not hold: with ``n = ‖W0 + s B A‖_row`` and ``g = m / n`` (per output
+unit) peft's forward is ``y = W0 x + bias + (g - 1) ⊙ W0 x + g ⊙ s B A x``, and it treats
+``n`` as a constant in the backward (DoRA §4.3, "we suggest treating ‖V + ΔV‖_c as a
+constant ... it won't receive any gradient"), which is the gradient DoRA trains with. So
+``∂L/∂b = s g ⊙ g_y`` and ``∂L/∂A = s Bᵀ diag(g) G``, ``∂L/∂B = s diag(g) G Aᵀ`` — what
+autograd returns here, not ``s Bᵀ G`` and ``s G Aᵀ``. The A code ``a = A x`` and the B
+output ``b = B a`` (``lora_B``'s output; the module adds ``s g ⊙ b``) are defined as for
+LoRA. The ΔW rows compare the first-order change of the directional update ``s B A`` under
+a step on each factor (:func:`delta_w_from_factor_steps` on the autograd gradients). peft
+also calls ``lora_B(lora_A(I))`` on an identity matrix to build ``B A`` for the norm; the
+hooks keep only the call on frames (a 3-d input), so that call is not counted.
+
+The magnitude is reported beside the factors, per DoRA module and state
+(:data:`DORA_SCALARS`)::
+
+    magnitude_norm        = ‖m‖₂
+    magnitude_rel_change  = ‖m - ‖W0‖_row‖₂ / ‖‖W0‖_row‖₂     (m at peft's init, B = 0, is ‖W0‖_row)
+    magnitude_gain_rms    = sqrt(mean_i (m_i / n_i - 1)²)       (0: the module is W0 + s B A)
+    grad_norm_m           = ‖∂L/∂m‖₂                             (and its trained ÷ untrained ratio)
+
+The ``matched_scale`` baseline keeps the trained ``m`` (a scale, like the norms it keeps;
+its gain ``m / n`` follows the random factors); the ``paper`` baseline sets
+``m = ‖W0 + s B_u A_u‖_row``, DoRA's initialisation rule on its random factors, so the
+untrained module computes ``W0 + s B_u A_u`` exactly (``magnitude_gain_rms = 0``).
+
+Wide modules: bounded memory
+----------------------------
+``∂L/∂b`` is ``d_out``-dimensional and its Gram is ``d_out x d_out``: for ``fc1`` of
+large-v2 (``d_out = 5120``, 32 layers, two states) that is 13 GB in float64. Modules with
+``d_out <= EXACT_GRAM_MAX_DIMS`` (2048: every ``d_model``-wide module of every Whisper size,
+at most 1280, stays exact, and so do fc1 of tiny and base) keep the exact Gram. Wider ones
+estimate the spectrum of ``∂L/∂b`` from a seeded Gaussian sketch of the frames
+(:class:`SketchedGram`, not a reservoir): ``S = Ω M`` with ``Ω`` a ``K x n_frames`` matrix
+of ``N(0, 1/K)`` entries (``K`` = :data:`WIDE_SKETCH_ROWS`, drawn batch by batch, the same
+columns for every module and both states), so ``E[SᵀS] = MᵀM``. The singular values are
+those of ``S`` (centred: of ``S - (Ω1) μᵀ``, ``μ`` the exact mean), rescaled so that their
+energy is the exact ``‖M‖²_F`` (``‖M‖²_F - ‖Σ_t x_t‖² / n`` centred; both accumulated
+exactly), padded with zeros to ``d_out``. Memory per module and state: ``4 K d_out`` bytes
+(float32) plus O(K + d_out), instead of ``8 d_out²`` (fc1 of large-v2: 42 MB, not 210 MB).
+A uniform reservoir of frames was the other candidate. On ∂L/∂b of one fc1 of a DoRA run
+on tiny.en (1833 frames, three seeds, ``K`` = 100-400) it put the leading singular value
+15-84 % too high, depending on the seed (a few frames hold much of the gradient), where the
+sketch was 2-15 % off and its energy ranks moved by at most 3 between seeds (on another
+layer both were within 7 %). The sketch is still an estimate: the leading singular values
+are off by about ``sqrt(k / K)`` (``k`` strong directions), and the spectrum of a ``K``-row
+sketch is spread, so energy ranks are biased low once they are more than a few percent of
+``K`` (at 90 % energy: 72 for a true 94 with ``K = 400``, 58 with ``K = 200``). Compare
+sketched modules with each other, and trained with untrained (the same ``Ω``), not with
+exact ones.
+``b_out_grad_sketch_rows`` is ``K`` for a sketched module, 0 for an exact one.
+
 :func:`compute_ab_dynamics` runs this on a fixed class-balanced sample of training
 utterances, counting only frames that hold audio.
 """
@@ -93,13 +176,19 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from serlens.analysis.ab_cka import (
+    CLAIM3_TARGET_FRAMES,
+    UtteranceFrameSample,
+    claim3_cka,
+    pair_seed,
+)
 from serlens.analysis.cka import linear_cka
 from serlens.analysis.runs import TrainedRun, balanced_sample
 from serlens.analysis.spectra import energy_rank
@@ -108,8 +197,16 @@ from serlens.train.heads import EmotionHead
 
 __all__ = [
     "BASELINES",
+    "CLAIM3_SCALARS",
+    "DORA_SCALARS",
+    "EXACT_GRAM_MAX_DIMS",
+    "WIDE_SKETCH_ROWS",
+    "AdapterTaps",
     "FrameReservoir",
     "GramAccumulator",
+    "ModuleAccumulators",
+    "GaussianFrameSketch",
+    "SketchedGram",
     "ab_statistics",
     "ab_table_from_statistics",
     "compute_ab_dynamics",
@@ -123,10 +220,19 @@ __all__ = [
     "stream_ab_statistics",
     "trained_state",
     "untrained_state",
+    "write_ab_statistics",
 ]
 
 ADAPTER = "default"
+#: Frames of the seeded reservoir (the CKA's, and the spectrum of ∂L/∂b of wide modules).
 CKA_MAX_FRAMES = 2000
+#: Widest ``d_out`` whose ∂L/∂b keeps an exact ``d_out x d_out`` Gram (float64, at most
+#: 32 MiB per module and state); wider modules use :class:`SketchedGram` (module docstring).
+#: 2048 keeps every ``d_model``-wide module of every Whisper size exact (at most 1280), so the
+#: short-form ``v_proj`` runs are unchanged; fc1 of small, medium and large is sampled.
+EXACT_GRAM_MAX_DIMS = 2048
+#: Rows ``K`` of the Gaussian sketch of ∂L/∂b of the modules wider than that.
+WIDE_SKETCH_ROWS = 2048
 #: The untrained baselines (``analysis.untrained_baseline``; see the module docstring).
 BASELINES = ("matched_scale", "paper")
 #: Activation and gradient matrices whose singular values are stored (and energy ranks taken).
@@ -141,6 +247,7 @@ RATIO_QUANTITIES = (
     "grad_norm_ratio_B_A",
     "dW_from_A_norm",
     "dW_from_B_norm",
+    "grad_norm_m",
 )
 SCALARS = (
     "grad_norm_A",
@@ -151,7 +258,20 @@ SCALARS = (
     "dW_cos",
     "cka_a_code_vs_b_out_grad",
     "n_frames",
+    "b_out_grad_sketch_rows",
 )
+#: Claim 3's CKA quantities (:mod:`serlens.analysis.ab_cka`; module docstring).
+CLAIM3_SCALARS = (
+    "cka_fwd_a",
+    "cka_fwd_b",
+    "cka_fwd_a_null",
+    "cka_fwd_b_null",
+    "cka_bwd_ba",
+    "cka_n_frames",
+    "cka_n_utterances",
+)
+#: DoRA's magnitude vector, per DoRA module and state (see the module docstring).
+DORA_SCALARS = ("magnitude_norm", "magnitude_rel_change", "magnitude_gain_rms", "grad_norm_m")
 TABLE_COLUMNS = ["module", "layer", "depth", "quantity", "state", "value"]
 
 
@@ -163,6 +283,8 @@ def lora_factor_gradients(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
 
     For ``y = W x + s B A x``: ``∂L/∂A = s Bᵀ G`` (``r x d_in``) and ``∂L/∂B = s G Aᵀ``
     (``d_out x r``), with ``A`` ``r x d_in`` and ``B`` ``d_out x r`` as PEFT stores them.
+    Plain LoRA only: under DoRA the gradients are ``s Bᵀ diag(m / n) G`` and
+    ``s diag(m / n) G Aᵀ`` (module docstring). The pass takes them from autograd instead.
     """
     return scaling * B.T @ G, scaling * G @ A.T
 
@@ -318,6 +440,114 @@ class FrameReservoir:
         return self.buffers[key][: min(self.seen, self.capacity)].cpu().numpy().astype(np.float64)
 
 
+class GaussianFrameSketch:
+    """The seeded Gaussian mixing matrix ``Ω`` (``rows x n_frames``, entries ``N(0, 1 / rows)``)
+    of a stream of frames, produced one block of columns at a time.
+
+    ``block(start, n)`` is ``Ω[:, start:start + n]``; blocks are drawn in stream order from a
+    CPU generator seeded by ``seed`` (float32) and the last one is kept, so every module
+    (and every state) that adds the same frames in the same order gets the same columns:
+    one draw per batch, and the states' sketches are paired frame for frame.
+    """
+
+    def __init__(self, rows: int, seed: int):
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1; got {rows}")
+        self.rows = int(rows)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.drawn = 0
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def block(self, start: int, n: int, device) -> torch.Tensor:
+        if self._last is not None and self._last[0] == start and self._last[1].shape[1] == n:
+            if self._last[1].device != torch.device(device):
+                self._last = (start, self._last[1].to(device))
+            return self._last[1]
+        if start != self.drawn:
+            raise RuntimeError(
+                f"sketch columns are drawn in stream order: asked for frame {start}, "
+                f"{self.drawn} drawn so far"
+            )
+        omega = torch.randn((self.rows, n), generator=self.gen) / math.sqrt(self.rows)
+        self.drawn += n
+        self._last = (start, omega.to(device))
+        return self._last[1]
+
+
+class SketchedGram:
+    """The spectrum of a wide ``frames x dims`` matrix ``M`` from a Gaussian sketch of its rows.
+
+    The bounded-memory stand-in for :class:`GramAccumulator` (same ``add``,
+    ``singular_values``, ``energy_rank``, ``n_rows``). It keeps ``S = Ω M`` (``rows x dims``,
+    float32), ``Ω 1`` (``rows``) with ``Ω`` the seeded ``N(0, 1/rows)`` matrix of
+    :class:`GaussianFrameSketch` (a Johnson-Lindenstrauss sketch of the frames; Woodruff 2014,
+    "Sketching as a tool for numerical linear algebra", §2), and, exactly in float64, the row
+    count, the column sums ``Σ_t x_t`` and the energy ``Σ_t ‖x_t‖²``. ``E[ΩᵀΩ] = I``, so
+    ``SᵀS`` is an unbiased estimate of ``MᵀM``; centred, ``S_c = S - (Ω 1) μᵀ = Ω (M - 1 μᵀ)``
+    with the exact mean ``μ``. The singular values are those of ``S`` (``S_c``) rescaled so
+    that their energy is the exact (centred) energy, from the ``rows x rows`` kernel when
+    ``rows < dims``, padded with zeros to ``dims`` values as the exact path returns.
+
+    Every frame enters through its random mix, so a few frames that hold most of the
+    gradient do not make the estimate depend on which frames are kept, as a reservoir of
+    frames does. What remains is the spread of a ``rows``-sample covariance: the leading
+    singular values are off by about ``sqrt(k / rows)`` for a spectrum of ``k`` strong
+    directions, and the spectrum is spread (energy ranks biased low, by about a fifth when
+    the rank is a quarter of ``rows``). Memory: ``4 rows dims`` bytes plus O(rows + dims).
+    """
+
+    def __init__(self, dims: int, sketch: GaussianFrameSketch):
+        self.dims = int(dims)
+        self.sketch = sketch
+        self.n_rows = 0
+        self.S: torch.Tensor | None = None
+        self.omega_sum: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+        self.energy = 0.0
+
+    @property
+    def sketch_rows(self) -> int:
+        return self.sketch.rows
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach()
+        if rows.ndim != 2 or rows.shape[1] != self.dims:
+            raise ValueError(f"expected rows of shape (n, {self.dims}); got {tuple(rows.shape)}")
+        n = rows.shape[0]
+        omega = self.sketch.block(self.n_rows, n, rows.device)
+        block = omega @ rows.to(torch.float32)
+        rows64 = rows.to(torch.float64)
+        total, mixed = rows64.sum(dim=0), omega.sum(dim=1).to(torch.float64)
+        if self.S is None:
+            self.S, self.omega_sum, self.total = block, mixed, total
+        else:
+            self.S.add_(block)
+            self.omega_sum.add_(mixed)
+            self.total.add_(total)
+        self.energy += float(rows64.pow(2).sum())
+        self.n_rows += n
+
+    def singular_values(self, centred: bool = False) -> np.ndarray:
+        if self.S is None:
+            return np.zeros(0)
+        S = self.S.to(torch.float64)
+        energy = self.energy
+        if centred:
+            mean = self.total / self.n_rows
+            S = S - torch.outer(self.omega_sum, mean)
+            energy -= float(self.total @ self.total) / self.n_rows
+        sv = gram_singular_values(S @ S.T if S.shape[0] < S.shape[1] else S.T @ S)
+        sketched = float(np.sum(sv**2))
+        if sketched > 0:
+            sv = sv * math.sqrt(max(energy, 0.0) / sketched)
+        out = np.zeros(self.dims)
+        out[: min(len(sv), self.dims)] = sv[: self.dims]
+        return out
+
+    def energy_rank(self, fraction: float, centred: bool = False) -> int:
+        return energy_rank(self.singular_values(centred), fraction)
+
+
 # --------------------------------------------------------------------------- adapters
 
 
@@ -334,22 +564,53 @@ def _factors(module: nn.Module) -> tuple[nn.Linear, nn.Linear, float]:
     return module.lora_A[ADAPTER], module.lora_B[ADAPTER], float(module.scaling[ADAPTER])
 
 
+def _magnitude(module: nn.Module) -> nn.Parameter | None:
+    """DoRA's magnitude vector ``m`` (``d_out``) of an adapted module; None for plain LoRA."""
+    magnitudes = getattr(module, "lora_magnitude_vector", None)
+    if magnitudes is None or ADAPTER not in magnitudes:
+        return None
+    return magnitudes[ADAPTER].weight
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """The frozen ``W0`` of an adapted module as ``d_out x d_in``."""
+    weight = module.get_base_layer().weight
+    return weight.T if getattr(module, "fan_in_fan_out", False) else weight
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W‖_row``: the norm of each output row of a ``d_out x d_in`` weight (float64)."""
+    return torch.linalg.vector_norm(weight.detach().to(torch.float64), dim=1)
+
+
+def _adapted_row_norms(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``‖W0 + s B A‖_row`` (DoRA's norm, the denominator of its direction), float64."""
+    _, _, s = _factors(module)
+    W0 = _base_weight(module).detach().to(torch.float64)
+    return _row_norms(W0 + s * B.detach().to(W0) @ A.detach().to(W0))
+
+
 @dataclass
 class AdapterState:
-    """One setting of every adapter (``weights[name] = (A, B)``) and the head that goes with it."""
+    """One setting of every adapter (``weights[name] = (A, B)``; ``magnitudes[name] = m`` for
+    DoRA modules) and the head that goes with it."""
 
     name: str
     head: nn.Module
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def trained_state(run: TrainedRun) -> AdapterState:
-    """The run's own adapters (copied) and head."""
-    weights = {}
+    """The run's own adapters (copied: A, B and DoRA's m) and head."""
+    weights, magnitudes = {}, {}
     for name, module in sorted(run.lora_modules().items()):
         lora_A, lora_B, _ = _factors(module)
         weights[name] = (lora_A.weight.detach().clone(), lora_B.weight.detach().clone())
-    return AdapterState("trained", run.head, weights)
+        m = _magnitude(module)
+        if m is not None:
+            magnitudes[name] = m.detach().clone()
+    return AdapterState("trained", run.head, weights, magnitudes)
 
 
 def _scaled_normal(like: torch.Tensor, norm: float, gen: torch.Generator) -> torch.Tensor:
@@ -366,15 +627,17 @@ def matched_scale_state(run: TrainedRun, seed: int) -> AdapterState:
     ``A_u = ‖A‖_F Z_A / ‖Z_A‖_F`` and ``B_u = ‖B‖_F Z_B / ‖Z_B‖_F``, ``Z`` standard normal
     from a generator seeded by ``seed`` (modules in name order, A then B), drawn in float64
     on the CPU and cast to the weights' dtype and device. The global random state is not
-    touched. A trained B = 0 (an untrained run) gives B_u = 0.
+    touched. A trained B = 0 (an untrained run) gives B_u = 0. DoRA modules keep their
+    trained magnitude ``m`` (a scale, as the norms are; nothing is drawn for it).
     """
     gen = torch.Generator().manual_seed(int(seed))
+    trained = trained_state(run)
     weights = {}
-    for name, (A, B) in trained_state(run).weights.items():
+    for name, (A, B) in trained.weights.items():
         norm_A = float(torch.linalg.matrix_norm(A.double()))
         norm_B = float(torch.linalg.matrix_norm(B.double()))
         weights[name] = (_scaled_normal(A, norm_A, gen), _scaled_normal(B, norm_B, gen))
-    return AdapterState("untrained", run.head, weights)
+    return AdapterState("untrained", run.head, weights, trained.magnitudes)
 
 
 def paper_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState:
@@ -382,10 +645,11 @@ def paper_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState:
 
     The head is a freshly initialised :class:`EmotionHead` of the run's head's shape. All
     seeded by ``seed`` (head first, then modules in name order, A then B) without disturbing
-    the global random state.
+    the global random state. DoRA modules get ``m = ‖W0 + s B_u A_u‖_row`` (DoRA's
+    initialisation rule on these factors: the untrained module computes ``W0 + s B_u A_u``).
     """
     device = run.head.projector.weight.device
-    weights = {}
+    weights, magnitudes = {}, {}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int(seed))
         head = EmotionHead(
@@ -398,10 +662,13 @@ def paper_state(run: TrainedRun, init_std: float, seed: int) -> AdapterState:
             fresh_A = torch.randn(lora_A.weight.shape) * init_std
             fresh_B = torch.randn(lora_B.weight.shape) * init_std
             weights[name] = (fresh_A.to(lora_A.weight), fresh_B.to(lora_B.weight))
+            m = _magnitude(module)
+            if m is not None:
+                magnitudes[name] = _adapted_row_norms(module, *weights[name]).to(m)
     head = head.to(device).eval()
     for p in head.parameters():
         p.requires_grad_(False)
-    return AdapterState("untrained", head, weights)
+    return AdapterState("untrained", head, weights, magnitudes)
 
 
 def untrained_state(
@@ -418,36 +685,43 @@ def untrained_state(
     raise ValueError(f"untrained baseline {baseline!r} is not one of {BASELINES}")
 
 
-def _load_adapters(
-    modules: dict[str, nn.Module], weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> None:
+def _load_adapters(modules: dict[str, nn.Module], state: AdapterState) -> None:
     with torch.no_grad():
         for name, module in modules.items():
             lora_A, lora_B, _ = _factors(module)
-            lora_A.weight.copy_(weights[name][0])
-            lora_B.weight.copy_(weights[name][1])
+            lora_A.weight.copy_(state.weights[name][0])
+            lora_B.weight.copy_(state.weights[name][1])
+            m = _magnitude(module)
+            if m is not None:
+                m.copy_(state.magnitudes[name])
+                # peft may cache DoRA's weight norm (ENABLE_DORA_CACHING): not for new factors
+                module.lora_magnitude_vector[ADAPTER]._cache_clear()
 
 
 @contextlib.contextmanager
 def _adapters_restored(run: TrainedRun):
-    """Whatever is loaded inside, the run's own adapter weights are back on exit (even on error)."""
-    saved = trained_state(run).weights
+    """Whatever is loaded inside, the run's own adapter weights (A, B, DoRA's m) are back on
+    exit (even on error)."""
+    saved = trained_state(run)
     try:
         yield
     finally:
         _load_adapters(dict(sorted(run.lora_modules().items())), saved)
 
 
+def _adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """``lora_A``, ``lora_B`` weights and, for DoRA, the magnitude ``m``, in that order."""
+    lora_A, lora_B, _ = _factors(module)
+    m = _magnitude(module)
+    return [lora_A.weight, lora_B.weight] + ([] if m is None else [m])
+
+
 @contextlib.contextmanager
 def _gradients_through_adapters(run: TrainedRun, heads: list[nn.Module]):
-    """Eval mode (LoRA dropout off) and grad-enabled LoRA weights; both restored on exit."""
+    """Eval mode (LoRA dropout off) and grad-enabled adapter weights; both restored on exit."""
     modules = [run.encoder, *heads]
     training = [m.training for m in modules]
-    weights = [
-        w
-        for m in run.lora_modules().values()
-        for w in (_factors(m)[0].weight, _factors(m)[1].weight)
-    ]
+    weights = [w for m in run.lora_modules().values() for w in _adapter_parameters(m)]
     flags = [w.requires_grad for w in weights]
     try:
         for m in modules:
@@ -463,6 +737,79 @@ def _gradients_through_adapters(run: TrainedRun, heads: list[nn.Module]):
             w.requires_grad_(was)
 
 
+class AdapterTaps:
+    """Forward hooks on ``lora_A`` and ``lora_B`` of adapted modules, for autograd.
+
+    Inside ``with AdapterTaps(modules) as taps``, every forward of the encoder records per
+    module the code ``a = A x`` (``lora_A``'s output) and ``B a`` (``lora_B``'s output) of
+    the call on frames (a 3-d input: batch x frames x features). Calls on 2-d inputs are
+    ignored: DoRA builds ``B A`` from ``lora_B(lora_A(I))`` for its (detached) weight norm,
+    and that product is not an activation. A module called twice on frames in one forward
+    is an error (its activations would be half counted). :meth:`gradients` returns the
+    autograd gradients of a loss w.r.t. those outputs and the adapter parameters.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = dict(modules)
+        self.captured: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles: list = []
+
+    def _hook(self, key):
+        def hook(_module, inputs, output):
+            if inputs[0].ndim < 3:
+                return
+            if key in self.captured:
+                raise RuntimeError(
+                    f"{key[0]}: lora_{key[1].upper()} ran twice on frames in one forward"
+                )
+            self.captured[key] = output
+
+        return hook
+
+    def __enter__(self) -> AdapterTaps:
+        for name, module in self.modules.items():
+            lora_A, lora_B, _ = _factors(module)
+            self.handles.append(lora_A.register_forward_hook(self._hook((name, "a"))))
+            self.handles.append(lora_B.register_forward_hook(self._hook((name, "b"))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.captured.clear()
+
+    def clear(self) -> None:
+        self.captured.clear()
+
+    def gradients(self, loss: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Per module: ``code`` (detached ``A x``) and, by ``torch.autograd.grad`` of ``loss``,
+        ``code_grad`` = ∂L/∂a, ``out_grad`` = ∂L/∂(B a), ``grad_A``, ``grad_B`` and (DoRA)
+        ``grad_m`` = ∂L/∂m. Activations keep their batch x frames shape."""
+        names = list(self.modules)
+        missing = [f"{n}/{p}" for n in names for p in "ab" if (n, p) not in self.captured]
+        if missing:
+            raise RuntimeError(f"no forward on frames reached {missing[:3]}")
+        outputs = [self.captured[(name, part)] for name in names for part in ("a", "b")]
+        params = [_adapter_parameters(self.modules[name]) for name in names]
+        flat = [p for group in params for p in group]
+        grads = torch.autograd.grad(loss, outputs + flat)
+        out, k = {}, len(outputs)
+        for i, name in enumerate(names):
+            values = {
+                "code": outputs[2 * i].detach(),
+                "code_grad": grads[2 * i],
+                "out_grad": grads[2 * i + 1],
+                "grad_A": grads[k],
+                "grad_B": grads[k + 1],
+            }
+            if len(params[i]) == 3:
+                values["grad_m"] = grads[k + 2]
+            k += len(params[i])
+            out[name] = values
+        return out
+
+
 # --------------------------------------------------------------------------- the streaming pass
 
 
@@ -474,7 +821,10 @@ class ModuleAccumulators:
     (frames x r) and of ``g_b`` (frames x d_out); ``a_out_grad`` those of ``g_a = g_b B``
     (frames x r). The (centred) Gram of ``b = a Bᵀ`` is ``B`` (centred ``aᵀa``) ``Bᵀ``
     (exact, B being fixed during the pass), so it needs no accumulator of its own.
-    ``grad_A``, ``grad_B``: ∂L/∂A, ∂L/∂B summed over batches.
+    ``b_out_grad`` is a :class:`GramAccumulator` for ``d_out <= EXACT_GRAM_MAX_DIMS`` and a
+    :class:`SketchedGram` above (module docstring).
+    ``grad_A``, ``grad_B``: ∂L/∂A, ∂L/∂B summed over batches. DoRA modules also keep ``m``,
+    ``‖W0‖_row``, ``‖W0 + s B A‖_row`` and ``grad_m`` = ∂L/∂m summed (None for LoRA).
     """
 
     A: torch.Tensor
@@ -482,23 +832,65 @@ class ModuleAccumulators:
     scaling: float
     a_out: GramAccumulator
     a_out_grad: GramAccumulator
-    b_out_grad: GramAccumulator
+    b_out_grad: GramAccumulator | SketchedGram
     grad_A: torch.Tensor
     grad_B: torch.Tensor
+    magnitude: torch.Tensor | None = None
+    base_row_norm: torch.Tensor | None = None
+    adapted_row_norm: torch.Tensor | None = None
+    grad_m: torch.Tensor | None = None
 
     @classmethod
-    def for_weights(cls, A: torch.Tensor, B: torch.Tensor, scaling: float) -> ModuleAccumulators:
+    def for_weights(
+        cls,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scaling: float,
+        b_out_grad: GramAccumulator | SketchedGram | None = None,
+        magnitude: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+    ) -> ModuleAccumulators:
+        """Accumulators for factors ``A``, ``B`` (default: an exact ∂L/∂b Gram); DoRA:
+        ``magnitude`` m and the frozen ``base_weight`` W0 (``d_out x d_in``)."""
         r, d_out = A.shape[0], B.shape[0]
+        dora = {}
+        if magnitude is not None:
+            if base_weight is None:
+                raise ValueError("a DoRA module needs its base weight W0 for ‖W0 + s B A‖_row")
+            W0 = base_weight.detach().to(torch.float64)
+            dora = {
+                "magnitude": magnitude.detach().to(torch.float64).clone(),
+                "base_row_norm": _row_norms(W0),
+                "adapted_row_norm": _row_norms(
+                    W0 + scaling * B.detach().to(W0) @ A.detach().to(W0)
+                ),
+                "grad_m": torch.zeros_like(magnitude, dtype=torch.float64),
+            }
         return cls(
             A=A.detach().clone(),
             B=B.detach().clone(),
             scaling=scaling,
             a_out=GramAccumulator(r),
             a_out_grad=GramAccumulator(r),
-            b_out_grad=GramAccumulator(d_out),
+            b_out_grad=GramAccumulator(d_out) if b_out_grad is None else b_out_grad,
             grad_A=torch.zeros_like(A, dtype=torch.float64),
             grad_B=torch.zeros_like(B, dtype=torch.float64),
+            **dora,
         )
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def add(self, code, code_grad, out_grad, grad_A, grad_B, grad_m=None) -> None:
+        """One batch: audio frames of the code and of the gradients, and the weight gradients."""
+        self.a_out.add(code)
+        self.a_out_grad.add(code_grad)
+        self.b_out_grad.add(out_grad)
+        self.grad_A += grad_A
+        self.grad_B += grad_B
+        if self.grad_m is not None:
+            self.grad_m += grad_m
 
     def b_out_singular_values(self, centred: bool = False) -> np.ndarray:
         if self.a_out.gram is None:
@@ -516,7 +908,8 @@ class ModuleAccumulators:
         }
 
     def scalars(self) -> dict[str, float]:
-        """Gradient norms, their ratio, the ΔW comparison and the number of frames."""
+        """Gradient norms, their ratio, the ΔW comparison, the number of frames and the rows of
+        the ∂L/∂b sketch (0: exact Gram); DoRA modules add :data:`DORA_SCALARS`."""
         values = {
             "grad_norm_A": float(torch.linalg.matrix_norm(self.grad_A)),
             "grad_norm_B": float(torch.linalg.matrix_norm(self.grad_B)),
@@ -526,13 +919,53 @@ class ModuleAccumulators:
         )
         values.update(delta_w_comparison(self.grad_A, self.grad_B, self.A, self.B, self.scaling))
         values["n_frames"] = float(self.a_out.n_rows)
+        values["b_out_grad_sketch_rows"] = float(
+            self.b_out_grad.sketch_rows if isinstance(self.b_out_grad, SketchedGram) else 0
+        )
+        if self.is_dora:
+            values.update(self.magnitude_scalars())
         return values
+
+    def magnitude_scalars(self) -> dict[str, float]:
+        """DoRA's magnitude (:data:`DORA_SCALARS`; formulas in the module docstring)."""
+        m, base, adapted = self.magnitude, self.base_row_norm, self.adapted_row_norm
+        base_norm = float(torch.linalg.vector_norm(base))
+        rel = float(torch.linalg.vector_norm(m - base)) / base_norm if base_norm > 0 else math.nan
+        safe = torch.where(adapted > 0, adapted, torch.ones_like(adapted))
+        gain = torch.where(adapted > 0, m / safe, torch.full_like(m, math.nan))
+        return {
+            "magnitude_norm": float(torch.linalg.vector_norm(m)),
+            "magnitude_rel_change": rel,
+            "magnitude_gain_rms": float((gain - 1.0).pow(2).mean().sqrt()),
+            "grad_norm_m": float(torch.linalg.vector_norm(self.grad_m)),
+        }
 
 
 @dataclass
 class StateAccumulators:
     modules: dict[str, ModuleAccumulators]
     reservoir: FrameReservoir
+
+
+def _module_accumulators(
+    module: nn.Module,
+    name: str,
+    state: AdapterState,
+    sketch: GaussianFrameSketch,
+    exact_max_dims: int,
+) -> ModuleAccumulators:
+    A, B = state.weights[name]
+    d_out = B.shape[0]
+    wide = SketchedGram(d_out, sketch) if d_out > exact_max_dims else None
+    magnitude = state.magnitudes.get(name)
+    return ModuleAccumulators.for_weights(
+        A,
+        B,
+        _factors(module)[2],
+        b_out_grad=wide,
+        magnitude=magnitude,
+        base_weight=None if magnitude is None else _base_weight(module),
+    )
 
 
 def stream_ab_statistics(
@@ -542,86 +975,110 @@ def stream_ab_statistics(
     batch_size: int,
     reservoir_frames: int,
     seed: int,
+    exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
+    sketch_rows: int = WIDE_SKETCH_ROWS,
+    frame_sample: UtteranceFrameSample | None = None,
+    forward_only: tuple[AdapterState, ...] = (),
 ) -> dict[str, StateAccumulators]:
     """One log-mel per batch, then per state one forward + backward; per-module accumulators.
 
     Loss = mean cross-entropy of ``head(masked_mean(last_hidden_state))`` over the sample
     (the forward of ``LoraEmotionModel``; no class weights: the sample is balanced).
-    Activations and their gradients count only frames that hold audio; the factor
-    gradients are the exact autograd gradients of that loss. Each state's reservoir uses
-    the same seed, so both sample the same frames.
+    Activations and their gradients count only frames that hold audio; every gradient is
+    autograd's through the module's own forward (:class:`AdapterTaps`; LoRA and DoRA alike).
+    Each state's reservoir (``reservoir_frames``) uses the same seed, so both sample the
+    same frames. ∂L/∂b of modules wider than ``exact_max_dims`` goes into a
+    :class:`SketchedGram` of ``sketch_rows`` rows; one :class:`GaussianFrameSketch` (seeded
+    by ``seed``) serves every module and state, so all share the same ``Ω``.
+
+    ``frame_sample``: if given, every state offers it the code ``a``, ``∂L/∂a`` and ``∂L/∂b``
+    of each module per batch (keys ``(state, module, "a_code" | "a_out_grad" |
+    "b_out_grad")``), and each of ``forward_only`` (states with no accumulators) runs one
+    forward without gradients and offers its codes; the sample is pruned after each batch.
     """
     modules = dict(sorted(run.lora_modules().items()))
     names = list(modules)
     train = run.splits["train"]
     device = next(run.encoder.parameters()).device
+    sketch = GaussianFrameSketch(sketch_rows, seed)
     acc = {
         state.name: StateAccumulators(
             {
-                name: ModuleAccumulators.for_weights(
-                    *state.weights[name], _factors(modules[name])[2]
-                )
+                name: _module_accumulators(modules[name], name, state, sketch, exact_max_dims)
                 for name in names
             },
             FrameReservoir(reservoir_frames, seed),
         )
         for state in states
     }
-    captured: dict[tuple[str, str], torch.Tensor] = {}
-
-    def keep(key):
-        def hook(_module, _inputs, output):
-            captured[key] = output
-
-        return hook
-
-    handles = []
-    for name, module in modules.items():
-        lora_A, lora_B, _ = _factors(module)
-        handles.append(lora_A.register_forward_hook(keep((name, "a"))))
-        handles.append(lora_B.register_forward_hook(keep((name, "b"))))
     labels = torch.as_tensor(train.labels)
-    params = [
-        w
-        for name in names
-        for w in (_factors(modules[name])[0].weight, _factors(modules[name])[1].weight)
-    ]
-    try:
-        with _adapters_restored(run), _gradients_through_adapters(run, [s.head for s in states]):
-            for idx, batch in run.batches(train, batch_size, indices):
-                batch = batch.to(device)
-                targets = labels[torch.as_tensor(idx)].to(device)
-                mask = batch.frame_mask
-                for state in states:
-                    _load_adapters(modules, state.weights)
-                    captured.clear()
-                    out = run_encoder(run.encoder, batch)
-                    logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
-                    loss = nn.functional.cross_entropy(
-                        logits.float(), targets, reduction="sum"
-                    ) / len(indices)
-                    outputs = [captured[(name, part)] for name in names for part in ("a", "b")]
-                    grads = torch.autograd.grad(loss, outputs + params)
-                    state_acc = acc[state.name]
-                    offered = {}
-                    for i, name in enumerate(names):
-                        code = outputs[2 * i].detach()[mask]
-                        code_grad, out_grad = grads[2 * i][mask], grads[2 * i + 1][mask]
-                        m_acc = state_acc.modules[name]
-                        m_acc.a_out.add(code)
-                        m_acc.a_out_grad.add(code_grad)
-                        m_acc.b_out_grad.add(out_grad)
-                        m_acc.grad_A += grads[len(outputs) + 2 * i]
-                        m_acc.grad_B += grads[len(outputs) + 2 * i + 1]
-                        offered[(name, "a_code")] = code
-                        offered[(name, "b_out_grad")] = out_grad
-                    state_acc.reservoir.offer(offered)
-                    del out, logits, loss, outputs, grads, offered
-                    captured.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        captured.clear()
+    with (
+        _adapters_restored(run),
+        _gradients_through_adapters(run, [s.head for s in states]),
+        AdapterTaps(modules) as taps,
+    ):
+        for idx, batch in run.batches(train, batch_size, indices):
+            batch = batch.to(device)
+            targets = labels[torch.as_tensor(idx)].to(device)
+            mask = batch.frame_mask
+            for state in states:
+                _load_adapters(modules, state)
+                taps.clear()
+                out = run_encoder(run.encoder, batch)
+                logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
+                loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / len(
+                    indices
+                )
+                grads = taps.gradients(loss)
+                state_acc = acc[state.name]
+                offered = {}
+                for name in names:
+                    g = grads[name]
+                    code = g["code"][mask]
+                    out_grad = g["out_grad"][mask]
+                    state_acc.modules[name].add(
+                        code,
+                        g["code_grad"][mask],
+                        out_grad,
+                        g["grad_A"],
+                        g["grad_B"],
+                        g.get("grad_m"),
+                    )
+                    offered[(name, "a_code")] = code
+                    offered[(name, "b_out_grad")] = out_grad
+                state_acc.reservoir.offer(offered)
+                if frame_sample is not None:
+                    frame_sample.offer(
+                        idx,
+                        mask,
+                        {
+                            (state.name, name, key): grads[name][part]
+                            for name in names
+                            for key, part in (
+                                ("a_code", "code"),
+                                ("a_out_grad", "code_grad"),
+                                ("b_out_grad", "out_grad"),
+                            )
+                        },
+                    )
+                del out, logits, loss, grads, offered
+                taps.clear()
+            if frame_sample is not None:
+                for state in forward_only:
+                    _load_adapters(modules, state)
+                    taps.clear()
+                    with torch.no_grad():
+                        run_encoder(run.encoder, batch)
+                    frame_sample.offer(
+                        idx,
+                        mask,
+                        {
+                            (state.name, name, "a_code"): taps.captured[(name, "a")]
+                            for name in names
+                        },
+                    )
+                    taps.clear()
+                frame_sample.prune()
     return acc
 
 
@@ -631,7 +1088,8 @@ def stream_ab_statistics(
 def _check_run(run: TrainedRun, indices) -> None:
     if not run.lora_modules():
         raise ValueError(
-            f"{run.model}/{run.method}/fold{run.fold}: no LoRA modules; A/B dynamics apply to LoRA runs only"
+            f"{run.model}/{run.method}/fold{run.fold}: no LoRA modules; A/B dynamics apply to "
+            "LoRA runs only (DoRA included)"
         )
     if len(indices) == 0:
         raise ValueError(f"{run.model}/{run.method}/fold{run.fold}: the training sample is empty")
@@ -645,6 +1103,9 @@ def ab_statistics(
     seed: int,
     init_std: float | None = None,
     cka_max_frames: int = CKA_MAX_FRAMES,
+    exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
+    sketch_rows: int = WIDE_SKETCH_ROWS,
+    claim3_frames: int = CLAIM3_TARGET_FRAMES,
 ) -> dict[str, torch.Tensor]:
     """Everything the ``ab_dynamics`` table needs, with no post-hoc setting applied.
 
@@ -652,12 +1113,42 @@ def ab_statistics(
     ``{state}/{module}/sv/{quantity}`` and ``{state}/{module}/sv_centred/{quantity}``: the
     singular values of each activation and gradient matrix, uncentred and centred (energy
     ranks are taken from them at any ``energy_fraction``), and ``{state}/{module}/{scalar}``:
-    the gradient norms, the ΔW comparison, the CKA and ``n_frames``.
+    the gradient norms, the ΔW comparison, the CKA, ``n_frames``,
+    ``b_out_grad_sketch_rows`` and, for DoRA modules, :data:`DORA_SCALARS`. ``{module}`` is
+    the adapted module's name in the encoder (``layers.3.fc1``): one per module and layer, so
+    several targets per layer and a subset of the layers (``layers_to_transform``) each keep
+    their own keys. ``cka_max_frames``: the reservoir's size; ``exact_max_dims``: the widest
+    ∂L/∂b with an exact Gram, ``sketch_rows`` the sketch of wider ones (module docstring).
+    ``claim3_frames``: the least frames of claim 3's utterance sample (:data:`CLAIM3_SCALARS`,
+    keys ``{state}/{module}/{quantity}``); 0 leaves them out (and the second untrained draw).
     """
     _check_run(run, indices)
     states = [trained_state(run), untrained_state(run, baseline, seed, init_std)]
-    acc = stream_ab_statistics(run, states, indices, batch_size, cka_max_frames, seed)
+    pair: tuple[AdapterState, ...] = ()
+    sample = None
+    if claim3_frames > 0:
+        second = untrained_state(run, baseline, pair_seed(seed), init_std)
+        pair = (AdapterState("untrained_pair", second.head, second.weights, second.magnitudes),)
+        sample = UtteranceFrameSample(indices, claim3_frames, seed)
+    acc = stream_ab_statistics(
+        run,
+        states,
+        indices,
+        batch_size,
+        cka_max_frames,
+        seed,
+        exact_max_dims,
+        sketch_rows,
+        frame_sample=sample,
+        forward_only=pair,
+    )
     out = {}
+    if sample is not None:
+        for name in acc["trained"].modules:
+            factors = {s.name: s.weights[name][1] for s in (*states, *pair)}
+            for state, values in claim3_cka(sample, name, factors).items():
+                for key, value in values.items():
+                    out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     for state, state_acc in acc.items():
         for name, m_acc in state_acc.modules.items():
             for kind, centred in (("sv", False), ("sv_centred", True)):
@@ -684,12 +1175,26 @@ def write_ab_statistics(
     seed: int,
     path,
     init_std: float | None = None,
+    exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
+    sketch_rows: int = WIDE_SKETCH_ROWS,
 ) -> None:
+    """:func:`ab_statistics` of any run with a peft adapter (LoRA or DoRA, any targets and
+    layers) written to ``path`` (safetensors, atomically); metadata: ``n_layers``, the
+    baseline, the reservoir size, ``exact_max_dims`` and ``sketch_rows``."""
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    tensors = ab_statistics(run, indices, batch_size, baseline, seed, init_std)
+    tensors = ab_statistics(
+        run,
+        indices,
+        batch_size,
+        baseline,
+        seed,
+        init_std,
+        exact_max_dims=exact_max_dims,
+        sketch_rows=sketch_rows,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -697,6 +1202,10 @@ def write_ab_statistics(
         "n_layers": str(len(run.encoder.layers)),
         "untrained_baseline": baseline,
         "untrained_init_std": "" if init_std is None or baseline != "paper" else str(init_std),
+        "cka_max_frames": str(CKA_MAX_FRAMES),
+        "claim3_frames": str(CLAIM3_TARGET_FRAMES),
+        "exact_gram_max_dims": str(int(exact_max_dims)),
+        "wide_sketch_rows": str(int(sketch_rows)),
     }
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -717,8 +1226,12 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
     Per adapted module and state (trained, untrained): for every ``q`` of :data:`SPECTRA`
     the energy ranks ``q`` (uncentred count), ``q_centred`` (count, mean removed),
     ``q_frac`` and ``q_centred_frac`` (the counts over the largest rank the matrix can have,
-    :func:`max_rank`); then :data:`SCALARS`. ``ratio`` rows (trained ÷ untrained) for
-    :data:`RATIO_QUANTITIES`. Statistics written before the centred spectra and the frame
+    :func:`max_rank`); then :data:`SCALARS`, for DoRA modules :data:`DORA_SCALARS`, and
+    claim 3's :data:`CLAIM3_SCALARS` where stored (the forward ones under state trained,
+    their nulls under untrained, ``cka_bwd_ba`` under both).
+    ``ratio`` rows (trained ÷ untrained) for :data:`RATIO_QUANTITIES` held by both states.
+    Keys ``module`` (the adapted module's name), ``layer`` (from ``layers.<i>.`` in it) and
+    ``depth = (layer + 1) / n_layers``. Statistics written before the centred spectra and the frame
     count were stored give the uncentred counts and the scalars only.
     """
     spectra: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -750,13 +1263,17 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
                     )
                     out[f"{q}_centred"] = c_count
                     out[f"{q}_frac"], out[f"{q}_centred_frac"] = share, c_share
-            out.update({q: named[q] for q in SCALARS if q in named})
+            out.update(
+                {q: named[q] for q in (*SCALARS, *DORA_SCALARS, *CLAIM3_SCALARS) if q in named}
+            )
     order = [
         *SPECTRA,
         *(f"{q}_centred" for q in SPECTRA),
         *(f"{q}_frac" for q in SPECTRA),
         *(f"{q}_centred_frac" for q in SPECTRA),
         *SCALARS,
+        *DORA_SCALARS,
+        *CLAIM3_SCALARS,
     ]
     rows = []
     for name in sorted(values["trained"]):
@@ -787,10 +1304,22 @@ def ab_dynamics_table(
     seed: int,
     init_std: float | None = None,
     cka_max_frames: int = CKA_MAX_FRAMES,
+    exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
+    sketch_rows: int = WIDE_SKETCH_ROWS,
 ) -> pd.DataFrame:
     """The table (:func:`ab_table_from_statistics`) on the training utterances ``indices``,
     computed in memory (:func:`ab_statistics`), with the run's key columns left out."""
-    tensors = ab_statistics(run, indices, batch_size, baseline, seed, init_std, cka_max_frames)
+    tensors = ab_statistics(
+        run,
+        indices,
+        batch_size,
+        baseline,
+        seed,
+        init_std,
+        cka_max_frames,
+        exact_max_dims,
+        sketch_rows,
+    )
     return ab_table_from_statistics(tensors, len(run.encoder.layers), energy_fraction)
 
 
@@ -802,7 +1331,7 @@ def baseline_settings(cfg) -> tuple[str, float | None]:
 
 
 def compute_ab_dynamics(run: TrainedRun, cfg, seed: int) -> pd.DataFrame:
-    """A/B activation and gradient dynamics of a LoRA run on its training sample, in memory.
+    """A/B activation and gradient dynamics of a LoRA or DoRA run on its training sample, in memory.
 
     The sample is ``balanced_sample(train labels, cfg["train_sample"], seed)``; the baseline
     ``cfg["untrained_baseline"]`` (and ``cfg["untrained_init_std"]`` for ``paper``). Rows:
@@ -865,7 +1394,7 @@ def _spec():
     return AnalysisSpec(
         name="ab_dynamics",
         compute=_compute,
-        applies_to=lambda method: method.kind == "lora",
+        applies_to=lambda method: method.kind in ("lora", "dora"),
         reads=frozenset({"ab"}),
         keys=("energy_fraction",),
         table=TableSpec(
@@ -881,7 +1410,9 @@ def _spec():
             ),
         ),
         doc="energy ranks (uncentred, centred, as shares of the possible rank), gradient norms "
-        "and ΔW contributions of LoRA's A and B, trained vs a scale-matched untrained baseline",
+        "and ΔW contributions of LoRA's (and DoRA's) A and B, DoRA's magnitude, trained vs a "
+        "scale-matched untrained baseline; claim 3's debiased CKA of trained vs untrained A codes "
+        "and B outputs (with an untrained-vs-untrained null) and of B's vs A's gradients",
     )
 
 

@@ -18,13 +18,20 @@ split) computes the head's logits on every test utterance under each *variant*:
 - ``patch_frozen_into_adapted`` (the adapted encoder with layer l's residual-stream output
   replaced by the frozen encoder's on the same utterance) and ``patch_adapted_into_frozen``
   (the converse), everything else unchanged: the share of the gap one site carries;
+  ``patch_vproj_frozen_into_adapted`` / ``patch_vproj_adapted_into_frozen``: the same with
+  layer l's ``v_proj`` output (the site the paper's adapters write to) swapped instead of its
+  whole output;
 - ``skip_adapted`` / ``skip_frozen``: layer l skipped (its output set to its input; the
   paper's "residual erasure", ``analysis_utils.residual_erasure``, here on every test
   utterance of every fold); ``skip_upto_adapted``: layers 0..l skipped (its
   ``progressive_residual_erasure``);
 - ``ablate_attn_{adapted,frozen}`` / ``ablate_mlp_{adapted,frozen}``: layer l's attention
-  (or MLP) output replaced by its mean over the audio frames of the fold's analysis sample
-  (training utterances; mean-ablation), the causal counterpart of the contribution norms;
+  (or MLP) output replaced, the causal counterpart of the contribution norms. With
+  ``analysis.causal_ablation: resample`` (variant ``resample``) by the same component's
+  output on a randomly paired training utterance of the fold, run through the same encoder
+  (resample-ablation; Chan et al. 2022, "Causal scrubbing"), frames aligned cyclically over
+  its audio frames (:func:`cyclic_align`); with ``mean`` (variant ``mean``, the cheaper
+  option) by its mean over the audio frames of the fold's analysis sample;
 - ``ab_swap``: ``init_a`` (trained B with the adapter's own initial A, from
   ``adapter_epochs/epoch0``) and ``rotated_b`` (trained A with B·Q, Q a seeded random r × r
   orthogonal matrix: same norms, rotated code space).
@@ -44,7 +51,10 @@ Per utterance u with true class y and logits z (the analysis, :func:`causal_tabl
   fixed (the band is of the numerator).
 
 Rows are per test speaker (``speaker, n_utts``), so the aggregated table carries a speaker
-band, as the contributions table does. Columns ``family, variant, layer, depth, quantity,
+band, as the contributions table does. Fold 1 also gets the paper's own protocol of the
+erasures: ``paper_skip_adapted`` and ``paper_skip_upto_adapted`` (variant ``fold1_50``) are
+``skip_adapted`` and ``skip_upto_adapted`` on 50 test utterances drawn with the analysis seed
+(speaker ``all``), so its reading of one fold's subset sits beside every fold's. Columns ``family, variant, layer, depth, quantity,
 value`` (``layer`` −1 and ``depth`` empty for variants of the whole encoder). A frozen run has
 no adapter, so the analysis applies to runs with one.
 """
@@ -72,6 +82,8 @@ PER_LAYER = (
     "adapters_from",
     "patch_frozen_into_adapted",
     "patch_adapted_into_frozen",
+    "patch_vproj_frozen_into_adapted",
+    "patch_vproj_adapted_into_frozen",
     "skip_adapted",
     "skip_frozen",
     "skip_upto_adapted",
@@ -83,35 +95,6 @@ PER_LAYER = (
 
 
 # --- the encoder, run with interventions --------------------------------------------------
-
-
-def lora_layers(encoder: nn.Module) -> dict[int, list[nn.Module]]:
-    """Encoder layer index -> the peft LoRA modules inside it."""
-    from peft.tuners.lora import LoraLayer
-
-    out: dict[int, list[nn.Module]] = {li: [] for li in range(len(encoder.layers))}
-    for li, layer in enumerate(encoder.layers):
-        out[li] = [m for m in layer.modules() if isinstance(m, LoraLayer)]
-    return out
-
-
-@contextlib.contextmanager
-def adapters_in(encoder: nn.Module, on: set[int] | None):
-    """Adapters live only in the layers ``on`` (None: all), by zeroing the others' scaling
-    (a LoRA module then adds exactly 0 to its base output); restored on exit."""
-    modules = lora_layers(encoder)
-    saved = []
-    for li, found in modules.items():
-        for m in found:
-            saved.append((m, dict(m.scaling)))
-            if on is not None and li not in on:
-                for key in m.scaling:
-                    m.scaling[key] = 0.0
-    try:
-        yield
-    finally:
-        for m, scaling in saved:
-            m.scaling.update(scaling)
 
 
 def attn_out(layer: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
@@ -145,6 +128,7 @@ def run_variant(
     start: tuple[int, torch.Tensor] | None = None,
     skip: int | set[int] | None = None,
     ablate: tuple[int, str, torch.Tensor] | None = None,
+    patch_v: tuple[int, torch.Tensor] | None = None,
     capture: bool = False,
 ):
     """Head logits of one batch under one intervention.
@@ -153,8 +137,18 @@ def run_variant(
     entering layer i of a reference run), so layers below an intervention, which it leaves
     unchanged, are not recomputed; i = L runs no layer. ``skip``: layers whose output is set
     to their input; ``ablate = (l, component, mean)``: :func:`layer_forward`'s ablation at
-    layer l. With ``capture`` also the residual stream entering every layer and leaving the
-    last (``resid[0..L]``)."""
+    layer l; ``patch_v = (l, v)``: layer l's ``v_proj`` output replaced by ``v`` (B, T, D).
+    With ``capture`` also the residual stream entering every layer and leaving the last
+    (``resid[0..L]``)."""
+    if patch_v is not None:
+        module = encoder.layers[patch_v[0]].self_attn.v_proj
+        handle = module.register_forward_hook(lambda _m, _i, out: patch_v[1].to(out.dtype))
+        try:
+            return run_variant(
+                encoder, head, batch, start=start, skip=skip, ablate=ablate, capture=capture
+            )
+        finally:
+            handle.remove()
     mask = attention_mask(batch, torch.float32 if start is None else start[1].dtype)
     first, x = (0, embed(encoder, batch.mel)) if start is None else start
     resid = [x]
@@ -171,6 +165,72 @@ def run_variant(
         x = y
     logits = head(masked_mean(encoder.layer_norm(x), batch.frame_mask))
     return (logits, resid) if capture else logits
+
+
+@contextlib.contextmanager
+def captured_v(encoder, layers):
+    """Record every listed layer's ``v_proj`` output while the context is open: ``{l: (B, T, D)}``."""
+    out: dict[int, torch.Tensor] = {}
+    handles = [
+        encoder.layers[li].self_attn.v_proj.register_forward_hook(
+            lambda _m, _i, y, li=li: out.__setitem__(li, y.detach())
+        )
+        for li in layers
+    ]
+    try:
+        yield out
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def cyclic_align(values: torch.Tensor, frame_mask: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """(B, T', D) component outputs of paired utterances as (B, n_frames, D): frame t of
+    utterance b takes the paired utterance's (t mod n_b)-th audio frame (n_b its audio frames,
+    ``frame_mask``), so a replacement never carries padding or leading silence."""
+    rows = []
+    for b in range(values.shape[0]):
+        valid = torch.nonzero(frame_mask[b], as_tuple=False).flatten()
+        if len(valid) == 0:
+            valid = torch.arange(values.shape[1], device=values.device)
+        index = valid[torch.arange(n_frames, device=values.device) % len(valid)]
+        rows.append(values[b, index])
+    return torch.stack(rows)
+
+
+def paired_components(run, indices: np.ndarray, layers, n_frames: int) -> dict[str, dict]:
+    """Each listed layer's attention and MLP update on the training utterances ``indices``
+    (one per test utterance of a batch, in its order), adapted and frozen, aligned to
+    ``n_frames`` by :func:`cyclic_align`: ``{f"{which}/{component}": {l: (B, n_frames, D)}}``
+    (resample-ablation)."""
+    from serlens.audio import load_audio
+
+    train = run.splits["train"]
+    if train.waves is None:
+        train.waves = [None] * len(train)
+    for j in indices:
+        if train.waves[j] is None:
+            train.waves[j] = load_audio(train.paths[j])
+    batch = run.logmel([train.waves[j] for j in indices], run.policy, run.max_seconds).to(
+        run.device
+    )
+    encoder, wanted, out = run.encoder, set(layers), {}
+    for which in ("adapted", "frozen"):
+        context = contextlib.nullcontext() if which == "adapted" else run.adapter_disabled()
+        with context:
+            x = embed(encoder, batch.mel)
+            mask = attention_mask(batch, x.dtype)
+            for li, layer in enumerate(encoder.layers):
+                if li > max(wanted):
+                    break
+                a = attn_out(layer, x, mask)
+                m = mlp_out(layer, x + a)
+                if li in wanted:
+                    for name, value in (("attn", a), ("mlp", m)):
+                        aligned = cyclic_align(value, batch.frame_mask, n_frames)
+                        out.setdefault(f"{which}/{name}", {})[li] = aligned
+                x = x + a + m
+    return out
 
 
 def tested_layers(n_layers: int, stride: int) -> list[int]:
@@ -239,6 +299,8 @@ def ab_swaps(encoder, epoch0: Path | None, seed: int) -> dict[str, dict]:
 
     modules = {n: m for n, m in encoder.named_modules() if _is_lora(m)}
     swaps: dict[str, dict] = {}
+    if not modules:  # full fine-tuning: no factors to swap
+        return swaps
     if epoch0 is not None:
         init = load_factors(Path(epoch0))
         missing = sorted(set(modules) - set(init))
@@ -270,7 +332,8 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
     Per batch, the two reference runs (all adapters on, all off) keep their residual
     streams; every per-layer variant starts from the reference stream at the first layer it
     changes (:func:`run_variant`'s ``start``), so a variant at layer l costs L − l layers,
-    about 13 · L/2 + 4 encoder passes per batch in all. ``settings["causal_stride"]``
+    about 15 · L/2 + 4 encoder passes per batch in all (+ 2 for the paired training
+    utterances of resample-ablation). ``settings["causal_stride"]``
     visits every k-th layer only (:func:`tested_layers`; for 32-layer models). Memory: one
     batch of frame states per reference plus the logits."""
     from serlens.analysis.passes import analysis_sample
@@ -278,27 +341,41 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
     encoder, head, test = run.encoder, run.head, run.splits["test"]
     n_layers = len(encoder.layers)
     layers = tested_layers(n_layers, settings["causal_stride"])
-    means = component_means(run, analysis_sample(run, settings), settings["batch_size"])
+    resample = settings["causal_ablation"] == "resample"
+    if resample:  # one randomly paired training utterance per test utterance, seeded
+        rng = np.random.default_rng([int(settings["seed"]), 12])
+        pairs = rng.integers(0, len(run.splits["train"]), size=len(test))
+    else:
+        means = component_means(run, analysis_sample(run, settings), settings["batch_size"])
+    ablation = "resample" if resample else "mean"
     swaps = ab_swaps(encoder, epoch0, settings["seed"])
     variants: list[dict] = [
         {"family": "reference", "variant": "on", "layer": -1},
         {"family": "reference", "variant": "off", "layer": -1},
     ]
-    variants += [{"family": f, "variant": f, "layer": li} for f in PER_LAYER for li in layers]
+    variants += [
+        {"family": f, "variant": ablation if f.startswith("ablate_") else f, "layer": li}
+        for f in PER_LAYER
+        for li in layers
+    ]
     variants += [{"family": "ab_swap", "variant": name, "layer": -1} for name in swaps]
     index = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
     out = np.zeros((len(variants), len(test), head.classifier.out_features), dtype=np.float32)
     every = set(range(n_layers))
 
     def put(family, li, rows, logits, variant=None):
-        out[index[(family, variant or family, li)], rows] = logits.float().cpu().numpy()
+        if variant is None:
+            variant = ablation if family.startswith("ablate_") else family
+        out[index[(family, variant, li)], rows] = logits.float().cpu().numpy()
 
     with torch.inference_mode():
         for rows, batch in run.batches(test, settings["batch_size"]):
-            with adapters_in(encoder, None):
+            with run.update_in(None), captured_v(encoder, layers) as v_adapted:
                 on, adapted = run_variant(encoder, head, batch, capture=True)
-            with adapters_in(encoder, set()):
+            with run.update_in(set()), captured_v(encoder, layers) as v_frozen:
                 off, frozen = run_variant(encoder, head, batch, capture=True)
+            if resample:
+                paired = paired_components(run, pairs[rows], layers, adapted[0].shape[1])
             put("reference", -1, rows, on, "on")
             put("reference", -1, rows, off, "off")
             for li in layers:
@@ -310,6 +387,18 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                     ("adapters_from", set(range(li, n_layers)), (li, frozen[li]), {}),
                     ("patch_frozen_into_adapted", every, (li + 1, frozen[li + 1]), {}),
                     ("patch_adapted_into_frozen", set(), (li + 1, adapted[li + 1]), {}),
+                    (
+                        "patch_vproj_frozen_into_adapted",
+                        every,
+                        (li, adapted[li]),
+                        {"patch_v": (li, v_frozen[li])},
+                    ),
+                    (
+                        "patch_vproj_adapted_into_frozen",
+                        set(),
+                        (li, frozen[li]),
+                        {"patch_v": (li, v_adapted[li])},
+                    ),
                     ("skip_adapted", every, (li + 1, adapted[li]), {}),
                     ("skip_frozen", set(), (li + 1, frozen[li]), {}),
                     ("skip_upto_adapted", every, (li + 1, adapted[0]), {}),
@@ -319,7 +408,11 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                     ("frozen", set(), frozen),
                 ):
                     for comp in ("attn", "mlp"):
-                        mean = means[f"{which}/{comp}"][li].to(batch.mel.device)
+                        mean = (
+                            paired[f"{which}/{comp}"][li]
+                            if resample
+                            else means[f"{which}/{comp}"][li].to(batch.mel.device)
+                        )
                         plans.append(
                             (
                                 f"ablate_{comp}_{which}",
@@ -329,7 +422,7 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                             )
                         )
                 for family, on_layers, start, extra in plans:
-                    with adapters_in(encoder, on_layers):
+                    with run.update_in(on_layers):
                         put(
                             family,
                             li,
@@ -337,7 +430,7 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                             run_variant(encoder, head, batch, start=start, **extra),
                         )
             for name, replace in swaps.items():
-                with adapters_in(encoder, None), swapped_factors(encoder, replace):
+                with swapped_factors(encoder, replace):
                     put("ab_swap", -1, rows, run_variant(encoder, head, batch), name)
     return out, variants
 
@@ -429,6 +522,47 @@ def causal_table(
     return pd.DataFrame(rows, columns=[*COLUMNS, "speaker", "n_utts"])
 
 
+PAPER_FAMILIES = ("skip_adapted", "skip_upto_adapted")
+PAPER_SUBSET = 50
+
+
+def paper_rows(
+    logits: np.ndarray, variants: list[dict], labels: np.ndarray, n_layers: int, seed: int
+) -> pd.DataFrame:
+    """The paper code's residual erasure protocol: single and progressive layer skips of the
+    adapted encoder on ``PAPER_SUBSET`` random test utterances (its fold 1), every quantity
+    (``paper_score`` is its "contribution"), as families ``paper_<family>``."""
+    rng = np.random.default_rng([int(seed), 50])
+    n = logits.shape[1]
+    pick = np.sort(rng.choice(n, size=min(PAPER_SUBSET, n), replace=False))
+    keep = [
+        k
+        for k, v in enumerate(variants)
+        if v["family"] == "reference" or v["family"] in PAPER_FAMILIES
+    ]
+    sub = [variants[k] for k in keep]
+    values = per_utterance(logits[keep][:, pick], sub, labels[pick])
+    rows = []
+    for k, v in enumerate(sub):
+        if v["family"] == "reference":
+            continue
+        layer = int(v["layer"])
+        for quantity in QUANTITIES:
+            rows.append(
+                {
+                    "family": f"paper_{v['family']}",
+                    "variant": f"fold1_{PAPER_SUBSET}",
+                    "layer": layer,
+                    "depth": (layer + 1) / n_layers,
+                    "quantity": quantity,
+                    "value": float(values[quantity][k].mean()),
+                    "speaker": "all",
+                    "n_utts": len(pick),
+                }
+            )
+    return pd.DataFrame(rows, columns=[*COLUMNS, "speaker", "n_utts"])
+
+
 def read_causal(path: Path) -> tuple[np.ndarray, list[dict], list[str], int]:
     from safetensors import safe_open
 
@@ -451,7 +585,12 @@ def _compute(run, settings) -> pd.DataFrame:
             f"{run.path('causal')}: its test rows are not the fold's test split; rerun its pass"
         )
     speakers = np.array([run.speakers[u] for u in utt_ids], dtype=object)
-    return causal_table(logits, variants, np.asarray(test.labels), speakers, n_layers)
+    labels = np.asarray(test.labels)
+    table = causal_table(logits, variants, labels, speakers, n_layers)
+    if int(run.fold) == 1:
+        paper = paper_rows(logits, variants, labels, n_layers, settings["seed"])
+        table = pd.concat([table, paper], ignore_index=True)
+    return table
 
 
 def _draw(tables, model, context):
@@ -466,12 +605,13 @@ def _spec():
     return AnalysisSpec(
         name="causal",
         compute=_compute,
-        applies_to=lambda method: method.has_adapter,
+        applies_to=lambda method: method.has_update,
         reads=frozenset({"causal"}),
         keys=(),
+        uses_seed=True,  # the paper protocol's 50 utterances of fold 1
         table=TableSpec(("family", "variant", "layer", "depth", "quantity")),
         figures=(FigureSpec("causal", _draw, ("causal",), "Causal tests"),),
-        doc="adapter ablation, activation patching, layer skips, component mean-ablation and A/B swaps",
+        doc="adapter ablation, activation patching (layer output, v_proj), layer skips, component ablation and A/B swaps",
     )
 
 

@@ -1,51 +1,74 @@
-"""Spectra of the LoRA update per adapted module (``svd.tsv``) and the cross-rank subspace
-similarity of the ``A`` matrices (``subspace.tsv``).
+"""Spectra of the weight update ΔW per adapted module (``svd.tsv``) and the cross-rank subspace
+similarity of the LoRA ``A`` matrices (``subspace.tsv``).
 
 The metrics themselves live in :mod:`serlens.analysis.spectra` (effective rank, stable
 rank, energy rank, subspace similarity, intruder dimensions); this module applies them to
-a trained run's adapters and lays the numbers out as tidy tables. Everything is float64
+a trained run's update and lays the numbers out as tidy tables. Everything is float64
 numpy on CPU and needs no data pass.
 
-``svd.tsv`` (one LoRA run), columns ``module, layer, depth, matrix, quantity, index, value``:
+The update ΔW of one module, by the method's kind (:func:`load_update`, :func:`update_deltas`):
+
+* ``lora``: ``ΔW = s · B A`` with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA; Hu et
+  al. 2021, eq. 3), of rank <= r; kept factored, so its spectrum costs O(d r²).
+* ``dora``: ``ΔW = W' − W0`` with ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row`` (Liu et al.
+  2024, "DoRA", arXiv 2402.09353, eq. 5): ``m`` (``d_out``) the trained magnitude, the norm
+  that of each row over the input dimension (the paper's column norm of ``W ∈ R^{d x k}``
+  in its layout; peft's ``torch.linalg.norm(W, dim=1)`` of ``d_out x d_in``), as peft's
+  ``merge_and_unload`` computes it. ``ΔW = (c − 1) ⊙ W0 + c ⊙ s B A`` with ``c = m / ‖W0 +
+  s B A‖_row``: a row rescaling of W0 plus a rank-r term, so generically of full rank.
+* ``full``: ``ΔW = W_ft − W0`` as the run stored it (``delta.safetensors``), dense.
+
+``svd.tsv`` (one run), columns ``module, layer, depth, matrix, quantity, index, value``:
 
 * ``module``: the adapted module's name inside the encoder (``layers.3.self_attn.v_proj``);
   ``layer`` its layer index ``i`` (0-based) and ``depth = (i + 1) / L``, the depth of the
-  residual state the module writes into (so models of different size share an axis).
-* ``matrix`` is ``delta_w`` (``ΔW = (alpha / r) · B A``), ``lora_a`` (``A``, ``r x d_in``),
-  ``lora_b`` (``B``, ``d_out x r``) or ``merged`` (``W0 + ΔW`` against the pre-trained
-  ``W0``).
+  residual state the module writes into (so models of different size share an axis; L is
+  the encoder's depth, from the model's ``config.json``, so runs that adapt some layers
+  only keep the same axis).
+* ``matrix`` is ``delta_w`` (ΔW above), ``lora_a`` (``A``, ``r x d_in``) and ``lora_b``
+  (``B``, ``d_out x r``) for LoRA and DoRA, or ``merged`` (``W0 + ΔW`` against the
+  pre-trained ``W0``).
 * For ``delta_w``, ``lora_a`` and ``lora_b``: ``quantity`` ``effective_rank`` (Roy &
   Vetterli 2007), ``stable_rank`` and ``energy_rank`` (directions holding
   ``energy_fraction`` of ``Σσ²``), each with an empty ``index``; and ``sigma`` with
-  ``index = 1..r`` the singular values in decreasing order. ``rank ΔW <= r``, so ``σ_i`` of
-  ``ΔW`` for ``i > r`` vanish identically (up to round-off) and are left out: the rows hold
-  its whole non-zero spectrum.
+  ``index = 1..n`` the singular values in decreasing order. For LoRA ``n = r``: ``rank ΔW
+  <= r``, so ``σ_i`` for ``i > r`` vanish identically (up to round-off) and are left out;
+  for DoRA and full fine-tuning ``n = min(d_out, d_in)``, the whole spectrum. Either way
+  the rows hold ΔW's whole non-zero spectrum.
 * For ``merged``: ``intruder_count`` (empty ``index``) and ``intruder_max_cos`` with
   ``index = 1..k``: for the ``j``-th left singular vector of ``W0 + ΔW``, its best
-  ``|cos|`` to any left singular vector of ``W0`` (Shuttleworth et al. 2024); an intruder
-  when below ``intruder_epsilon``.
+  ``|cos|`` to any left singular vector of ``W0`` (Shuttleworth et al. 2024, "LoRA vs full
+  fine-tuning: an illusion of equivalence"); an intruder when below ``intruder_epsilon``.
 * Nulls, one seeded draw per module (``analysis_seed`` and the module's name), so that a
-  number can be read against what structure-free updates give:
+  number can be read against what structure-free updates give. Both use ``n``, the number
+  of singular values above: the rank the method's update can reach (r for LoRA,
+  ``min(d_out, d_in)`` for DoRA and full fine-tuning).
 
-  - ``delta_w_null`` (same quantities as ``delta_w``): a random rank-r update of the same
-    Frobenius norm, ``ΔW_0 = ‖ΔW‖_F · Z_B Z_A / ‖Z_B Z_A‖_F`` with ``Z_B`` (``d_out x r``),
-    ``Z_A`` (``r x d_in``) standard normal: the spectrum, effective, stable and energy
-    rank of an update with the same energy and no preferred directions (nearly flat for
-    ``r ≪ d``: ranks near r). A trained ΔW well below it concentrates its energy.
+  - ``delta_w_null`` (same quantities as ``delta_w``): a random update of the same
+    Frobenius norm and the same rank n, drawn the way the method is parametrised with
+    i.i.d. standard normal parameters. LoRA: ``ΔW_0 = ‖ΔW‖_F · Z_B Z_A / ‖Z_B Z_A‖_F``
+    with ``Z_B`` (``d_out x r``), ``Z_A`` (``r x d_in``): nearly flat for ``r ≪ d``, ranks
+    near r. DoRA and full fine-tuning: ``ΔW_0 = ‖ΔW‖_F · Z / ‖Z‖_F`` with ``Z``
+    (``d_out x d_in``), the maximum-entropy update of a given energy, of full rank, its
+    spectrum the Marchenko–Pastur law. Either way the spectrum, effective, stable and
+    energy rank of an update with the same energy and rank and no preferred directions; a
+    trained ΔW well below it concentrates its energy in few directions. For DoRA, whose
+    ΔW is a row rescaling of W0 plus a rank-r term, part of that concentration is built
+    in: read it beside its ``lora_a``, ``lora_b`` rows and the LoRA runs.
   - ``merged_null`` (same quantities as ``merged``): ``W0 + U Σ Vᵀ`` with the trained
-    singular values ``Σ`` of ΔW and Haar-random orthonormal ``U`` (``d_out x r``), ``V``
-    (``d_in x r``): the intruder dimensions that the trained *spectrum* alone would make
-    in random directions. Trained intruders above it are directions that avoid W0's
+    singular values ``Σ`` of ΔW (all n) and Haar-random orthonormal ``U`` (``d_out x n``),
+    ``V`` (``d_in x n``): the intruder dimensions that the trained *spectrum* alone would
+    make in random directions. Trained intruders above it are directions that avoid W0's
     singular vectors more than chance; below it, directions aligned with them.
 
-  Both cost O(d r²) draws and QRs; the second one SVD of ``d_out x d_in`` per module (as
+  For LoRA both cost O(d r²) draws and QRs, and one SVD of ``d_out x d_in`` per module (as
   ``merged`` does; the singular values of ΔW and its stable rank are taken from r x r
-  factors, so the table costs about what it did without nulls).
+  factors). Dense updates cost a few SVDs of ``d_out x d_in`` per module.
 
-``subspace.tsv`` (one model x fold, all ranks), columns
-``model, fold, module, layer, depth, rank_a, rank_b, i, j, phi, phi_null``: for every pair of
-ranks ``rank_a < rank_b`` and every adapted module, ``φ(A_rank_a, A_rank_b, i, j)`` of Hu
-et al. 2021 (§7.2, eq. 4), and ``phi_null = max(i, j) / d_in``, its expectation for
+``subspace.tsv`` (one model x fold, all short-form LoRA ranks, :attr:`Method.in_rank_family`),
+columns ``model, fold, module, layer, depth, rank_a, rank_b, i, j, phi, phi_null``: for every
+pair of ranks ``rank_a < rank_b`` and every adapted module, ``φ(A_rank_a, A_rank_b, i, j)`` of
+Hu et al. 2021 (§7.2, eq. 4), and ``phi_null = max(i, j) / d_in``, its expectation for
 independent uniformly random subspaces of dimensions ``i`` and ``j`` of ``R^d_in``
 (:func:`random_subspace_phi`). The full ``r1 x r2`` grid is large for big ranks, so ``i``
 and ``j`` run over :func:`similarity_grid` (powers of two up to the rank, and the rank
@@ -58,6 +81,7 @@ import itertools
 import json
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +115,11 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # hand-made files may keep it (``...v_proj.lora_A.default.weight``).
 _ADAPTER_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
+)
+# DoRA's magnitude m (``...v_proj.lora_magnitude_vector``; with the adapter name and a
+# ``.weight`` in older or hand-made files).
+_MAGNITUDE_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$"
 )
 
 
@@ -200,12 +229,7 @@ def lora_update_spectra(
     delta = lora_delta(A, B, alpha=float(scaling) * r, r=r)
     if W0.shape != delta.shape:
         raise ValueError(f"base weight W0 {W0.shape} does not match ΔW = B A {delta.shape}")
-    k = int(intruder_k)
-    if k > min(W0.shape):
-        raise ValueError(f"intruder_k = {k} exceeds min(d_out, d_in) = {min(W0.shape)}")
-    epsilon = float(intruder_epsilon)
-    if not (0.0 < epsilon <= 1.0):
-        raise ValueError(f"intruder_epsilon must be in (0, 1]; got {epsilon}")
+    k, epsilon = _intruder_args(W0, intruder_k, intruder_epsilon)
     sigma = float(scaling) * product_singular_values(B, A)
     rows = _spectrum_rows("delta_w", sigma, r, energy_fraction)
     for matrix, M in (("lora_a", A), ("lora_b", B)):
@@ -229,53 +253,204 @@ def lora_update_spectra(
     return table
 
 
+def _intruder_args(W0: np.ndarray, intruder_k, intruder_epsilon) -> tuple[int, float]:
+    k = int(intruder_k)
+    if k > min(W0.shape):
+        raise ValueError(f"intruder_k = {k} exceeds min(d_out, d_in) = {min(W0.shape)}")
+    epsilon = float(intruder_epsilon)
+    if not (0.0 < epsilon <= 1.0):
+        raise ValueError(f"intruder_epsilon must be in (0, 1]; got {epsilon}")
+    return k, epsilon
+
+
+def dense_update_spectra(
+    delta,
+    W0,
+    energy_fraction: float = 0.9,
+    intruder_k: int = 10,
+    intruder_epsilon: float = 0.5,
+    rng: np.random.Generator | None = None,
+    factors: tuple | None = None,
+) -> pd.DataFrame:
+    """The ``matrix, quantity, index, value`` rows of ``svd.tsv`` for a dense update ΔW
+    (DoRA, full fine-tuning): :func:`lora_update_spectra`'s quantities with ΔW's whole
+    spectrum (``n = min(d_out, d_in)`` singular values) and the dense nulls of the module
+    docstring: ``delta_w_null = ‖ΔW‖_F · Z / ‖Z‖_F`` (``Z`` i.i.d. standard normal
+    ``d_out x d_in``) and ``merged_null = W0 + U Σ Vᵀ`` (the trained σ, Haar-random ``U``,
+    ``V`` of n columns). ``factors = (A, B)`` (DoRA) adds their ``lora_a``, ``lora_b`` rows.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    W0 = np.asarray(W0, dtype=np.float64)
+    if delta.ndim != 2 or W0.shape != delta.shape:
+        raise ValueError(f"base weight W0 {W0.shape} does not match ΔW {delta.shape}")
+    k, epsilon = _intruder_args(W0, intruder_k, intruder_epsilon)
+    sigma = np.linalg.svd(delta, compute_uv=False)
+    n = len(sigma)
+    rows = _spectrum_rows("delta_w", sigma, n, energy_fraction)
+    if factors is not None:
+        A, B = (np.asarray(M, dtype=np.float64) for M in factors)
+        r = A.shape[0]
+        for matrix, M in (("lora_a", A), ("lora_b", B)):
+            rows += _spectrum_rows(matrix, np.linalg.svd(M, compute_uv=False), r, energy_fraction)
+    U0, _, _ = np.linalg.svd(W0, full_matrices=False)
+    rows += _intruder_rows("merged", U0, W0 + delta, k, epsilon)
+    if rng is not None:
+        d_out, d_in = delta.shape
+        drawn = np.linalg.svd(rng.standard_normal((d_out, d_in)), compute_uv=False)
+        size = float(np.sqrt(np.sum(drawn**2)))
+        energy = float(np.sqrt(np.sum(sigma**2)))
+        rows += _spectrum_rows(
+            "delta_w_null", drawn * (energy / size if size > 0 else 0.0), n, energy_fraction
+        )
+        U, V = _haar_columns(rng, d_out, n), _haar_columns(rng, d_in, n)
+        rows += _intruder_rows("merged_null", U0, W0 + (U * sigma) @ V.T, k, epsilon)
+    table = pd.DataFrame(rows, columns=["matrix", "quantity", "index", "value"])
+    table["index"] = table["index"].astype("Int64")
+    return table
+
+
+# --------------------------------------------------------------------------- ΔW of every kind
+
+
+UPDATE_KINDS = ("lora", "dora", "full")
+
+
+def dora_weight(A, B, scaling: float, magnitude, W0) -> np.ndarray:
+    """DoRA's adapted weight ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_row`` (Liu et al. 2024,
+    arXiv 2402.09353, eq. 5), float64.
+
+    ``A`` (``r x d_in``), ``B`` (``d_out x r``), ``s = scaling``, ``magnitude`` ``m``
+    (``d_out``), ``W0`` (``d_out x d_in``). The norm is each output row's over the input
+    dimension (``‖V_i·‖₂``): the paper's column norm ``‖·‖_c`` of its ``d x k`` layout, and
+    peft's ``torch.linalg.norm(W0 + s B A, dim=1)`` (``DoraLinearLayer.get_weight_norm``,
+    ``fan_in_fan_out`` false), so ``W'`` is the weight peft's ``merge_and_unload`` writes.
+    """
+    A, B, W0 = (np.asarray(M, dtype=np.float64) for M in (A, B, W0))
+    magnitude = np.asarray(magnitude, dtype=np.float64).reshape(-1)
+    V = W0 + float(scaling) * (B @ A)
+    if V.shape != W0.shape or magnitude.shape != (W0.shape[0],):
+        raise ValueError(
+            f"DoRA shapes do not fit: W0 {W0.shape}, B A {(B.shape[0], A.shape[1])}, "
+            f"magnitude {magnitude.shape} (expected ({W0.shape[0]},))"
+        )
+    norm = np.linalg.norm(V, axis=1)
+    if np.any(norm == 0):
+        raise ValueError("W0 + s B A has a zero row; DoRA's direction is undefined there")
+    return (magnitude / norm)[:, None] * V
+
+
+def dora_delta(A, B, scaling: float, magnitude, W0) -> np.ndarray:
+    """DoRA's update ``ΔW = W' − W0`` (:func:`dora_weight`); with ``c = m / ‖W0 + s B A‖_row``
+    it is ``(c − 1) ⊙ W0 + c ⊙ s B A``, a row rescaling of W0 plus a rank-r term (so of full
+    rank once m moves off ``‖W0‖_row``, its value at initialisation, where B = 0 and ΔW = 0)."""
+    return dora_weight(A, B, scaling, magnitude, W0) - np.asarray(W0, dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class ModuleUpdate:
+    """One adapted module's update and its pre-trained weight ``W0`` (float64).
+
+    ``kind`` ``lora`` (``A``, ``B``, ``scaling``: ΔW = s B A, kept factored), ``dora``
+    (the same and ``magnitude``: :func:`dora_delta`) or ``full`` (``stored``: ΔW = W_ft − W0
+    as the run wrote it).
+    """
+
+    kind: str
+    W0: np.ndarray
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    scaling: float | None = None
+    magnitude: np.ndarray | None = None
+    stored: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.kind not in UPDATE_KINDS:
+            raise ValueError(f"update kind {self.kind!r} is not one of {UPDATE_KINDS}")
+
+    @property
+    def delta(self) -> np.ndarray:
+        """ΔW (``d_out x d_in``, float64), dense."""
+        if self.kind == "lora":
+            return float(self.scaling) * (self.B @ self.A)
+        if self.kind == "dora":
+            return dora_delta(self.A, self.B, self.scaling, self.magnitude, self.W0)
+        return np.asarray(self.stored, dtype=np.float64)
+
+
+def update_spectra(update: ModuleUpdate, cfg, rng: np.random.Generator | None) -> pd.DataFrame:
+    """``svd.tsv`` rows of one module: LoRA by its factors (:func:`lora_update_spectra`),
+    DoRA and full by the dense ΔW (:func:`dense_update_spectra`)."""
+    options = {
+        "energy_fraction": cfg["energy_fraction"],
+        "intruder_k": cfg["intruder_k"],
+        "intruder_epsilon": cfg["intruder_epsilon"],
+        "rng": rng,
+    }
+    if update.kind == "lora":
+        return lora_update_spectra(update.A, update.B, update.scaling, update.W0, **options)
+    factors = (update.A, update.B) if update.kind == "dora" else None
+    return dense_update_spectra(update.delta, update.W0, factors=factors, **options)
+
+
 def _as_numpy(tensor) -> np.ndarray:
     return tensor.detach().to("cpu").double().numpy()
 
 
 def compute_svd(run, cfg: dict, seed: int) -> pd.DataFrame:
-    """``svd.tsv`` of a LoRA run: :func:`lora_update_spectra` for every adapted module.
+    """``svd.tsv`` of a live peft run (LoRA or DoRA): :func:`update_spectra` for every adapted module.
 
     Reads ``cfg["energy_fraction"]``, ``cfg["intruder_k"]``, ``cfg["intruder_epsilon"]``;
     ``seed`` seeds the null draws (:func:`null_rng`). Adapted modules are peft
     ``LoraLayer``s of the ``default`` adapter (``lora_A``, ``lora_B``, ``scaling``,
-    ``base_layer``).
+    ``base_layer``; DoRA's ``lora_magnitude_vector`` too). The workflow's job reads the
+    files instead (:func:`svd_from_files`), which also covers full fine-tuning.
     """
     modules = run.lora_modules()
     if not modules:
         raise ValueError(
-            f"svd: run {run.model}/{run.method}/fold{run.fold} has no LoRA modules (a frozen run?)"
+            f"svd: run {run.model}/{run.method}/fold{run.fold} has no LoRA modules (a frozen "
+            "or fully fine-tuned run? read its files with svd_from_files)"
         )
-    factors, base = {}, {}
+    updates = {}
     for name, module in modules.items():
         if "default" not in module.lora_A:
             raise ValueError(
                 f"svd: module {name} has no 'default' adapter (adapters: {list(module.lora_A)})"
             )
-        factors[name] = (
-            _as_numpy(module.lora_A["default"].weight),
-            _as_numpy(module.lora_B["default"].weight),
-            float(module.scaling["default"]),
+        magnitudes = getattr(module, "lora_magnitude_vector", None) or {}
+        magnitude = _as_numpy(magnitudes["default"].weight) if "default" in magnitudes else None
+        updates[name] = ModuleUpdate(
+            "lora" if magnitude is None else "dora",
+            _as_numpy(module.base_layer.weight),
+            A=_as_numpy(module.lora_A["default"].weight),
+            B=_as_numpy(module.lora_B["default"].weight),
+            scaling=float(module.scaling["default"]),
+            magnitude=magnitude,
         )
-        base[name] = _as_numpy(module.base_layer.weight)
-    return svd_table(factors, base, len(run.encoder.layers), cfg, seed)
+    return update_svd_table(updates, len(run.encoder.layers), cfg, seed)
 
 
 def svd_table(factors: dict, base: dict, n_layers: int, cfg, seed: int | None) -> pd.DataFrame:
-    """``svd.tsv`` from ``{module: (A, B, scaling)}`` and ``{module: W0}`` (module order by
-    layer); ``seed`` seeds the null rows (None: no null rows)."""
+    """``svd.tsv`` of LoRA factors ``{module: (A, B, scaling)}`` and ``{module: W0}``
+    (:func:`update_svd_table`)."""
+    updates = {
+        name: ModuleUpdate("lora", base[name], A=A, B=B, scaling=scaling)
+        for name, (A, B, scaling) in factors.items()
+    }
+    return update_svd_table(updates, n_layers, cfg, seed)
+
+
+def update_svd_table(
+    updates: dict[str, ModuleUpdate], n_layers: int, cfg, seed: int | None
+) -> pd.DataFrame:
+    """``svd.tsv`` from ``{module: ModuleUpdate}`` (module order by layer); ``seed`` seeds
+    the null rows (None: no null rows)."""
+    if not updates:
+        raise ValueError("svd: no adapted module")
     tables = []
-    for name in sorted(factors, key=_module_order):
-        A, B, scaling = factors[name]
-        table = lora_update_spectra(
-            A,
-            B,
-            scaling,
-            base[name],
-            energy_fraction=cfg["energy_fraction"],
-            intruder_k=cfg["intruder_k"],
-            intruder_epsilon=cfg["intruder_epsilon"],
-            rng=None if seed is None else null_rng(seed, name),
+    for name in sorted(updates, key=_module_order):
+        table = update_spectra(
+            updates[name], cfg, rng=None if seed is None else null_rng(seed, name)
         )
         layer = layer_index(name)
         table.insert(0, "depth", _depth(layer, n_layers))
@@ -333,15 +508,17 @@ def load_lora_a(adapter_dir: Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def _n_layers(adapter_dir: Path, modules) -> int:
-    """Encoder depth L from the adapted modules, valid because every layer is adapted.
+def _n_layers(adapter_dir: Path | None, modules) -> int:
+    """Encoder depth L from the adapted modules, valid when every layer is adapted.
 
-    The project's adapters target module names in every layer (``layers_to_transform`` is
-    unset), so L = 1 + the largest layer index; anything else would give a wrong depth.
+    The short-form adapters target module names in every layer (``layers_to_transform`` is
+    unset), so L = 1 + the largest layer index; anything else would give a wrong depth. Runs
+    that adapt some layers take L from the model (:func:`encoder_depth`).
     """
-    config_path = Path(adapter_dir) / "adapter_config.json"
+    config_path = Path(adapter_dir or ".") / "adapter_config.json"
     if (
-        config_path.is_file()
+        adapter_dir is not None
+        and config_path.is_file()
         and json.loads(config_path.read_text()).get("layers_to_transform") is not None
     ):
         raise ValueError(
@@ -488,18 +665,121 @@ def encoder_weights(model_dir: Path, modules) -> dict[str, np.ndarray]:
     return out
 
 
-def svd_from_files(adapter_dir: Path, model_dir: Path, cfg, seed: int | None) -> pd.DataFrame:
-    """:func:`compute_svd` from the adapter folder and the pre-trained weights (no model built)."""
-    factors = load_lora_factors(adapter_dir)
+def load_dora_magnitudes(adapter_dir: Path) -> dict[str, np.ndarray]:
+    """``{module: m}`` (``d_out``, float64): DoRA's magnitude vectors of a peft ``adapter/``
+    folder or an ``adapter_epochs/epoch{k}.safetensors`` snapshot (empty for plain LoRA)."""
+    path = Path(adapter_dir)
+    if path.is_dir():
+        path = path / "adapter_model.safetensors"
+    out = {}
+    for key, value in load_file(str(path)).items():
+        match = _MAGNITUDE_KEY.match(key)
+        if match:
+            out[match["module"]] = value.astype(np.float64).reshape(-1)
+    return out
+
+
+def load_full_delta(path: Path) -> dict[str, np.ndarray]:
+    """``{module: ΔW}`` (float64) of a full fine-tuning run's ``delta.safetensors``, whose keys
+    are ``WhisperEncoder`` weight names (``layers.3.self_attn.v_proj.weight``: ΔW = W_ft − W0,
+    :func:`serlens.train.lora.weight_updates`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no weight update; rerun the full fine-tuning run")
+    out = {}
+    for key, value in load_file(str(path)).items():
+        if not key.endswith(".weight") or value.ndim != 2:
+            raise ValueError(
+                f"{path}: key {key!r} {value.shape} is not a module's 2-D weight "
+                "('layers.<i>.<...>.weight')"
+            )
+        out[key.removesuffix(".weight")] = value.astype(np.float64)
+    if not out:
+        raise ValueError(f"{path}: holds no weight update")
+    return out
+
+
+def update_kind(path: Path) -> str:
+    """What a run's ``update`` product is: ``lora`` or ``dora`` (a peft adapter folder, by its
+    config's ``use_dora``) or ``full`` (a ``.safetensors`` file of ΔW)."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "adapter_config.json"
+        if not config.is_file():
+            raise FileNotFoundError(
+                f"{path}: a folder without adapter_config.json is no peft adapter"
+            )
+        return "dora" if json.loads(config.read_text()).get("use_dora") else "lora"
+    if path.suffix == ".safetensors" and path.is_file():
+        return "full"
+    raise FileNotFoundError(
+        f"{path}: neither a peft adapter folder (adapter_config.json) nor a delta.safetensors"
+    )
+
+
+def load_update(path: Path, model_dir: Path) -> dict[str, ModuleUpdate]:
+    """``{module: ModuleUpdate}`` of a run's update (its ``adapter/`` folder or its
+    ``delta.safetensors``, :func:`update_kind`), with ``W0`` read from the pre-trained
+    weights in ``model_dir``; no model built, no peft needed."""
+    kind = update_kind(path)
+    if kind == "full":
+        stored = load_full_delta(path)
+        base = encoder_weights(model_dir, stored)
+        for name, delta in stored.items():
+            if delta.shape != base[name].shape:
+                raise ValueError(f"{path}: ΔW of {name} is {delta.shape}, W0 {base[name].shape}")
+        return {name: ModuleUpdate("full", base[name], stored=stored[name]) for name in stored}
+    factors = load_lora_factors(path)
     base = encoder_weights(model_dir, factors)
-    return svd_table(factors, base, _n_layers(adapter_dir, factors), cfg, seed)
+    magnitudes = load_dora_magnitudes(path)
+    if kind == "dora" and set(magnitudes) != set(factors):
+        raise ValueError(
+            f"{path}: a DoRA adapter (use_dora) without the magnitude of "
+            f"{sorted(set(factors) - set(magnitudes))[:3]}"
+        )
+    if kind == "lora" and magnitudes:
+        raise ValueError(f"{path}: lora_magnitude_vector weights, but use_dora is not set")
+    return {
+        name: ModuleUpdate(
+            kind, base[name], A=A, B=B, scaling=scaling, magnitude=magnitudes.get(name)
+        )
+        for name, (A, B, scaling) in factors.items()
+    }
+
+
+def update_deltas(path: Path, model_dir: Path) -> dict[str, np.ndarray]:
+    """ΔW (dense, float64, ``d_out x d_in``) of every adapted module of a run with an update:
+    LoRA ``s B A``, DoRA ``W' − W0`` (:func:`dora_delta`), full fine-tuning ``W_ft − W0``
+    as stored (module docstring)."""
+    return {name: update.delta for name, update in load_update(path, model_dir).items()}
+
+
+def encoder_depth(model_dir: Path) -> int | None:
+    """The encoder's number of layers L (``encoder_layers`` of the model's ``config.json``);
+    None when the folder has no config."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    layers = json.loads(config.read_text()).get("encoder_layers")
+    return None if layers is None else int(layers)
+
+
+def svd_from_files(update_path: Path, model_dir: Path, cfg, seed: int | None) -> pd.DataFrame:
+    """``svd.tsv`` from a run's update (``adapter/`` folder or ``delta.safetensors``) and the
+    pre-trained weights (no model built); for LoRA and DoRA the same table as
+    :func:`compute_svd` of the live model."""
+    updates = load_update(update_path, model_dir)
+    n_layers = encoder_depth(model_dir)
+    if n_layers is None:  # no config.json: infer L, valid when every layer is adapted
+        n_layers = _n_layers(update_path if Path(update_path).is_dir() else None, updates)
+    return update_svd_table(updates, n_layers, cfg, seed)
 
 
 def _svd(run, settings) -> pd.DataFrame:
     from serlens.steps import model_path
 
     return svd_from_files(
-        run.path("adapter"), model_path(run.path("weights")), settings, settings["seed"]
+        run.path("weight_update"), model_path(run.path("weights")), settings, settings["seed"]
     )
 
 
@@ -528,12 +808,11 @@ def _draw_spectra(tables, model, context):
 def _specs():
     from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
 
-    has_update = lambda method: method.has_adapter  # noqa: E731
     svd = AnalysisSpec(
         name="svd",
         compute=_svd,
-        applies_to=has_update,
-        reads=frozenset({"adapter", "weights"}),
+        applies_to=lambda method: method.has_update,
+        reads=frozenset({"weight_update", "weights"}),
         keys=("energy_fraction", "intruder_k", "intruder_epsilon"),
         uses_seed=True,  # the null draws
         table=TableSpec(("module", "layer", "depth", "matrix", "quantity", "index")),
@@ -546,13 +825,14 @@ def _specs():
                 keys=("intruder_epsilon", "energy_fraction"),
             ),
         ),
-        doc="singular spectra, effective and energy ranks of ΔW = s·BA, intruder dimensions, "
-        "each with a random null (same energy; same spectrum in random directions)",
+        doc="singular spectra, effective and energy ranks of the update ΔW (LoRA s·BA, DoRA "
+        "W' − W0, full W_ft − W0), intruder dimensions, each with a random null (same energy "
+        "and rank; same spectrum in random directions)",
     )
     subspace = AnalysisSpec(
         name="subspace",
         compute=_subspace,
-        applies_to=has_update,
+        applies_to=lambda method: method.in_rank_family,
         reads=frozenset({"adapter"}),
         keys=(),
         table=TableSpec(

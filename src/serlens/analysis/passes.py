@@ -54,25 +54,29 @@ PASS_KEYS = ("batch_size", "train_sample")
 #: Keys only the A/B statistics of a run's pass read (:func:`pass_settings` with ``ab``).
 AB_KEYS = ("untrained_baseline",)
 #: Keys only the causal tests of a run's pass read (:mod:`serlens.analysis.causal`).
-CAUSAL_KEYS = ("causal_stride",)
+CAUSAL_KEYS = ("causal_stride", "causal_ablation")
 #: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
 PAPER_BASELINE_KEYS = ("untrained_init_std",)
 
 
-def pass_settings(config: dict, ab: bool = True) -> dict:
+def pass_settings(config: dict, ab: bool = True, causal: bool | None = None) -> dict:
     """Everything an encoder pass reads (the rule's params).
 
     ``ab``: the pass also writes the A/B statistics (a run's pass; the base pass does not
     and can leave them out, so that changing the baseline does not rerun it). The std of
     the ``paper`` baseline is passed only with that baseline, so that every key passed is
-    read and changing the std does not rerun a ``matched_scale`` pass.
+    read and changing the std does not rerun a ``matched_scale`` pass. ``causal`` (default:
+    as ``ab``): the pass also computes the causal tests (a fully fine-tuned run's pass has
+    them without A/B statistics).
     """
     analysis = config["analysis"]
     keys = [*PASS_KEYS]
     if ab:
-        keys += AB_KEYS + CAUSAL_KEYS
+        keys += AB_KEYS
         if analysis["untrained_baseline"] == "paper":
             keys += PAPER_BASELINE_KEYS
+    if ab if causal is None else causal:
+        keys += CAUSAL_KEYS
     return {
         "classes": list(config["corpus"]["classes"]),
         "audio": dict(config["audio"]),

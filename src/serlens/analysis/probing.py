@@ -68,6 +68,43 @@ without ``item``), or the fold's scored rows share no item with its fitting rows
 rows are NaN with the reason in ``status`` (e.g. ``no recurring item in this corpus``), and so
 is the selectivity — not a number that would only be task − chance.
 
+The speaker band
+----------------
+UAR is not additive over speakers: the pooled UAR averages per-class recalls whose
+denominators pool the classes' utterances over speakers, so a mean of per-speaker UARs is
+another statistic (and undefined for a speaker lacking a class). The band is therefore a
+*speaker-cluster bootstrap of the reported statistic* (:func:`speaker_bootstrap`): the
+probes stay as fitted, and each resample recomputes UAR and WAR from the test predictions of
+the utterances of resampled test speakers, pooled (so it is the variation over the speakers
+scored, not over those fitted on: the probes are not refitted). With the scored utterances
+i, their labels y_i, predictions ŷ_i and speakers s(i) ∈ {1..S} (sorted), the per-speaker counts
+``n_sk = #{i: s(i) = s, y_i = k}`` and ``c_sk = #{i: s(i) = s, y_i = k = ŷ_i}``, resample b
+draws S − 1 speakers with replacement, speaker s m_bs times (a speaker drawn twice counts
+twice), and::
+
+    UAR_b = (1 / |K_b|) Σ_{k ∈ K_b} (Σ_s m_bs c_sk) / (Σ_s m_bs n_sk),   K_b = {k : Σ_s m_bs n_sk > 0}
+    WAR_b = (Σ_{s,k} m_bs c_sk) / (Σ_{s,k} m_bs n_sk)
+    band  = [q_2.5 %, q_97.5 %] of {UAR_b : b = 1..B},   B = BAND_RESAMPLES = 1000
+
+— as :func:`serlens.stats.cluster_bootstrap_uar` on one fold, to which it is identical for
+the same seed. S − 1 draws rather than S: the rescaled bootstrap of :mod:`serlens.stats`
+(McCarthy & Snowden 1985), whose S draws understate the variance by (S − 1)/S. The draws are
+seeded by ``analysis_seed`` and are the same for every layer, task and protocol (the same
+test speakers), so the emotion and the control task of a layer are resampled *paired*: the
+selectivity band is the percentile band of UAR_b(emotion) − UAR_b(control). Resamples whose
+speakers have no scored utterance (the control task scores only the utterances with a
+recurring item) have no value and are left out of the percentiles. With two test speakers
+(IEMOCAP's, EmoDB's and the synthetic corpus' folds) every resample is one speaker, and the
+band runs from the probe's UAR on one speaker's utterances alone to that on the other's: not a
+calibrated 95 % interval (two clusters cannot give one), but how far the fold's number moves
+with who was recorded. A fold with one test speaker, or a task whose scored utterances come
+from one, has no band (NaN, the reason in ``status``). The band describes *one fold's* UAR;
+the aggregated table averages the per-fold limits over folds and seeds (its ``mean`` of the
+band rows), which is the band of a typical fold, wider than an interval of the mean over
+independent folds would be. The aggregate's own speaker band
+(:func:`serlens.report.aggregate.speaker_band`) needs per-speaker rows whose
+utterance-weighted mean is the run's value, which UAR's are not.
+
 Output (tidy, one row per protocol × layer × task)
 -------------------------------------------------
 ``protocol``, ``layer`` (0..L), ``depth`` (= layer / L), ``task`` (``emotion`` or
@@ -79,6 +116,17 @@ without converging; lbfgs warnings are recorded here, not dropped), ``n_train`` 
 probe(s) were fitted on), ``n_test`` (rows scored; 0 where nothing was), and
 ``selectivity_uar``, ``selectivity_war`` (emotion − control of the same protocol and layer)
 on the ``emotion`` rows, empty (NaN) on the ``control`` rows.
+
+With ``band_resamples > 0`` (the workflow's :func:`_compute`; :func:`probe_layers` and
+:func:`compute_probing` leave it off by default) every row is followed, after all of them,
+by two *band rows* with the same ``protocol, layer, depth`` and ``task`` =
+``{task}_band_low`` and ``{task}_band_high``: their ``uar``, ``war`` (and, on the emotion
+band rows, ``selectivity_uar``, ``selectivity_war``) are the lower and upper limits of the
+speaker band (above); ``status`` is ``ok`` or why there is no band; ``C`` and ``cv_uar`` are
+empty (the band rows describe the probe of their row, whose ``n_train``, ``n_test``,
+``cv_groups``, ``converged`` they repeat). Band rows, not band columns, so the fold
+aggregation (:mod:`serlens.report.aggregate`, which melts the spec's value columns) averages
+the limits like any value, and per-run tables without them still aggregate.
 """
 
 from __future__ import annotations
@@ -116,6 +164,8 @@ __all__ = [
     "fit_probe",
     "pooled_states",
     "probe_layers",
+    "speaker_bootstrap",
+    "speaker_draws",
     "speakers_from_manifest",
 ]
 
@@ -127,6 +177,12 @@ NO_ITEM = "no recurring item in this corpus"
 ONE_SPEAKER = "cross-fit needs two test speakers; this fold has one"
 NO_TRAIN_TEST_ITEM = "no test utterance's item occurs in the train split"
 NO_CROSSFIT_ITEM = "no item recurs between the two halves of the test speakers"
+#: The speaker band (module docstring): resamples, level, and the ``task`` suffixes of its rows.
+BAND_RESAMPLES = 1000
+BAND_LEVEL = 0.95
+BAND_BOUNDS = ("band_low", "band_high")
+ONE_BAND_SPEAKER = "the speaker band needs two test speakers; this fold has one"
+ONE_SCORED_SPEAKER = "the speaker band needs two speakers among the scored utterances"
 
 
 # --------------------------------------------------------------------------- control labels
@@ -295,6 +351,137 @@ def fit_probe(
     )
 
 
+# --------------------------------------------------------------------------- the speaker band
+
+
+def speaker_draws(n_speakers: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, n_speakers)`` multiplicities m_bs: each resample draws n_speakers − 1
+    speakers with replacement (module docstring; the draws of :mod:`serlens.stats` for one
+    fold, from ``np.random.default_rng(seed)``)."""
+    if n_speakers < 2:
+        raise ValueError(f"the speaker band needs at least 2 speakers, got {n_speakers}")
+    if int(resamples) < 2:
+        raise ValueError(f"resamples: must be at least 2, got {resamples}")
+    resamples = int(resamples)
+    rng = np.random.default_rng(int(seed))
+    drawn = rng.integers(0, n_speakers, size=(resamples, n_speakers - 1))
+    flat = (drawn + n_speakers * np.arange(resamples)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=resamples * n_speakers)
+    return counts.reshape(resamples, n_speakers).astype(np.float64)
+
+
+def resampled_scores(
+    labels: np.ndarray,
+    preds: np.ndarray,
+    speaker: np.ndarray,
+    weights: np.ndarray,
+    n_classes: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """UAR_b and WAR_b (module docstring) of every resample, ``(resamples,)`` each.
+
+    ``speaker``: per utterance, its column in ``weights`` (``(resamples, S)`` multiplicities).
+    NaN where a resample holds no utterance.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    speaker = np.asarray(speaker, dtype=np.int64)
+    correct = (np.asarray(preds) == labels).astype(np.float64)
+    n_speakers = weights.shape[1]
+    support = np.zeros((n_speakers, n_classes))
+    hits = np.zeros((n_speakers, n_classes))
+    np.add.at(support, (speaker, labels), 1.0)
+    np.add.at(hits, (speaker, labels), correct)
+    n, c = weights @ support, weights @ hits  # (resamples, K): pooled counts per class
+    present = n > 0
+    recall = np.divide(c, n, out=np.zeros_like(c), where=present)
+    n_present, total = present.sum(axis=1), n.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        uar_b = np.where(n_present > 0, recall.sum(axis=1) / n_present, np.nan)
+        war_b = np.where(total > 0, c.sum(axis=1) / total, np.nan)
+    return uar_b, war_b
+
+
+def percentile_band(draws: np.ndarray, level: float = BAND_LEVEL) -> tuple[float, float]:
+    """The ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of the finite draws (NaN, NaN if none)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level: must lie in (0, 1), got {level}")
+    finite = np.asarray(draws, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not len(finite):
+        return np.nan, np.nan
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def speaker_bootstrap(
+    labels,
+    preds,
+    speakers,
+    n_classes: int,
+    resamples: int = BAND_RESAMPLES,
+    seed: int = 0,
+    level: float = BAND_LEVEL,
+) -> dict[str, tuple[float, float]]:
+    """The speaker band (module docstring) of one set of predictions: ``{"uar": (low, high),
+    "war": (low, high)}``; ``speakers`` per utterance (at least two distinct)."""
+    names, speaker = np.unique(np.asarray(speakers, dtype=str), return_inverse=True)
+    weights = speaker_draws(len(names), resamples, seed)
+    uar_b, war_b = resampled_scores(labels, preds, speaker, weights, n_classes)
+    return {"uar": percentile_band(uar_b, level), "war": percentile_band(war_b, level)}
+
+
+def _band_rows(
+    table: pd.DataFrame,
+    scored: Mapping[tuple[str, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    speakers: np.ndarray,
+    n_classes: int,
+    resamples: int,
+    seed: int,
+    level: float = BAND_LEVEL,
+) -> pd.DataFrame:
+    """Two band rows per row of ``table`` (module docstring). ``scored``: (protocol, layer,
+    task) -> (scored test rows, their labels, their predictions)."""
+    names, speaker = np.unique(np.asarray(speakers, dtype=str), return_inverse=True)
+    weights = speaker_draws(len(names), resamples, seed) if len(names) >= 2 else None
+    draws, status = {}, {}
+    for protocol, layer, task, row_status in table[
+        ["protocol", "layer", "task", "status"]
+    ].itertuples(index=False):
+        key = (protocol, int(layer), task)
+        if row_status != OK:
+            status[key] = row_status
+        elif weights is None:
+            status[key] = ONE_BAND_SPEAKER
+        elif len(np.unique(speaker[scored[key][0]])) < 2:
+            status[key] = ONE_SCORED_SPEAKER
+        else:
+            index, y, pred = scored[key]
+            draws[key] = resampled_scores(y, pred, speaker[index], weights, n_classes)
+            status[key] = OK
+    out = []
+    for est in table.to_dict("records"):
+        key = (est["protocol"], int(est["layer"]), est["task"])
+        got = draws.get(key)
+        other = draws.get((key[0], key[1], "control")) if key[2] == "emotion" else None
+        limits = {}
+        for metric, i in (("uar", 0), ("war", 1)):
+            limits[metric] = percentile_band(got[i], level) if got else (np.nan, np.nan)
+            paired = got is not None and other is not None
+            limits[f"selectivity_{metric}"] = (
+                percentile_band(got[i] - other[i], level) if paired else (np.nan, np.nan)
+            )
+        for b, bound in enumerate(BAND_BOUNDS):
+            row = {
+                **est,
+                "task": f"{est['task']}_{bound}",
+                "status": status[key],
+                "C": np.nan,
+                "cv_uar": np.nan,
+            }
+            row.update({metric: pair[b] for metric, pair in limits.items()})
+            out.append(row)
+    return pd.DataFrame(out, columns=table.columns)
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -383,11 +570,13 @@ def _train_test(train: ProbeSet, test: ProbeSet, control, n_classes, Cs, cv, see
     fit_rows, score_rows, status = _control_plan(
         train.items, ctrl_train, test.items, ctrl_test, bool(control), NO_TRAIN_TEST_ITEM
     )
-    rows = []
+    rows, scored = [], {}
+    everyone = np.arange(len(test))
     for layer in range(train.n_layers + 1):
         X_train, X_test = train.states[:, layer], test.states[:, layer]
         probe = fit_probe(X_train, train.labels, splits, Cs, n_classes, max_iter)
         pred = probe.predict(X_test)
+        scored["train_test", layer, "emotion"] = (everyone, test.labels, pred)
         common = dict(C=probe.C, cv_groups=groups)
         rows.append(
             _row(
@@ -405,6 +594,7 @@ def _train_test(train: ProbeSet, test: ProbeSet, control, n_classes, Cs, cv, see
             X_train[fit_rows], ctrl_train[fit_rows], (), Cs, n_classes, max_iter, C=probe.C
         )
         y, pred = ctrl_test[score_rows], ctrl.predict(X_test[score_rows])
+        scored["train_test", layer, "control"] = (score_rows, y, pred)
         rows.append(
             _row(
                 "train_test", layer, train.n_layers, "control", OK,
@@ -412,7 +602,7 @@ def _train_test(train: ProbeSet, test: ProbeSet, control, n_classes, Cs, cv, see
                 n_train=len(fit_rows), n_test=len(score_rows), **common,
             )
         )  # fmt: skip
-    return rows
+    return rows, scored
 
 
 def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
@@ -422,7 +612,7 @@ def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
             _row("crossfit_test", layer, test.n_layers, task, ONE_SPEAKER)
             for layer in range(test.n_layers + 1)
             for task in TASKS
-        ]
+        ], {}
     ctrl_all = control_targets(test.items, control)
     plans = []  # per direction: CV splits, grouping, control rows (as test indices)
     for fit, score in directions:
@@ -432,7 +622,7 @@ def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
                 _row("crossfit_test", layer, test.n_layers, task, status)
                 for layer in range(test.n_layers + 1)
                 for task in TASKS
-            ]
+            ], {}
         splits, groups = cv_folds(
             test.sessions[fit], test.speakers[fit], test.labels[fit], cv, seed,
             allow_utterances=True,
@@ -451,7 +641,7 @@ def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
     control_ok = [p for p in plans if p[-1] == OK]
     control_status = OK if control_ok else plans[0][-1]
     groups = "+".join(dict.fromkeys(p[3] for p in plans))
-    rows = []
+    rows, scored = [], {}
     for layer in range(test.n_layers + 1):
         X = test.states[:, layer]
         pred = np.full(len(test), -1)
@@ -469,6 +659,7 @@ def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
             probes.append((probe, ctrl))
         C = float(np.exp(np.mean([np.log(p.C) for p, _ in probes])))
         cv_scores = [p.cv_uar for p, _ in probes if not np.isnan(p.cv_uar)]
+        scored["crossfit_test", layer, "emotion"] = (np.arange(len(test)), test.labels, pred)
         rows.append(
             _row(
                 "crossfit_test", layer, test.n_layers, "emotion", OK,
@@ -482,18 +673,19 @@ def _crossfit(test: ProbeSet, control, n_classes, Cs, cv, seed, max_iter):
         if control_status != OK:
             rows.append(_row("crossfit_test", layer, test.n_layers, "control", control_status))
             continue
-        scored = ctrl_pred >= 0
-        y = ctrl_all[scored]
+        hit = np.flatnonzero(ctrl_pred >= 0)
+        y = ctrl_all[hit]
+        scored["crossfit_test", layer, "control"] = (hit, y, ctrl_pred[hit])
         rows.append(
             _row(
                 "crossfit_test", layer, test.n_layers, "control", OK,
-                C=C, cv_groups=groups, uar=uar(y, ctrl_pred[scored], n_classes),
-                war=war(y, ctrl_pred[scored]),
+                C=C, cv_groups=groups, uar=uar(y, ctrl_pred[hit], n_classes),
+                war=war(y, ctrl_pred[hit]),
                 converged=all(c.converged for _, c in probes if c is not None),
-                n_train=sum(len(p[4]) for p in control_ok), n_test=int(scored.sum()),
+                n_train=sum(len(p[4]) for p in control_ok), n_test=len(hit),
             )
         )  # fmt: skip
-    return rows
+    return rows, scored
 
 
 def probe_layers(
@@ -506,12 +698,17 @@ def probe_layers(
     protocols: Sequence[str] = PROTOCOLS,
     control: Mapping[str, int] | None = None,
     max_iter: int = MAX_ITER,
+    band_resamples: int = 0,
 ) -> pd.DataFrame:
     """The probing table (module docstring) of ``protocols`` (``train_test`` needs ``train``).
 
     ``control``: item -> control label (:func:`control_labels` over the whole corpus, as the
     workflow passes it); None derives it from the rows of ``train`` and ``test``.
+    ``band_resamples``: resamples of the speaker band, whose rows follow (module docstring;
+    drawn with ``seed``); 0, the default, leaves the band rows out.
     """
+    if band_resamples and int(band_resamples) < 2:
+        raise ValueError(f"band_resamples: 0 (no band) or at least 2, got {band_resamples}")
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown probing protocols {sorted(unknown)}; known: {PROTOCOLS}")
@@ -530,7 +727,7 @@ def probe_layers(
             n_classes,
             seed,
         )
-    rows = []
+    rows, scored = [], {}
     # One BLAS/OpenMP thread: these matrices are small (N x D, N ~ 100s), and on a shared
     # CPU idle-spinning BLAS threads made the fits ten times slower.
     with threadpool_limits(limits=1):
@@ -538,9 +735,11 @@ def probe_layers(
             if protocol not in protocols:
                 continue
             if protocol == "train_test":
-                rows += _train_test(train, test, control, n_classes, Cs, cv, seed, max_iter)
+                got = _train_test(train, test, control, n_classes, Cs, cv, seed, max_iter)
             else:
-                rows += _crossfit(test, control, n_classes, Cs, cv, seed, max_iter)
+                got = _crossfit(test, control, n_classes, Cs, cv, seed, max_iter)
+            rows += got[0]
+            scored.update(got[1])
     table = pd.DataFrame(rows)
     emotion = table["task"] == "emotion"
     control_rows = table[~emotion].set_index(["protocol", "layer"])
@@ -548,6 +747,9 @@ def probe_layers(
     for metric in ("uar", "war"):
         other = control_rows[metric].reindex(key).to_numpy()
         table[f"selectivity_{metric}"] = np.where(emotion, table[metric] - other, np.nan)
+    if band_resamples:
+        band = _band_rows(table, scored, test.speakers, n_classes, band_resamples, seed)
+        table = pd.concat([table, band], ignore_index=True)
     return table
 
 
@@ -640,8 +842,10 @@ def compute_probing(
     seed: int,
     manifest: Path | pd.DataFrame | None = None,
     features_path: Path | None = None,
+    band_resamples: int = 0,
 ) -> pd.DataFrame:
-    """Probe every layer of ``run`` for emotion and the control task (table: module docstring).
+    """Probe every layer of ``run`` for emotion and the control task (table: module docstring;
+    ``band_resamples`` > 0 adds the speaker band's rows).
 
     Frozen runs: both protocols, states from the feature cache at ``features_path`` (no
     encoder pass) or, without one, from one pass of ``run.encoder``. LoRA runs: the cross-fit
@@ -682,6 +886,7 @@ def compute_probing(
         seed=seed,
         protocols=protocols,
         control=control,
+        band_resamples=band_resamples,
     )
 
 
@@ -690,7 +895,8 @@ def compute_probing(
 
 def _compute(run, settings) -> pd.DataFrame:
     """Frozen runs: both protocols on the feature cache; LoRA runs: the cross-fit on their own
-    pass's test states (the adapter trained on the train split)."""
+    pass's test states (the adapter trained on the train split). With the speaker band's rows
+    (:data:`BAND_RESAMPLES` resamples seeded by ``analysis_seed``)."""
     from serlens.corpus.manifest import read_manifest
     from serlens.train.features import load_features
 
@@ -722,6 +928,7 @@ def _compute(run, settings) -> pd.DataFrame:
         seed=seed,
         protocols=protocols,
         control=control,
+        band_resamples=BAND_RESAMPLES,
     )
 
 
@@ -752,7 +959,8 @@ def _spec():
         figures=(FigureSpec("probing", _draw, ("probing",), "Probing"),),
         doc=(
             "session-grouped logistic probes of every layer (train→test for frozen runs, "
-            "cross-fitted over test-speaker halves for all), with an item-level control task"
+            "cross-fitted over test-speaker halves for all), with an item-level control task "
+            "and a speaker-bootstrap band of each fold's UAR"
         ),
     )
 

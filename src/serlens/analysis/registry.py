@@ -34,6 +34,7 @@ PRODUCTS = {
     "features": "the cached pooled states of the pre-trained encoder (every utterance)",
     "head": "the run's trained head (head.safetensors)",
     "adapter": "the run's adapter folder (adapter/)",
+    "weight_update": "the run's weight update: its adapter/ (LoRA, DoRA) or delta.safetensors (full fine-tuning, ΔW = W_ft − W0 of its targets)",
     "adapter_epochs": "the run's adapter at initialisation and after every epoch (adapter_epochs/)",
     "weights": "the resolved pre-trained weights (models/{model}.json)",
 }
@@ -168,6 +169,7 @@ def run_inputs(spec: AnalysisSpec, method: Method, paths, corpus, model, seed, f
         "features": paths.features(corpus, model),
         "head": f"{run}/head.safetensors",
         "adapter": f"{run}/adapter",
+        "weight_update": f"{run}/adapter" if method.has_adapter else f"{run}/delta.safetensors",
         "adapter_epochs": f"{run}/adapter_epochs",
         "weights": paths.weights(model),
     }
@@ -278,6 +280,39 @@ def run_analysis(spec_name: str, data, settings: Mapping, output: Path | str) ->
         table.insert(0, "model", data.model)
     write_tsv_atomic(table, Path(output))
     return table
+
+
+#: One method of every kind (and readout), the columns of :func:`applicability_table`.
+KIND_EXAMPLES = {
+    "frozen, last layer": Method("frozen", "frozen", readout="last", short=True),
+    "frozen, weighted sum": Method("frozen_wsum", "frozen", readout="wsum", short=True),
+    "LoRA (short form)": Method("lora_r8", "lora", rank=8, targets=("v_proj",), short=True),
+    "LoRA (declared)": Method("lora_qv", "lora", rank=8, targets=("q_proj", "v_proj")),
+    "DoRA": Method("dora_r8", "dora", rank=8, targets=("v_proj",)),
+    "full": Method("full", "full", targets=("v_proj",), lr=1e-5),
+}
+
+APPLICABILITY_BEGIN, APPLICABILITY_END = "<!-- applies: begin -->", "<!-- applies: end -->"
+
+
+def applicability_table() -> str:
+    """Which analysis runs on which kind of method (docs/architecture.md; a test keeps it so).
+
+    A cross-rank analysis (``lora_ranks``) compares the short-form LoRA ranks."""
+    kinds = list(KIND_EXAMPLES)
+    lines = [
+        "| analysis | " + " | ".join(kinds) + " |",
+        "| --- |" + " :---: |" * len(kinds),
+    ]
+    for spec in __getattr__("ANALYSES").values():
+        marks = []
+        for method in KIND_EXAMPLES.values():
+            applies = (
+                method.in_rank_family if spec.scope == "lora_ranks" else spec.applies_to(method)
+            )
+            marks.append("✓" if applies else "")
+        lines.append(f"| {spec.name} | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
 
 
 _ANALYSES: dict[str, AnalysisSpec] | None = None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from serlens.audio import LogMel, MelBatch, load_audio
@@ -38,6 +39,9 @@ class TrainedRun:
     rank: int | None = None
     peft_encoder: nn.Module | None = None
     device: str = "cpu"  # where the encoder and head live; batches are moved there
+    #: full fine-tuning: the pre-trained values of every parameter it trained (for
+    #: ``adapter_disabled`` and ``update_in``); None for other runs.
+    base_state: dict[str, torch.Tensor] | None = None
     logmel: LogMel = field(init=False)
 
     def __post_init__(self):
@@ -47,13 +51,65 @@ class TrainedRun:
     def is_lora(self) -> bool:
         return self.rank is not None
 
+    @property
+    def is_full(self) -> bool:
+        return self.base_state is not None
+
     def adapter_disabled(self):
         """Context in which the encoder is the pre-trained one."""
-        return (
-            self.peft_encoder.disable_adapter()
-            if self.peft_encoder is not None
-            else contextlib.nullcontext()
-        )
+        if self.peft_encoder is not None:
+            return self.peft_encoder.disable_adapter()
+        if self.base_state is not None:
+            return self.update_in(set())
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def update_in(self, on: set[int] | None):
+        """Context in which the run's update lives only in the encoder layers ``on`` (None:
+        all) and every other layer is the pre-trained one; restored on exit.
+
+        Adapters (LoRA, DoRA) of the other layers are disabled (the module then returns its
+        base layer's output exactly; DoRA's magnitude goes with them). Full fine-tuning
+        puts the pre-trained values back into the other layers' parameters; the convolutional
+        stem counts as part of layer 0 and the final LayerNorm as part of the last layer, so
+        no layer on is the pre-trained encoder and every layer on is the fine-tuned one.
+        """
+        n = len(self.encoder.layers)
+        if on is None or set(on) >= set(range(n)):
+            yield
+            return
+        if self.base_state is not None:
+            params = dict(self.encoder.named_parameters())
+            saved = {}
+            with torch.no_grad():
+                for name, base in self.base_state.items():
+                    if _owning_layer(name, n) not in on:
+                        saved[name] = params[name].detach().clone()
+                        params[name].copy_(base)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for name, value in saved.items():
+                        params[name].copy_(value)
+            return
+        from peft.tuners.lora import LoraLayer
+
+        switched = []
+        for li, layer in enumerate(self.encoder.layers):
+            if li in on:
+                continue
+            for m in layer.modules():
+                if isinstance(m, LoraLayer) and not m.disable_adapters:
+                    # peft's per-module switch (what disable_adapter() flips for every
+                    # module), set directly so trainability is left as it is.
+                    m._disable_adapters = True
+                    switched.append(m)
+        try:
+            yield
+        finally:
+            for m in switched:
+                m._disable_adapters = False
 
     def batches(
         self, split: Split, batch_size: int = 8, indices: np.ndarray | None = None
@@ -84,6 +140,14 @@ class TrainedRun:
         return {name: m for name, m in self.encoder.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _owning_layer(name: str, n_layers: int) -> int:
+    """The encoder layer a parameter belongs to (the stem to layer 0, the final LayerNorm to
+    the last layer)."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1])
+    return n_layers - 1 if name.startswith("layer_norm") else 0
+
+
 def balanced_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """A fixed, seeded, class-balanced sample of indices (at most ``size``; fewer if a class runs out)."""
     rng = np.random.default_rng(seed)
@@ -104,9 +168,9 @@ def load_run(
     run_dir: Path | None = None,
     device: str = "cpu",
 ) -> TrainedRun:
-    """Rebuild a run from its files: weights, adapter and head (``method = "base"``: the
+    """Rebuild a run from its files: weights, then the adapter (``adapter/``) or the fully
+    fine-tuned parameters (``encoder.safetensors``), and the head (``method = "base"``: the
     pre-trained encoder alone). ``settings`` gives ``classes`` and ``audio``."""
-    from serlens.methods import parse_method
 
     classes = list(settings["classes"])
     if method == "base":  # every utterance of the corpus, in manifest order
@@ -120,10 +184,23 @@ def load_run(
     encoder = load_encoder(model_path(weights_json))
     for p in encoder.parameters():
         p.requires_grad_(False)
-    spec = None if method == "base" else parse_method(method)
     peft_encoder = None
     head = None
-    if spec is not None and spec.has_adapter:
+    base_state = None
+    full_weights = None if run_dir is None else Path(run_dir) / "encoder.safetensors"
+    if full_weights is not None and full_weights.is_file():  # full fine-tuning
+        from safetensors.torch import load_file
+
+        trained = load_file(str(full_weights))
+        params = dict(encoder.named_parameters())
+        unknown = sorted(set(trained) - set(params))
+        if unknown:
+            raise ValueError(f"{full_weights}: {unknown[:3]} are not parameters of {model}")
+        base_state = {name: params[name].detach().clone().to(device) for name in trained}
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
+    elif run_dir is not None and (Path(run_dir) / "adapter").is_dir():
         from peft import PeftModel
 
         peft_encoder = PeftModel.from_pretrained(
@@ -131,7 +208,7 @@ def load_run(
         )
         peft_encoder.eval()
         encoder = peft_encoder.base_model.model
-    if spec is not None:
+    if method != "base":
         head = load_head(Path(run_dir) / "head.safetensors").to(device)
     encoder.to(device)
     return TrainedRun(
@@ -144,7 +221,8 @@ def load_run(
         classes=classes,
         policy=settings["audio"]["input_policy"],
         max_seconds=settings["audio"]["max_seconds"],
-        rank=None if spec is None else spec.rank,
+        rank=None if peft_encoder is None else peft_encoder.peft_config["default"].r,
         peft_encoder=peft_encoder,
         device=device,
+        base_state=base_state,
     )

@@ -14,9 +14,24 @@ The claims (Behind the Scenes, arXiv 2509.08454):
    (``causal.tsv``: ``adapters_from`` at l = ⌈L/2⌉ minus ``adapters_upto`` at l = ⌈L/2⌉ − 1),
    per test speaker, its interval from resampling speakers within folds
    (:func:`serlens.stats.cluster_band`). Positive = the useful change sits late.
-3. **Forward alignment, backward differentiation** of A and B: not tested here — it needs
-   the paper's trained-vs-untrained CKA of the A codes and B outputs and the CKA of their
-   gradients, which the workflow does not compute yet; the row says so.
+3. **Forward alignment, backward differentiation** of A and B (``ab_dynamics.tsv``,
+   :mod:`serlens.analysis.ab_cka`: debiased linear CKA over ≥ 2000 audio frames sampled by
+   utterance, per adapted module). Two rows, each one value per run (mean over the adapted
+   modules), interval: Student t over runs (folds × seeds):
+
+   - *forward*: e = mean over layers of ½[(CKA(a_T, a_U) − CKA(a_U, a_U')) +
+     (CKA(b_T, b_U) − CKA(b_U, b_U'))], the trained-vs-untrained CKA of the A codes and
+     B outputs minus the same CKA between two independent untrained draws U, U'. Positive =
+     training leaves the forward codes more aligned with the untrained ones than two random
+     adapters are with each other; a high CKA equal to its null is no evidence of
+     alignment (two random projections of the same inputs already share their structure).
+   - *backward*: e = mean over layers of ½[CKA(a_T, a_U) + CKA(b_T, b_U)] − CKA(∂L/∂b,
+     ∂L/∂a) of the trained model. Positive = the gradients of B and A are less alike than
+     the forward codes are across training (the untrained model's CKA(∂L/∂b, ∂L/∂a) is the
+     reference in the note). Layer dependence is in the figure, not tested here.
+
+   The paper's exact variant (linear / RBF CKA over 40 utterances flattened to 1500·r
+   values) is not computed.
 4. **A compresses, B keeps reconstruction diversity.** Statistic: the mean over adapted
    layers of log(ρ_A) − log(ρ_B), ρ = centred, dimension-normalised 90 %-energy rank
    trained / untrained (``ab_dynamics.tsv``: ``a_out_centred_frac``, ``b_out_centred_frac``),
@@ -27,7 +42,7 @@ Verdicts (for an effect e whose hypothesised direction is positive, with interva
 [lo, hi] and smallest effect size of interest δ, ``claims.sesoi_*`` in the config):
 **supported** when lo > 0 (and, for claim 1, Holm p < 0.05); **contradicted** when hi < δ —
 the interval excludes an effect as large as δ, not merely "not significant"; otherwise
-**inconclusive**. Claim 4's direction is negative, so e = −(log ρ_A − log ρ_B).
+**inconclusive**. Claim 3 uses δ = ``claims.sesoi_cka`` (CKA units). Claim 4's direction is negative, so e = −(log ρ_A − log ρ_B).
 """
 
 from __future__ import annotations
@@ -93,6 +108,17 @@ def _row(
     }
 
 
+def _is_lora(name: str) -> bool:
+    """A LoRA method of the grid (short form or declared; not DoRA or full fine-tuning)."""
+    from serlens.errors import ConfigError
+    from serlens.methods import parse_method
+
+    try:
+        return parse_method(name).kind == "lora"
+    except ConfigError:
+        return False
+
+
 def claim1_rows(significance: pd.DataFrame, sesoi: float) -> list[dict]:
     """ΔUAR of every LoRA method against each frozen head, from the significance table
     (rows in either orientation)."""
@@ -100,7 +126,7 @@ def claim1_rows(significance: pd.DataFrame, sesoi: float) -> list[dict]:
     for _, r in significance.iterrows():
         pairs = [(r["method"], r["baseline"], 1.0), (r["baseline"], r["method"], -1.0)]
         for lora, frozen, sign in pairs:
-            if not str(lora).startswith("lora") or frozen not in ("frozen", "frozen_wsum"):
+            if not _is_lora(str(lora)) or frozen not in ("frozen", "frozen_wsum"):
                 continue
             est = sign * float(r["delta_uar"])
             lo, hi = sorted((sign * float(r["ci_low"]), sign * float(r["ci_high"])))
@@ -203,26 +229,129 @@ def claim2_rows(causal_runs: pd.DataFrame, sesoi: float, resamples: int, seed: i
     return rows
 
 
-def claim3_rows(models: Sequence[str], methods: Sequence[str]) -> list[dict]:
-    return [
-        _row(
-            3,
-            model,
-            method,
-            "trained-vs-untrained CKA of A codes and B outputs; CKA of their gradients",
-            np.nan,
-            np.nan,
-            np.nan,
-            "",
-            np.nan,
-            "not tested",
-            0,
-            "ab_dynamics",
-            "the claim-3 CKA quantities are not computed by this version of the workflow",
+#: The claim-3 quantities of ``ab_dynamics.tsv`` (:mod:`serlens.analysis.ab_cka`).
+CLAIM3_QUANTITIES = ("cka_fwd_a", "cka_fwd_b", "cka_fwd_a_null", "cka_fwd_b_null", "cka_bwd_ba")
+PAPER_VARIANT = (
+    "the paper-exact variant (linear/RBF CKA over 40 utterances flattened to 1500·r values) "
+    "is not computed"
+)
+
+
+def forward_backward_cka(ab_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run (model, method, seed, fold), means over modules (module docstring, claim 3):
+    ``fwd_a``, ``fwd_b`` (trained vs untrained), ``null_a``, ``null_b`` (untrained vs
+    untrained), ``bwd`` (trained ∂L/∂b vs ∂L/∂a), ``bwd_untrained``, ``excess`` =
+    ½[(fwd_a − null_a) + (fwd_b − null_b)] and ``fwd_minus_bwd`` = ½(fwd_a + fwd_b) − bwd,
+    both taken per module first. Empty when the table has no claim-3 rows."""
+    keys = ["model", "method", "seed", "fold"]
+    columns = [*keys, "fwd_a", "fwd_b", "null_a", "null_b", "bwd", "bwd_untrained"]
+    # (quantity, state) -> column: forward CKA under trained, its null under untrained,
+    # the gradients' CKA under both
+    where = {
+        ("cka_fwd_a", "trained"): "fwd_a",
+        ("cka_fwd_b", "trained"): "fwd_b",
+        ("cka_fwd_a_null", "untrained"): "null_a",
+        ("cka_fwd_b_null", "untrained"): "null_b",
+        ("cka_bwd_ba", "trained"): "bwd",
+        ("cka_bwd_ba", "untrained"): "bwd_untrained",
+    }
+    column = [where.get(k) for k in zip(ab_runs["quantity"], ab_runs["state"], strict=True)]
+    want = ab_runs.assign(column=column)
+    want = want[want["column"].notna()]
+    if want.empty:
+        return pd.DataFrame(columns=[*columns, "excess", "fwd_minus_bwd"])
+    per = want.pivot_table(
+        index=[*keys, "module"], columns="column", values="value", aggfunc="mean"
+    )
+    for c in columns[len(keys) :]:
+        if c not in per:
+            per[c] = np.nan
+    per["excess"] = ((per["fwd_a"] - per["null_a"]) + (per["fwd_b"] - per["null_b"])) / 2
+    per["fwd_minus_bwd"] = (per["fwd_a"] + per["fwd_b"]) / 2 - per["bwd"]
+    return (
+        per.groupby(keys)[columns[len(keys) :] + ["excess", "fwd_minus_bwd"]].mean().reset_index()
+    )
+
+
+def _not_tested(model, method) -> dict:
+    return _row(
+        3,
+        model,
+        method,
+        "trained-vs-untrained CKA of A codes and B outputs; CKA of their gradients",
+        np.nan,
+        np.nan,
+        np.nan,
+        "",
+        np.nan,
+        "not tested",
+        0,
+        "ab_dynamics",
+        "no claim-3 CKA rows in ab_dynamics.tsv for this model and method (rerun the pass)",
+    )
+
+
+def claim3_rows(
+    ab_runs: pd.DataFrame | None,
+    models: Sequence[str],
+    methods: Sequence[str],
+    sesoi: float,
+) -> list[dict]:
+    """Claim 3's forward and backward rows per (model, method) with CKA rows in ``ab_runs``;
+    every other pair of ``models`` × ``methods`` gets one "not tested" row."""
+    per_run = forward_backward_cka(ab_runs) if ab_runs is not None and len(ab_runs) else None
+    rows, seen = [], set()
+    groups = [] if per_run is None else per_run.groupby(["model", "method"], sort=False)
+    for (model, method), frame in groups:
+        seen.add((model, method))
+        n = int(frame["excess"].notna().sum())
+        mean = {c: float(frame[c].mean()) for c in frame.columns[4:]}
+        detail = (
+            f"A: {mean['fwd_a']:.3f} vs null {mean['null_a']:.3f}; "
+            f"B: {mean['fwd_b']:.3f} vs null {mean['null_b']:.3f}"
         )
+        for statistic, column, compared, note in (
+            (
+                "mean over layers of CKA(trained, untrained) − CKA(untrained, untrained'), "
+                "A codes and B outputs averaged (debiased linear CKA)",
+                "excess",
+                "0 (trained as aligned with untrained as two untrained draws); t interval over runs",
+                detail,
+            ),
+            (
+                "mean over layers of forward CKA(trained, untrained) − CKA(∂L/∂b, ∂L/∂a) trained",
+                "fwd_minus_bwd",
+                "0 (gradients as alike as the forward codes); t interval over runs",
+                f"{detail}; CKA(∂L/∂b, ∂L/∂a): trained {mean['bwd']:.3f}, "
+                f"untrained {mean['bwd_untrained']:.3f}",
+            ),
+        ):
+            values = frame[column].to_numpy(float)
+            lo, hi = t_interval(values)
+            rows.append(
+                _row(
+                    3,
+                    model,
+                    method,
+                    statistic,
+                    float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
+                    lo,
+                    hi,
+                    compared,
+                    sesoi,
+                    verdict(lo, hi, sesoi),
+                    n,
+                    "ab_dynamics",
+                    f"{note}; {PAPER_VARIANT}",
+                )
+            )
+    rows += [
+        _not_tested(model, method)
         for model in models
         for method in methods
+        if (model, method) not in seen
     ]
+    return rows
 
 
 def rank_log_ratio(ab_runs: pd.DataFrame) -> pd.DataFrame:
@@ -297,7 +426,7 @@ def claims_table(
         if str(m).startswith("lora")
     ]
     models = list(significance.get("model", pd.Series(dtype=str)).unique())
-    rows += claim3_rows(models, lora)
+    rows += claim3_rows(ab_runs, models, lora, settings["sesoi_cka"])
     if ab_runs is not None and len(ab_runs):
         rows += claim4_rows(ab_runs, settings["sesoi_log_rank"])
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -15,6 +15,7 @@ from torch import nn
 
 from serlens.audio import LogMel, length_buckets
 from serlens.io import write_json_atomic, write_tsv_atomic
+from serlens.methods import Method
 from serlens.metrics import uar
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.train.data import (
@@ -34,13 +35,20 @@ from serlens.train.loop import (
 )
 
 
-def lora_config(rank: int, lora_cfg: dict) -> LoraConfig:
-    """Adapters on ``target_modules`` of every encoder layer; alpha = alpha_per_rank x rank (the paper: 2r)."""
+def lora_config(
+    rank: int, lora_cfg: dict, layers: list[int] | None = None, use_dora: bool = False
+) -> LoraConfig:
+    """Adapters on ``target_modules`` of the encoder layers ``layers`` (None: every layer;
+    peft ``layers_to_transform``); alpha = alpha_per_rank x rank (the paper: 2r);
+    ``use_dora``: DoRA's magnitude and direction (Liu et al. 2024)."""
     return LoraConfig(
         r=rank,
         lora_alpha=lora_cfg["alpha_per_rank"] * rank,
         lora_dropout=lora_cfg["dropout"],
         target_modules=list(lora_cfg["target_modules"]),
+        layers_to_transform=None if layers is None else list(layers),
+        layers_pattern=None if layers is None else "layers",
+        use_dora=use_dora,
         bias="none",
     )
 
@@ -49,10 +57,18 @@ class LoraEmotionModel(nn.Module):
     """A peft-wrapped encoder and an :class:`EmotionHead` on its pooled last hidden state."""
 
     def __init__(
-        self, encoder: nn.Module, n_classes: int, rank: int, lora_cfg: dict, proj_size: int = 256
+        self,
+        encoder: nn.Module,
+        n_classes: int,
+        rank: int,
+        lora_cfg: dict,
+        proj_size: int = 256,
+        layers: list[int] | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
-        self.peft_encoder: PeftModel = get_peft_model(encoder, lora_config(rank, lora_cfg))
+        config = lora_config(rank, lora_cfg, layers, use_dora)
+        self.peft_encoder: PeftModel = get_peft_model(encoder, config)
         self.head = EmotionHead(encoder.config.d_model, n_classes, proj_size)
 
     @property
@@ -63,6 +79,48 @@ class LoraEmotionModel(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         out = run_encoder(self.encoder, batch)
         return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
+
+
+class FullEmotionModel(nn.Module):
+    """Full fine-tuning: every encoder weight trains (Whisper's fixed sinusoidal positions
+    excepted), with an :class:`EmotionHead` on the pooled last hidden state."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int, proj_size: int = 256):
+        super().__init__()
+        self.encoder = encoder
+        for name, p in encoder.named_parameters():
+            p.requires_grad_(not name.startswith("embed_positions"))
+        self.head = EmotionHead(encoder.config.d_model, n_classes, proj_size)
+
+    def forward(self, batch) -> torch.Tensor:
+        out = run_encoder(self.encoder, batch)
+        return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
+
+
+def trained_encoder_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder parameters full fine-tuning trains, by their ``WhisperEncoder`` names."""
+    return {
+        name: p.detach().float().cpu().contiguous()
+        for name, p in encoder.named_parameters()
+        if p.requires_grad
+    }
+
+
+def weight_updates(
+    encoder: nn.Module, initial: dict[str, torch.Tensor], targets: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """ΔW = W_ft − W0 of the ``targets`` of every layer (``layers.{i}.{...}.{target}.weight``),
+    in float32, from the weights before training (``initial``)."""
+    out = {}
+    for name, p in encoder.named_parameters():
+        module = name.removesuffix(".weight")
+        if (
+            name.endswith(".weight")
+            and module.split(".")[-1] in targets
+            and name.startswith("layers.")
+        ):
+            out[name] = (p.detach().float().cpu() - initial[name].float()).contiguous()
+    return out
 
 
 def predict(
@@ -102,6 +160,14 @@ def save_adapter_snapshot(peft_encoder: nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
 def run_lora(
     encoder: nn.Module,
     splits: dict[str, Split],
@@ -113,13 +179,58 @@ def run_lora(
     run_info: dict,
     device: str = "cpu",
 ) -> LoraEmotionModel:
-    """Fine-tune with LoRA, select on dev, predict test once, write the run's files."""
+    """The short-form ``lora_r{rank}`` run on ``lora.target_modules`` of every layer."""
+    method = Method(
+        f"lora_r{rank}",
+        "lora",
+        rank=rank,
+        targets=tuple(config["lora"]["target_modules"]),
+        short=True,
+    )
+    return run_encoder_method(
+        encoder, splits, classes, method, config, out_dir, checkpoint, run_info, device
+    )
+
+
+def build_model(encoder: nn.Module, method: Method, n_classes: int, config: dict) -> nn.Module:
+    """The trainable model of a method that adapts the encoder (lora, dora, full)."""
+    proj = config["train"]["head_proj_size"]
+    if method.kind == "full":
+        return FullEmotionModel(encoder, n_classes, proj)
+    n_layers = len(encoder.layers)
+    layers = None if method.layers == "all" else method.layer_indices(n_layers)
+    lora_cfg = {**config["lora"], "target_modules": list(method.targets)}
+    return LoraEmotionModel(
+        encoder, n_classes, method.rank, lora_cfg, proj, layers, use_dora=method.kind == "dora"
+    )
+
+
+def run_encoder_method(
+    encoder: nn.Module,
+    splits: dict[str, Split],
+    classes: list[str],
+    method: Method,
+    config: dict,
+    out_dir: Path,
+    checkpoint: Path | None,
+    run_info: dict,
+    device: str = "cpu",
+) -> nn.Module:
+    """Fine-tune the encoder (LoRA, DoRA or full), select on dev, predict test once, write
+    the run's files: an adapter (``adapter/``, ``adapter_epochs/``) or, for full
+    fine-tuning, the trained encoder parameters (``encoder.safetensors``) and the update
+    of the method's targets (``delta.safetensors``: ΔW = W_ft − W0)."""
     tic = time.perf_counter()
     seed, train_cfg, audio_cfg = config["seed"], config["train"], config["audio"]
+    if method.lr is not None:
+        train_cfg = {**{k: train_cfg[k] for k in train_cfg if k != "lr"}, "lr": method.lr}
     set_seed(seed)
-    model = LoraEmotionModel(
-        encoder, len(classes), rank, config["lora"], train_cfg["head_proj_size"]
-    ).to(device)
+    initial = (
+        {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        if method.kind == "full"
+        else None
+    )
+    model = build_model(encoder, method, len(classes), config).to(device)
     logmel = LogMel(encoder.config.num_mel_bins)
     train = splits["train"]
     y_train = torch.from_numpy(train.labels)
@@ -152,6 +263,7 @@ def run_lora(
         probs = predict(model, splits["dev"], logmel, audio_cfg, train_cfg["batch_size"], device)
         return uar(splits["dev"].labels, probs.argmax(1), len(classes))
 
+    adapter = method.has_adapter
     # The adapter at initialisation (epoch 0) and after every epoch, kept beside the
     # checkpoint (which survives a killed job) and moved into the run at the end.
     epochs_dir = (Path(checkpoint).parent if checkpoint else Path(out_dir)) / "adapter_epochs"
@@ -159,11 +271,18 @@ def run_lora(
     def snapshot(epoch: int) -> None:
         save_adapter_snapshot(model.peft_encoder, epochs_dir / f"epoch{epoch}.safetensors")
 
-    if not (epochs_dir / "epoch0.safetensors").is_file():
+    if adapter and not (epochs_dir / "epoch0.safetensors").is_file():
         snapshot(0)
     cfg = LoopConfig.from_train_config(train_cfg, seed)
     result = fit(
-        model, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"lora_r{rank}", snapshot=snapshot
+        model,
+        batches,
+        loss_on,
+        dev_uar,
+        cfg,
+        checkpoint,
+        desc=method.name,
+        snapshot=snapshot if adapter else None,
     )
 
     # The test split is touched once, here, with the epoch chosen on dev.
@@ -172,8 +291,9 @@ def run_lora(
     metrics = metrics_from_predictions(predictions, classes)
     metrics.update(
         run_info,
-        method=f"lora_r{rank}",
-        rank=rank,
+        method=method.name,
+        kind=method.kind,
+        rank=method.rank,
         best_epoch=result.best_epoch,
         best_dev_uar=result.best_dev_uar,
         epochs_run=len(result.history),
@@ -184,10 +304,18 @@ def run_lora(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.peft_encoder.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    if epochs_dir != out_dir / "adapter_epochs":
-        shutil.rmtree(out_dir / "adapter_epochs", ignore_errors=True)
-        shutil.copytree(epochs_dir, out_dir / "adapter_epochs")
+    if adapter:
+        model.peft_encoder.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        if epochs_dir != out_dir / "adapter_epochs":
+            shutil.rmtree(out_dir / "adapter_epochs", ignore_errors=True)
+            shutil.copytree(epochs_dir, out_dir / "adapter_epochs")
+    else:
+        save_safetensors_atomic(
+            trained_encoder_state(model.encoder), out_dir / "encoder.safetensors"
+        )
+        save_safetensors_atomic(
+            weight_updates(model.encoder, initial, method.targets), out_dir / "delta.safetensors"
+        )
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()},
         str(out_dir / "head.safetensors"),

@@ -1,15 +1,15 @@
-"""LoRA A/B activations and gradients, trained against an untrained baseline."""
+"""LoRA (and DoRA) A/B activations and gradients, trained against an untrained baseline."""
 
 from __future__ import annotations
 
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from .contributions import legend_under
 from .style import (
     DEPTH_LABEL,
     band,
     by_layer,
-    collect_legend,
     empty_panel,
     figure_style,
     lora_methods,
@@ -27,6 +27,44 @@ BASELINE_LABELS = {
     "paper": "untrained (paper's baseline):\nA, B ~ N(0, σ²), a fresh head",
     None: "untrained baseline",
 }
+#: The marker of each adapted module type, for methods that adapt several per layer (the
+#: spectra and update-dynamics figures mark module types alike).
+TARGET_MARKERS = {
+    "q_proj": "o",
+    "k_proj": "v",
+    "v_proj": "s",
+    "out_proj": "D",
+    "fc1": "^",
+    "fc2": "P",
+}
+#: Markers of module types :data:`TARGET_MARKERS` lacks, in turn.
+SPARE_MARKERS = ("X", "*", "h", "<", ">", "d")
+
+
+def target_name(module: str) -> str:
+    """The adapted module type of a module name (``layers.3.self_attn.q_proj`` -> ``q_proj``)."""
+    return str(module).rsplit(".", 1)[-1]
+
+
+def target_order(targets) -> list[str]:
+    """Module types in the order of a Whisper layer (q, k, v, out, fc1, fc2), others after."""
+    known = list(TARGET_MARKERS)
+    return sorted(set(targets), key=lambda t: (known.index(t) if t in known else len(known), t))
+
+
+def target_markers(targets) -> dict[str, str]:
+    """A distinct marker per module type: :data:`TARGET_MARKERS`, then :data:`SPARE_MARKERS`."""
+    spare = iter(SPARE_MARKERS * (1 + len(set(targets))))
+    return {t: TARGET_MARKERS.get(t) or next(spare) for t in target_order(targets)}
+
+
+def target_handles(targets, **line) -> tuple[list, list[str]]:
+    """Legend entries (grey line with the type's marker) for module types."""
+    markers = target_markers(targets)
+    style = {"color": "0.3", "markersize": 5, **line}
+    return [Line2D([], [], marker=markers[t], **style) for t in markers], list(markers)
+
+
 MATRICES = [
     ("a_out", "A code a = A·x\n(r-dim)"),
     ("b_out", "B output b = B·a\n(d-dim, rank ≤ r)"),
@@ -35,20 +73,71 @@ MATRICES = [
 ]
 
 
-def _lines(ax, table, ranks, colors, quantity):
+def _target(table: pd.DataFrame) -> pd.Series:
+    """The adapted module type of each row (``layers.3.self_attn.q_proj`` -> ``q_proj``)."""
+    return table["module"].map(target_name)
+
+
+def _by_target(table: pd.DataFrame, method: str) -> list[tuple[str | None, bool, pd.DataFrame]]:
+    """A method's rows per module type ``(type, one of several, rows)``: split when it adapts
+    several types per layer (one line each: a mean over q_proj, v_proj and fc1 would mix
+    spaces of different width), else whole."""
+    sel = rows(table, method=method)
+    if "module" not in sel.columns or sel.empty:
+        return [(None, False, sel)]
+    target = _target(sel)
+    kinds = target_order(target)
+    if len(kinds) < 2:
+        return [(kinds[0] if kinds else None, False, sel)]
+    return [(kind, True, sel[(target == kind).to_numpy()]) for kind in kinds]
+
+
+#: Shading of a method's band when it has a line per module type (bands of 6 types at the
+#: usual 0.15 would bury the lines).
+SPLIT_BAND_ALPHA = 0.07
+
+
+def _lines(ax, table, ranks, colors, quantity, markers=None):
+    """Trained (solid) and untrained (dashed) lines of each method and module type;
+    ``markers``: module type -> marker when the figure has several types (else circles)."""
     drawn = False
     for method in ranks:
-        for state, ls in (("trained", "-"), ("untrained", "--")):
-            sel = rows(table, method=method, quantity=quantity, state=state)
-            drawn |= len(sel) > 0
-            band(
-                ax,
-                by_layer(sel),
-                color=colors[method],
-                ls=ls,
-                label=method_label(method) if state == "trained" else None,
-            )
+        for target, split, sel_method in _by_target(table, method):
+            label = method_label(method) + (f" · {target}" if split else "")
+            marker = (markers or {}).get(target, "o")
+            for state, ls in (("trained", "-"), ("untrained", "--")):
+                sel = rows(sel_method, quantity=quantity, state=state)
+                drawn |= len(sel) > 0
+                before = len(ax.collections)
+                band(
+                    ax,
+                    by_layer(sel),
+                    color=colors[method],
+                    ls=ls,
+                    marker=marker,
+                    label=label if state == "trained" else None,
+                )
+                if split:
+                    for shade in ax.collections[before:]:
+                        shade.set_alpha(SPLIT_BAND_ALPHA)
     return drawn
+
+
+def _types(table: pd.DataFrame) -> list[str]:
+    """The module types of the table, when there are several (else [])."""
+    if table.empty or "module" not in table.columns:
+        return []
+    types = target_order(_target(table).dropna())
+    return types if len(types) > 1 else []
+
+
+def _sketched(table: pd.DataFrame) -> bool:
+    """Whether any module's ∂L/∂b spectrum is a sketch (``b_out_grad_sketch_rows`` > 0)."""
+    sel = rows(table, quantity="b_out_grad_sketch_rows", state="trained")
+    column = "mean" if "mean" in sel.columns else "value"
+    if sel.empty or column not in sel.columns:
+        return False
+    return bool((pd.to_numeric(sel[column], errors="coerce") > 0).any())
 
 
 def ab_dynamics_figure(
@@ -58,6 +147,12 @@ def ab_dynamics_figure(
     untrained_baseline: str | None = None,
 ):
     """Energy ranks of A/B activations and gradients, trained (solid) against untrained (dashed), per layer.
+
+    One colour per LoRA or DoRA method; a method that adapts several module types per layer
+    (q_proj, v_proj, fc1...) gets one line per type (markers :data:`TARGET_MARKERS`) rather
+    than their mean. Where ∂L/∂b of a wide module was sketched (d_out above
+    ``EXACT_GRAM_MAX_DIMS``; :mod:`serlens.analysis.ab_dynamics`) the legend says so: its
+    energy ranks are estimates, biased low.
 
     Rows 1 and 2: the energy rank (directions holding ``energy_fraction`` of the energy) as a
     share of the largest rank the matrix can have (r for a, b and ∂L/∂a; d for ∂L/∂b),
@@ -70,14 +165,16 @@ def ab_dynamics_figure(
     table = rows(ab_dynamics, model=model)
     ranks = lora_methods(table["method"])
     colors = method_colors(table["method"])
+    types = _types(table[table["method"].isin(ranks)])
+    markers = target_markers(types) if types else None
     pct = f"{energy_fraction:.0%}"
     with figure_style():
-        fig, axes = new_subplots(3, 4, figsize=(15.0, 10.0), sharex=True)
+        fig, axes = new_subplots(3, 4, figsize=(16.0, 11.5 + 0.25 * len(ranks)), sharex=True)
         for col, (quantity, title) in enumerate(MATRICES):
             axes[0, col].set_title(title)
             for row, suffix in enumerate(("_frac", "_centred_frac")):
                 ax = axes[row, col]
-                drawn = _lines(ax, table, ranks, colors, quantity + suffix)
+                drawn = _lines(ax, table, ranks, colors, quantity + suffix, markers)
                 ax.axhline(energy_fraction, color="0.45", ls=":", lw=1.1)
                 ax.axhline(1.0, color="0.75", lw=0.8)
                 ax.set_ylim(0, 1.05)
@@ -94,16 +191,16 @@ def ab_dynamics_figure(
         axes[0, 0].set_ylabel(f"uncentred: share of possible\ndirections holding {pct} energy")
         axes[1, 0].set_ylabel(f"centred (mean removed): share\nof directions holding {pct}")
         ax = axes[2, 0]
-        _lines(ax, table, ranks, colors, "grad_norm_ratio_B_A")
+        _lines(ax, table, ranks, colors, "grad_norm_ratio_B_A", markers)
         ax.axhline(1, color="0.5", lw=0.8)
         plain_log_axis(ax)
         ax.set_ylabel("weight-gradient norm ratio\n‖∂L/∂B‖_F / ‖∂L/∂A‖_F (log)")
         ax = axes[2, 1]
-        _lines(ax, table, ranks, colors, "dW_cos")
+        _lines(ax, table, ranks, colors, "dW_cos", markers)
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_ylabel("cos(s²·B·Bᵀ·G, s²·G·Aᵀ·A)\n(ΔW updates via A and via B)")
         ax = axes[2, 2]
-        _lines(ax, table, ranks, colors, "cka_a_code_vs_b_out_grad")
+        _lines(ax, table, ranks, colors, "cka_a_code_vs_b_out_grad", markers)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("linear CKA of a with ∂L/∂b\n(frames, 0 = unrelated)")
         for ax in axes[2, :3]:
@@ -112,36 +209,57 @@ def ab_dynamics_figure(
             ax.tick_params(labelbottom=True)
             ax.set_xlabel(DEPTH_LABEL)
         if not ranks:
-            empty_panel(axes[0, 0], "no LoRA runs")
-        legend_ax = axes[2, 3]
-        legend_ax.set_axis_off()
-        handles, labels = collect_legend(axes)
+            empty_panel(axes[0, 0], "no LoRA or DoRA runs")
+        # one legend below: a colour per method, a marker per module type, the line styles
+        handles = [
+            Line2D([], [], color=colors[m], marker="o" if not types else None) for m in ranks
+        ]
+        labels = [method_label(m) for m in ranks]
+        if types:
+            more, names = target_handles(types)
+            handles += more
+            labels += [f"module {t}" for t in names]
         handles += [
             Line2D([], [], color="0.3", ls="-"),
             Line2D([], [], color="0.3", ls="--"),
             Line2D([], [], color="0.45", ls=":"),
         ]
         labels += [
-            "trained adapter and head",
-            BASELINE_LABELS.get(untrained_baseline, f"untrained ({untrained_baseline})"),
-            f"white (isotropic) matrix: ≈ {pct}",
+            "solid: trained adapter and head",
+            "dashed: "
+            + BASELINE_LABELS.get(untrained_baseline, f"untrained ({untrained_baseline})"),
+            f"dotted: white (isotropic) matrix, ≈ {pct}",
         ]
-        legend_ax.legend(handles, labels, loc="upper left", frameon=False, fontsize=8.5)
-        legend_ax.text(
+        legend_under(fig, handles, labels, ncols=4)
+        # the last panel: how to read the shares (and the sketch, where there is one)
+        note_ax = axes[2, 3]
+        note_ax.set_axis_off()
+        sketch_note = ""
+        if _sketched(table):
+            from serlens.analysis.ab_dynamics import EXACT_GRAM_MAX_DIMS
+
+            sketch_note = (
+                f"\n\n∂L/∂b of modules wider than {EXACT_GRAM_MAX_DIMS}:\n"
+                "from a Gaussian sketch (ranks biased low)"
+            )
+        note_ax.text(
             0.0,
-            0.0,
+            0.5,
             "share = energy rank / largest possible rank:\n"
             "min(frames, r) for a, b and ∂L/∂a,\n"
             "min(frames, d) for ∂L/∂b (one frame less\n"
-            "once centred); 1 / r = one direction",
-            transform=legend_ax.transAxes,
-            fontsize=8,
+            "once centred); 1 / r = one direction" + sketch_note,
+            transform=note_ax.transAxes,
+            fontsize=9,
             color="0.25",
-            va="bottom",
+            va="center",
         )
         fig.suptitle(
             model_title(
-                model, table, "LoRA A/B activations and gradients on the training sample", offset=1
+                model,
+                table,
+                "LoRA/DoRA A/B activations and gradients on the training sample",
+                offset=1,
             )
         )
     return fig

@@ -40,16 +40,18 @@ PANELS = (
         [
             ("patch_adapted_into_frozen", "adapted output into the frozen encoder", "-"),
             ("patch_frozen_into_adapted", "frozen output into the adapted encoder", "--"),
+            ("patch_vproj_adapted_into_frozen", "adapted v_proj output into the frozen", "-."),
+            ("patch_vproj_frozen_into_adapted", "frozen v_proj output into the adapted", ":"),
         ],
     ),
     (
-        "layer skip and component mean-ablation",
+        "layer skip and component ablation",
         "accuracy (WAR) with the run's head",
         "correct",
         [
             ("skip_adapted", "skip layer l (adapted)", "-"),
-            ("ablate_attn_adapted", "mean-ablate attention (adapted)", "--"),
-            ("ablate_mlp_adapted", "mean-ablate MLP (adapted)", "-."),
+            ("ablate_attn_adapted", "{ablation}-ablate attention (adapted)", "--"),
+            ("ablate_mlp_adapted", "{ablation}-ablate MLP (adapted)", "-."),
             ("skip_upto_adapted", "skip layers 1..l (adapted)", (0, (1, 1))),
             ("skip_frozen", "skip layer l (frozen)", ":"),
         ],
@@ -63,7 +65,7 @@ COLOURS = {family: matplotlib.colormaps["tab20"](k / 20) for k, family in enumer
 
 
 def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None):
-    """One row per LoRA method, one column per family of interventions; mean over runs with
+    """One row per method that adapts the encoder, one column per family of interventions; mean over runs with
     the speaker band; the reference levels (the run, the frozen encoder with the run's head)
     drawn as grey lines."""
     table = rows(table, model=model)
@@ -76,7 +78,7 @@ def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None)
             squeeze=False,
         )
         if not methods:
-            empty_panel(axes[0, 0], "no LoRA run has causal tests")
+            empty_panel(axes[0, 0], "no adapted run has causal tests")
         for r, method in enumerate(methods):
             sel = rows(table, method=method)
             for c, (title, ylabel, quantity, families) in enumerate(PANELS):
@@ -94,6 +96,9 @@ def causal_figure(table: pd.DataFrame, model: str, n_classes: int | None = None)
                 lines = []
                 for family, label, style in families:
                     line = rows(sel, family=family, quantity=quantity)
+                    if "{ablation}" in label:  # mean or resample, as the pass computed it
+                        kinds = sorted(set(line["variant"])) if len(line) else ["mean"]
+                        label = label.format(ablation="/".join(kinds))
                     band(ax, line, ls=style, label=label, color=COLOURS[family])
                     lines.append(line["mean"].to_numpy(float))
                 if quantity == "share":

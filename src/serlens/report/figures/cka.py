@@ -1,4 +1,5 @@
-"""Representational similarity (CKA) of the frozen and the LoRA-adapted encoder.
+"""Representational similarity (CKA) of the frozen and the adapted encoder (LoRA, DoRA, full
+fine-tuning).
 
 The aggregated ``cka`` table is melted (``metric`` = ``value``, ``null_mean``, ``null_q95``,
 ``ci_low``, ``ci_high``; the last four only on the same-layer rows); a table without
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from .contributions import grid_shape, legend_under
 from .style import (
     DEPTH_LABEL,
     annotate_cells,
@@ -100,7 +103,7 @@ def _diagonal_panel(ax, table: pd.DataFrame, methods, colors) -> None:
             ls="--",
             lw=1.3,
             label="permutation null, 95th percentile"
-            + (" (highest over ranks)" if len(null) > 1 else ""),
+            + (" (highest over methods)" if len(null) > 1 else ""),
         )
 
 
@@ -128,20 +131,32 @@ def _seed_floor(ax, floor: pd.DataFrame | None, kind: str, methods, colors) -> b
     return drawn
 
 
+def _heat_title(method: str) -> str:
+    """'frozen vs LoRA r = 8' on one line, or the label's parenthesis on a second one."""
+    label = method_label(method)
+    head, sep, rest = label.partition(" (")
+    return f"frozen vs {head}" + (f"\n({rest}" if sep else "")
+
+
 def cka_figure(cka: pd.DataFrame, model: str, seed_floor: pd.DataFrame | None = None):
-    """Frozen vs LoRA encoder: CKA of the same layer (top, per CKA kind) and all layer pairs
-    (bottom, linear CKA); dotted where ``seed_floor`` has them: CKA between two seeds of the
-    same method, which a frozen-vs-LoRA difference must exceed to be more than reseeding."""
+    """Frozen vs adapted encoder: CKA of the same layer (top, per CKA kind) and all layer pairs
+    (bottom, linear CKA, a heat map per method, at most four a row); dotted where
+    ``seed_floor`` has them: CKA between two seeds of the same method, which a
+    frozen-vs-adapted difference must exceed to be more than reseeding."""
     table = rows(cka, model=model)
     floor = rows(seed_floor, model=model) if seed_floor is not None else None
     has_floor = False
     ranks = lora_methods(table["method"])
     colors = method_colors(table["method"])
     kinds = [k for k in CKA_KINDS if k in set(table["kind"])]
-    n_bottom = max(len(ranks), 1)
+    n_rows, n_cols = grid_shape(len(ranks), 4)
+    top_h = 4.3 + 0.2 * -(-len(ranks) // 3)
+    bottom_h = 0.6 + 3.5 * n_rows
     with figure_style():
-        fig = new_figure(figsize=(max(11.5, 3.6 * n_bottom + 1.5), 8.6))
-        top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.25])
+        fig = new_figure(
+            figsize=(max(12.5, 3.5 * n_cols + 1.5, 4.2 * max(len(kinds), 1)), top_h + bottom_h)
+        )
+        top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
         ax_top = top.subplots(1, max(len(kinds), 1), squeeze=False, sharey=False)[0]
         has_band = not _metric(table, "ci_low").empty
         for ax, kind in zip(ax_top, kinds, strict=False):
@@ -150,10 +165,19 @@ def cka_figure(cka: pd.DataFrame, model: str, seed_floor: pd.DataFrame | None = 
             ax.axhline(1, color="0.5", lw=0.8, ls=":")
             ax.set_title(f"{CKA_KINDS[kind]}, same layer")
             ax.set_xlabel(DEPTH_LABEL)
-        ax_top[0].set_ylabel("CKA(frozen layer ℓ, LoRA layer ℓ)\n(1 = same representation)")
+        ax_top[0].set_ylabel("CKA(frozen layer ℓ, adapted layer ℓ)\n(1 = same representation)")
         if not kinds:
-            empty_panel(ax_top[0], "no LoRA runs")
+            empty_panel(ax_top[0], "no adapted runs (LoRA, DoRA, full fine-tuning)")
         handles, labels = collect_legend(ax_top)
+        # the seed-to-seed floor is dotted in each method's colour: one grey entry says so
+        handles = [
+            Line2D([], [], color="0.3", ls=":", lw=1.6) if lab.startswith("seed-to-seed") else h
+            for h, lab in zip(handles, labels, strict=True)
+        ]
+        labels = [
+            f"dotted, in the method's colour: {lab}" if lab.startswith("seed-to-seed") else lab
+            for lab in labels
+        ]
         # methods first, then how to read them: the band, the null line
         order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("permutation"))
         handles, labels = [handles[i] for i in order], [labels[i] for i in order]
@@ -163,51 +187,50 @@ def cka_figure(cka: pd.DataFrame, model: str, seed_floor: pd.DataFrame | None = 
             handles.insert(at, Patch(facecolor="0.5", alpha=0.3, lw=0))
             labels.insert(at, "speaker-bootstrap 95 % band (shaded), ± std over folds (bars)")
         if handles:
-            top.legend(
-                handles,
-                labels,
-                loc="outside lower center",
-                ncols=min(len(labels), 3),
-                frameon=False,
-            )
-        ax_bot = bottom.subplots(1, n_bottom, squeeze=False)[0]
+            legend_under(top, handles, labels, ncols=3)
+        grid = bottom.subplots(n_rows, n_cols, squeeze=False)
+        ax_bot = list(grid.ravel()[: max(len(ranks), 1)])
+        for ax in grid.ravel()[len(ax_bot) :]:
+            ax.remove()
         heat = rows(_metric(table, "value"), kind="linear")
         if len(heat):
             lo, hi = min(0.0, float(heat["mean"].min())), max(1.0, float(heat["mean"].max()))
         image = None
-        for ax, method in zip(ax_bot, ranks, strict=False):
+        for k, (ax, method) in enumerate(zip(ax_bot, ranks, strict=False)):
             ax.grid(False)
             sel = rows(heat, method=method)
-            grid = (
+            pairs = (
                 sel.pivot(index="layer_frozen", columns="layer_lora", values="mean")
                 .sort_index()
                 .sort_index(axis=1)
             )
-            values = grid.to_numpy(float)
+            values = pairs.to_numpy(float)
             image = ax.imshow(values, cmap="viridis", vmin=lo, vmax=hi, origin="lower")
-            step = max(1, int(np.ceil(len(grid.columns) / 9)))
+            step = max(1, int(np.ceil(len(pairs.columns) / 9)))
             ax.set_xticks(
-                range(0, len(grid.columns), step), [str(int(v)) for v in grid.columns[::step]]
+                range(0, len(pairs.columns), step), [str(int(v)) for v in pairs.columns[::step]]
             )
             ax.set_yticks(
-                range(0, len(grid.index), step), [str(int(v)) for v in grid.index[::step]]
+                range(0, len(pairs.index), step), [str(int(v)) for v in pairs.index[::step]]
             )
-            ax.set_xlabel(f"LoRA encoder layer ({method_label(method)})")
-            ax.set_ylabel("frozen encoder layer")
-            ax.set_title(
-                f"linear CKA, all layer pairs: frozen vs {method_label(method)}", fontsize=9.5
-            )
+            ax.set_xlabel("adapted encoder layer")
+            if k % n_cols == 0:
+                ax.set_ylabel("frozen encoder layer")
+            ax.set_title(_heat_title(method), fontsize=9.5)
             if values.shape[0] <= 13:
                 annotate_cells(ax, values, light_text=(values - lo) / (hi - lo) <= 0.6)
         if image is not None:
             bottom.colorbar(image, ax=ax_bot, label="linear CKA (0–1)", shrink=0.9)
+            bottom.suptitle(
+                "linear CKA of all layer pairs, frozen vs adapted encoder", fontsize=10.5
+            )
         elif not ranks:
-            empty_panel(ax_bot[0], "no LoRA runs")
+            empty_panel(ax_bot[0], "no adapted runs (LoRA, DoRA, full fine-tuning)")
         fig.suptitle(
             model_title(
                 model,
                 _metric(table, "value"),
-                "representational similarity, frozen vs LoRA",
+                "representational similarity, frozen vs adapted encoder",
                 "layer_frozen",
                 "depth_frozen",
             )

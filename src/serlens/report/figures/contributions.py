@@ -21,13 +21,11 @@ from .style import (
     COMPONENT_TITLES,
     DEPTH_LABEL,
     FROZEN_COLOR,
-    LINESTYLES,
     band,
     collect_legend,
     empty_panel,
     figure_style,
     fold_note,
-    legend_below,
     lora_methods,
     method_colors,
     method_label,
@@ -105,6 +103,40 @@ def shading_legend(kinds: Iterable[str | None], notes: dict[str, str] | None = N
     return handles, labels
 
 
+def legend_under(fig, handles, labels, ncols: int | None = None, fontsize=None, **kwargs):
+    """One legend under the panels of ``fig`` (a figure or subfigure), repeated labels once:
+    ``ncols`` columns (default 4), fewer where the legend, measured as drawn, would be wider
+    than ``fig`` (it would be cut at both sides). Returns the legend (None without entries)."""
+    unique = dict(zip(labels, handles, strict=True))
+    if not unique:
+        return None
+    root = fig.figure if hasattr(fig, "figure") and fig.figure is not None else fig
+    renderer = root.canvas.get_renderer()
+    room = fig.bbox.width * 0.98
+    for n in range(min(ncols or 4, len(unique)), 0, -1):
+        legend = fig.legend(
+            list(unique.values()),
+            list(unique.keys()),
+            loc="outside lower center",
+            ncols=n,
+            frameon=False,
+            fontsize=fontsize,
+            **kwargs,
+        )
+        if n == 1 or legend.get_window_extent(renderer).width <= room:
+            return legend
+        legend.remove()
+    return None
+
+
+def grid_shape(n: int, most: int = 3) -> tuple[int, int]:
+    """(rows, columns) of ``n`` panels, at most ``most`` a row, rows as even as they can be
+    (4 -> 2 x 2, 5 -> 2 x 3, 7 -> 3 x 3)."""
+    n = max(int(n), 1)
+    rows_ = -(-n // most)
+    return rows_, -(-n // rows_)
+
+
 def spread_title(model: str | None, table: pd.DataFrame, what: str) -> str:
     """'model, L = n layers: what' and a second line saying what lines and shading are."""
     size = ""
@@ -116,11 +148,12 @@ def spread_title(model: str | None, table: pd.DataFrame, what: str) -> str:
 
 
 def contributions_figure(contributions: pd.DataFrame, model: str):
-    """Norm ratio ‖u‖/‖h‖ and cosine cos(u, h) per layer for u = a, m, a + m; then LoRA − frozen.
+    """Norm ratio ‖u‖/‖h‖ and cosine cos(u, h) per layer for u = a, m, a + m; then adapted − frozen.
 
     ``contributions``: the aggregated table (``variant`` base / adapted / delta). Rows 1–2:
-    the pre-trained encoder (frozen runs) and each rank's adapted encoder; rows 3–4: the
-    per-fold difference adapted − base of each LoRA run.
+    the pre-trained encoder (frozen runs) and each adapted method's encoder (LoRA, DoRA,
+    full fine-tuning); rows 3–4: the per-fold difference adapted − base of each such run.
+    One colour per method, one legend under the panels.
     """
     table = rows(contributions, model=model)
     methods = method_order(table["method"])
@@ -194,16 +227,17 @@ def contributions_figure(contributions: pd.DataFrame, model: str):
                                 ls="--",
                             )
                         )
-                    ax_d.set_ylabel(f"{delta_labels[metric]}\n(LoRA − frozen)")
+                    ax_d.set_ylabel(f"{delta_labels[metric]}\n(adapted − frozen)")
             axes[0, c].set_title(COMPONENT_TITLES[component])
             axes[-1, c].set_xlabel(DEPTH_LABEL)
         handles, labels = collect_legend(axes)
         extra = shading_legend(kinds)
-        legend_below(fig, handles + extra[0], labels + extra[1], ncols=min(len(labels), 4))
+        legend_under(fig, handles + extra[0], labels + extra[1], ncols=4)
         fig.suptitle(
             spread_title(model, table, "what each block writes into the residual stream h")
             + (
-                "\nrows 3–4: per-fold difference adapted − pre-trained of the same LoRA run"
+                "\nrows 3–4 (dashed): per-fold difference adapted − pre-trained encoder of "
+                "the same run"
                 if ranks
                 else ""
             )
@@ -211,11 +245,26 @@ def contributions_figure(contributions: pd.DataFrame, model: str):
     return fig
 
 
-def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str] | None = None):
-    """LoRA − frozen difference of the contributions of every model on one depth axis.
+#: Line style and marker of each method in :func:`contributions_depth_figure` when the colour
+#: is the model's: no two methods alike (line styles repeat after four, markers do not).
+METHOD_STYLES = [
+    ("-", "o"),
+    ("--", "s"),
+    (":", "^"),
+    ("-.", "D"),
+    ("-", "v"),
+    ("--", "P"),
+    (":", "X"),
+    ("-.", "*"),
+]
 
-    Colour = model (config order), line style = LoRA rank. Rows: norm ratio, cosine; columns:
-    attention, MLP, whole block.
+
+def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str] | None = None):
+    """Adapted − frozen difference of the contributions of every model on one depth axis.
+
+    Several models: colour = model (config order), line style and marker = method (LoRA
+    rank, DoRA, full fine-tuning...; :data:`METHOD_STYLES`). One model: colour = method, as
+    in the per-model figures. Rows: norm ratio, cosine; columns: attention, MLP, whole block.
     """
     table = rows(contributions, variant="delta")
     models = [m for m in (models or dict.fromkeys(table["model"])) if m in set(table["model"])]
@@ -223,20 +272,29 @@ def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str
     components = [c for c in COMPONENT_TITLES if c in set(contributions["component"])] or list(
         COMPONENT_TITLES
     )
+    by_model = len(models) > 1
     cmap = matplotlib.colormaps["viridis"]
     model_colors = {m: cmap(i / max(len(models) - 1, 1) * 0.85) for i, m in enumerate(models)}
+    colors = method_colors(table["method"]) if len(table) else {}
+
+    def style(model: str, k: int, method: str) -> dict:
+        if not by_model:
+            return {"color": colors[method], "ls": "-", "marker": "o"}
+        ls, marker = METHOD_STYLES[k % len(METHOD_STYLES)]
+        return {"color": model_colors[model], "ls": ls, "marker": marker}
+
     kinds: list[str | None] = []
     with figure_style():
         fig, axes = new_subplots(
             2,
             len(components),
-            figsize=(3.4 * len(components) + 0.8, 5.8),
+            figsize=(3.6 * len(components) + 0.8, 6.2 + 0.15 * len(ranks)),
             squeeze=False,
             sharex=True,
         )
         if table.empty:
             for ax in axes.ravel():
-                empty_panel(ax, "no LoRA runs: no LoRA − frozen difference")
+                empty_panel(ax, "no adapted runs: no adapted − frozen difference")
         for c, component in enumerate(components):
             for r, (metric, label) in enumerate(
                 (("norm_ratio", "Δ norm ratio ‖u‖/‖h‖"), ("cosine", "Δ cosine cos(u, h)"))
@@ -250,29 +308,26 @@ def contributions_depth_figure(contributions: pd.DataFrame, models: Sequence[str
                         sel = rows(
                             table, model=model, method=method, component=component, metric=metric
                         )
-                        kinds.append(
-                            curve(
-                                ax,
-                                sel,
-                                color=model_colors[model],
-                                ls=LINESTYLES[k % len(LINESTYLES)],
-                            )
-                        )
-                ax.set_ylabel(f"{label}\n(LoRA − frozen)")
+                        kinds.append(curve(ax, sel, **style(model, k, method)))
+                ax.set_ylabel(f"{label}\n(adapted − frozen)")
             axes[0, c].set_title(COMPONENT_TITLES[component])
             axes[-1, c].set_xlabel(DEPTH_LABEL)
-        handles = [Line2D([], [], color=model_colors[m], lw=2) for m in models]
-        labels = list(models)
-        handles += [
-            Line2D([], [], color="0.3", ls=LINESTYLES[k % len(LINESTYLES)])
-            for k in range(len(ranks))
-        ]
+        if by_model:
+            handles = [Line2D([], [], color=model_colors[m], lw=2) for m in models]
+            labels = list(models)
+            handles += [
+                Line2D([], [], color="0.3", ls=ls, marker=marker, markersize=4)
+                for ls, marker in (METHOD_STYLES[k % len(METHOD_STYLES)] for k in range(len(ranks)))
+            ]
+        else:
+            handles, labels = [], []
+            handles += [Line2D([], [], color=colors[m], marker="o", markersize=4) for m in ranks]
         labels += [method_label(m) for m in ranks]
         extra = shading_legend(kinds)
         handles, labels = handles + extra[0], labels + extra[1]
         if handles:
-            legend_below(fig, handles, labels, ncols=min(len(labels), 4))
-        fig.suptitle(
-            spread_title(None, table, "Adapter effect on layer contributions across models")
-        )
+            legend_under(fig, handles, labels, ncols=4)
+        what = "adapter effect on layer contributions"
+        what += " across models" if by_model else f" ({models[0]})" if models else ""
+        fig.suptitle(spread_title(None, table, what[0].upper() + what[1:]))
     return fig

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from .contributions import RANGES, STD, curve, shading_legend, spread_title
+from .contributions import RANGES, STD, curve, legend_under, shading_legend, spread_title
 from .style import (
     DEPTH_LABEL,
     chance_line,
     collect_legend,
     figure_style,
-    legend_below,
+    lora_methods,
     method_colors,
     method_label,
     method_order,
     new_subplots,
-    rank_of,
     rows,
 )
 
@@ -46,16 +45,19 @@ def lens_fit_note(table: pd.DataFrame) -> str:
 
 
 def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | None = None):
-    """Per-layer UAR, agreement with the final prediction and KL(p_L ‖ p_ℓ): frozen against each rank.
+    """Per-layer UAR, agreement with the final prediction and KL(p_L ‖ p_ℓ): frozen against each
+    adapted method.
 
     One row per lens (logit lens; tuned lens when fitted). Each run is read with its own head
-    on the encoder it classifies with (``base`` for frozen runs, ``adapted`` for LoRA runs).
+    on the encoder it classifies with (``base`` for frozen runs, ``adapted`` for the runs that
+    train the encoder: LoRA, DoRA, full fine-tuning).
     Shading: the speaker band where the table has it (agreement, KL: means over utterances);
     UAR is not a mean over utterances, so its panels show ± std over runs (the legend says
     so). The tuned lens' KL panel adds thin lines for the KL on the fitting and dev utterances.
     """
     table = rows(logit_lens, model=model)
     methods = [m for m in method_order(table["method"])]
+    adapted = set(lora_methods(methods))  # LoRA, DoRA, full: read on their own encoder
     colors = method_colors(methods)
     lenses = [lens for lens in ("logit", "tuned") if lens in set(table["lens"])]
     kinds, std_metrics, fit_lines = [], set(), set()
@@ -72,7 +74,7 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
                 ax = axes[r, c]
                 std_here = set()
                 for method in methods:
-                    variant = "adapted" if rank_of(method) is not None else "base"
+                    variant = "adapted" if method in adapted else "base"
                     sel = rows(table, lens=lens, method=method, variant=variant, metric=metric)
                     kind = curve(
                         ax, sel, RANGES[metric], color=colors[method], label=method_label(method)
@@ -126,7 +128,7 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
         if std_metrics == {"uar"}:
             note = "UAR: not a mean over utterances"
         extra = shading_legend(kinds, {STD: f" — {note}"} if note else None)
-        legend_below(fig, handles + extra[0], labels + extra[1], ncols=3)
+        legend_under(fig, handles + extra[0], labels + extra[1], ncols=3)
         what = "reading the trained head off every layer"
         fit = lens_fit_note(table)
         fig.suptitle(spread_title(model, table, what) + (f"; {fit}" if fit else ""))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .style import (
     DEPTH_LABEL,
@@ -11,14 +13,20 @@ from .style import (
     chance_line,
     collect_legend,
     figure_style,
+    fold_note,
     legend_below,
     method_colors,
     method_label,
     method_order,
-    model_title,
+    n_layers,
     new_subplots,
     rows,
+    spread_note,
 )
+
+#: The ``task`` suffixes of the speaker band's rows (serlens.analysis.probing.BAND_BOUNDS;
+#: not imported, so the figures do not import torch and scikit-learn).
+BOUNDS = ("band_low", "band_high")
 
 #: Column titles of the protocols (serlens.analysis.probing.PROTOCOLS).
 PROTOCOL_TITLES = {
@@ -36,9 +44,44 @@ def _control_note(table: pd.DataFrame) -> str | None:
     return "control task not scored: no recurring item (sentence)\nshared by fitting and scored utterances"
 
 
+def with_band(table: pd.DataFrame, task: str, metric: str) -> pd.DataFrame:
+    """The aggregated rows of ``task`` and ``metric`` (one method and protocol), with
+    ``band_low``/``band_high`` = the mean over runs of the per-run speaker-band limits (the
+    rows of task ``{task}_band_low``/``_band_high``); NaN where a layer has none, and the
+    aggregate's own ``band_*`` columns (empty for probing) replaced."""
+    est = rows(table, task=task, metric=metric).copy()
+    for bound in BOUNDS:
+        limit = rows(table, task=f"{task}_{bound}", metric=metric)
+        by_layer = dict(zip(limit["layer"].astype(int), limit["mean"].astype(float), strict=True))
+        est[bound] = [by_layer.get(int(layer), np.nan) for layer in est["layer"]]
+    return est
+
+
+def has_band(table: pd.DataFrame) -> bool:
+    """Whether any row of ``table`` is a finite speaker-band limit."""
+    if "task" not in table or "mean" not in table:
+        return False
+    limits = table[table["task"].astype(str).str.endswith(BOUNDS)]
+    return bool(np.isfinite(pd.to_numeric(limits["mean"], errors="coerce")).any())
+
+
+def band_caption(table: pd.DataFrame) -> str:
+    """What the lines and the shaded areas of the figure are."""
+    estimates = table[table["task"].isin(("emotion", "control"))] if "task" in table else table
+    if not has_band(table):
+        return spread_note(estimates)
+    return (
+        f"lines: mean over {fold_note(estimates)}; shaded: each fold's 95 % band from "
+        "resampling its test speakers, limits averaged over folds"
+    )
+
+
 def probing_figure(probing: pd.DataFrame, model: str, n_classes: int | None = None):
     """Probe UAR per layer for emotion (solid) and the item control task (dotted), and
-    selectivity = emotion − control, one column per protocol (train → test, cross-fit)."""
+    selectivity = emotion − control, one column per protocol (train → test, cross-fit).
+
+    Shaded: the speaker band where the table has its rows (the per-fold speaker-bootstrap
+    limits of :mod:`serlens.analysis.probing`, averaged over folds), else ± std over runs."""
     table = rows(probing, model=model)
     if "protocol" not in table.columns:  # a table from before the protocols
         table = table.assign(protocol="train_test")
@@ -82,20 +125,20 @@ def probing_figure(probing: pd.DataFrame, model: str, n_classes: int | None = No
                     continue
                 band(
                     top,
-                    rows(mine, task="emotion", metric="uar"),
+                    with_band(mine, "emotion", "uar"),
                     color=colors[method],
                     label=method_label(method),
                 )
                 band(
                     top,
-                    rows(mine, task="control", metric="uar"),
+                    with_band(mine, "control", "uar"),
                     color=colors[method],
                     ls=":",
                     marker="x",
                 )
                 band(
                     bottom,
-                    rows(mine, task="emotion", metric="selectivity_uar"),
+                    with_band(mine, "emotion", "selectivity_uar"),
                     color=colors[method],
                 )
             chance_line(top, n_classes)
@@ -126,6 +169,18 @@ def probing_figure(probing: pd.DataFrame, model: str, n_classes: int | None = No
             ),
             *chance,
         ]
+        if has_band(table):
+            pairs.append(
+                (
+                    Patch(color="0.3", alpha=0.15, lw=0),
+                    "shaded: 95 % speaker band of one fold, averaged over folds",
+                )
+            )
         legend_below(fig, [h for h, _ in pairs], [lab for _, lab in pairs], ncols=3)
-        fig.suptitle(model_title(model, table, "linear probes on pooled layer states"))
+        estimates = table[table["task"].isin(("emotion", "control"))] if len(table) else table
+        L = n_layers(estimates) if len(estimates) else None
+        size = f", L = {L} layers" if L else ""
+        fig.suptitle(
+            f"{model}{size}: linear probes on pooled layer states\n({band_caption(table)})"
+        )
     return fig

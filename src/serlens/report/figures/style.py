@@ -108,7 +108,8 @@ def rank_of(method: str) -> int | None:
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """Report order (serlens.methods.method_sort_key): frozen heads, then LoRA by rank; unknown names last."""
+    """Report order (serlens.methods.method_sort_key): frozen heads, LoRA by rank, then the
+    declared methods by kind; names no method has last."""
     from serlens.methods import method_sort_key
 
     def key(m):
@@ -127,7 +128,7 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
     colors, k = {}, 0
     for method in method_order(methods):
         spec = _method(method)
-        if spec is not None and not spec.has_adapter:
+        if spec is not None and spec.kind == "frozen" and spec.readout in ("last", "wsum"):
             colors[method] = FROZEN_COLOR if spec.readout == "last" else WSUM_COLOR
         else:
             colors[method] = RANK_COLORS[k % len(RANK_COLORS)]
@@ -136,7 +137,10 @@ def method_colors(methods: Iterable[str]) -> dict[str, str]:
 
 
 def lora_methods(methods: Iterable[str]) -> list[str]:
-    return [m for m in method_order(methods) if rank_of(m) is not None]
+    """The methods that adapt the encoder (LoRA, DoRA, full fine-tuning), in report order."""
+    return [
+        m for m in method_order(methods) if (spec := _method(m)) is not None and spec.trains_encoder
+    ]
 
 
 def rows(table: pd.DataFrame, **equal) -> pd.DataFrame:
@@ -252,12 +256,17 @@ def empty_panel(ax, message: str) -> None:
 
 
 def legend_below(fig, handles, labels, ncols: int | None = None) -> None:
+    """One legend under the panels, with no more columns than fit the figure's width (a
+    legend wider than the figure is cut at both sides)."""
     unique = dict(zip(labels, handles, strict=True))
+    longest = max((len(str(label)) for label in unique), default=1)
+    column_inches = 0.6 + 0.075 * longest  # handle + text at the legend's font size
+    fits = max(1, int(fig.get_figwidth() // column_inches))
     fig.legend(
         list(unique.values()),
         list(unique.keys()),
         loc="outside lower center",
-        ncols=ncols or min(len(unique), 5),
+        ncols=min(ncols or min(len(unique), 5), fits),
         frameon=False,
     )
 
