@@ -241,16 +241,24 @@ def lora_update_spectra(
         drawn = product_singular_values(
             rng.standard_normal((d_out, r)), rng.standard_normal((r, d_in))
         )
-        size = float(np.sqrt(np.sum(drawn**2)))
-        energy = float(np.sqrt(np.sum(sigma**2)))
-        rows += _spectrum_rows(
-            "delta_w_null", drawn * (energy / size if size > 0 else 0.0), r, energy_fraction
-        )
-        U, V = _haar_columns(rng, d_out, r), _haar_columns(rng, d_in, r)
-        rows += _intruder_rows("merged_null", U0, W0 + (U * sigma) @ V.T, k, epsilon)
+        rows += _null_rows(rng, drawn, sigma, U0, W0, k, epsilon, energy_fraction)
     table = pd.DataFrame(rows, columns=["matrix", "quantity", "index", "value"])
     table["index"] = table["index"].astype("Int64")
     return table
+
+
+def _null_rows(rng, drawn, sigma, U0, W0, k, epsilon, energy_fraction) -> list[dict]:
+    """The nulls of one module: ``delta_w_null``, the singular values ``drawn`` of a random
+    update rescaled to the trained ‖ΔW‖_F = ‖σ‖₂, and ``merged_null``, W0 plus the trained σ
+    in Haar-random directions (the intruders the trained spectrum alone would make)."""
+    n = len(sigma)
+    size = float(np.sqrt(np.sum(drawn**2)))
+    energy = float(np.sqrt(np.sum(sigma**2)))
+    rows = _spectrum_rows(
+        "delta_w_null", drawn * (energy / size if size > 0 else 0.0), n, energy_fraction
+    )
+    U, V = _haar_columns(rng, W0.shape[0], n), _haar_columns(rng, W0.shape[1], n)
+    return rows + _intruder_rows("merged_null", U0, W0 + (U * sigma) @ V.T, k, epsilon)
 
 
 def _intruder_args(W0: np.ndarray, intruder_k, intruder_epsilon) -> tuple[int, float]:
@@ -297,13 +305,7 @@ def dense_update_spectra(
     if rng is not None:
         d_out, d_in = delta.shape
         drawn = np.linalg.svd(rng.standard_normal((d_out, d_in)), compute_uv=False)
-        size = float(np.sqrt(np.sum(drawn**2)))
-        energy = float(np.sqrt(np.sum(sigma**2)))
-        rows += _spectrum_rows(
-            "delta_w_null", drawn * (energy / size if size > 0 else 0.0), n, energy_fraction
-        )
-        U, V = _haar_columns(rng, d_out, n), _haar_columns(rng, d_in, n)
-        rows += _intruder_rows("merged_null", U0, W0 + (U * sigma) @ V.T, k, epsilon)
+        rows += _null_rows(rng, drawn, sigma, U0, W0, k, epsilon, energy_fraction)
     table = pd.DataFrame(rows, columns=["matrix", "quantity", "index", "value"])
     table["index"] = table["index"].astype("Int64")
     return table
