@@ -50,6 +50,16 @@ def snakemake(
     return proc
 
 
+def assert_read_exactly(settings) -> None:
+    """Every key of a job's Settings (nested ones too) was read, and no other could be."""
+    from serlens.analysis.registry import Settings
+
+    assert settings.accessed == set(settings), set(settings) - settings.accessed
+    for key in settings:
+        if isinstance(settings[key], Settings):
+            assert settings[key].accessed == set(settings[key]), (key, settings[key].accessed)
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a dry run, as {rule: count}."""
     if "Nothing to be done" in output:
@@ -267,10 +277,7 @@ def test_training_reads_exactly_the_settings_its_rule_passes(workflow, method, t
         checkpoints=tmp_path / "checkpoints",
         features_path=paths.features("synthetic", "tiny.en"),
     )
-    assert settings.accessed == set(settings)
-    for key in settings:
-        if isinstance(settings[key], Settings):
-            assert settings[key].accessed == set(settings[key]), (key, settings[key].accessed)
+    assert_read_exactly(settings)
     # the same settings give the same run as the workflow's (same seed, same predictions)
     ours = pd.read_csv(tmp_path / "run/predictions.tsv", sep="\t")
     theirs = pd.read_csv(
@@ -432,8 +439,4 @@ def test_declared_methods_run_with_every_analysis_that_applies(tmp_path):
             out_dir=tmp_path / name,
             checkpoints=tmp_path / f"checkpoints-{name}",
         )
-        assert settings.accessed == set(settings), (name, set(settings) - settings.accessed)
-        for key in settings:
-            if isinstance(settings[key], Settings):
-                unread = set(settings[key]) - settings[key].accessed
-                assert not unread, (name, key, unread)
+        assert_read_exactly(settings)

@@ -153,11 +153,9 @@ def save_adapter_snapshot(peft_encoder: nn.Module, path: Path) -> None:
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(peft_encoder)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    save_safetensors_atomic(
+        {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, path
+    )
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
