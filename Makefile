@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= all
 
-.PHONY: install demo real-demo methods-demo test test-real test-fast lint config-readme format bench paper-dry-run report clean
+.PHONY: install demo real-demo methods-demo protocol-gap test test-real test-fast lint config-readme format bench paper-dry-run report clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ methods-demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/methods.yaml
 	@$(BIN)/python bench/job_seconds.py results/methods | tail -1
 	@echo "results: $(CURDIR)/results/methods/synthetic (tables/, figures/)"
+
+protocol-gap: install
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/protocol_gap.yaml
+	@$(BIN)/python bench/job_seconds.py results/protocol_gap | tail -1
+	@echo "results: $(CURDIR)/results/protocol_gap/synthetic/tables/protocol_gap.tsv"
 
 # config/README.md's key table, from the schema (a test fails when it is out of date)
 config-readme: install

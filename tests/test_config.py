@@ -337,3 +337,26 @@ def test_methods_grid_builds_its_dag(tmp_path):
     # contributions, lenses, probes: the last-layer frozen head and the 6 others
     assert rules["probing"] == rules["logit_lens"] == 7 * folds
     assert "subspace" not in rules  # one short-form rank: nothing to compare across ranks
+
+
+def test_protocol_gap_grid_trains_each_deviation_and_analyses_none(tmp_path):
+    """config/protocol_gap.yaml: the honest LoRA and each deviation of the paper's training
+    (prefix folds on the two dialog prefixes of fold 1); the deviations are tested only,
+    never analysed (README: its job counts)."""
+    plan = dry_run_plan(
+        "--configfile",
+        str(ROOT / "config/config.yaml"),
+        str(ROOT / "config/protocol_gap.yaml"),
+        "--config",
+        f"results={tmp_path / 'results'}",
+        f"resources_dir={tmp_path / 'resources'}",
+        cwd=tmp_path,
+    )
+    rules = Counter(line.split()[1].rstrip(":") for line in plan if not line.startswith(" "))
+    # lora_r8 (fold 1), pad30 (1), pad30_all_frames (1), prefix (folds 1, 2), paper (1, 2)
+    assert rules["train_lora"] == 7
+    assert rules["folds_prefix"] == 1 and rules["protocol_gap"] == 1
+    assert rules["pass_run"] == 1 and rules["causal"] == 1  # lora_r8 only
+    outputs = " ".join(line for line in plan if line.startswith(" "))
+    assert "lora_r8_paper/seed0/fold2/" in outputs and "lora_r8_paper/seed0/fold3/" not in outputs
+    assert "analysis/tiny.en/lora_r8_paper" not in outputs

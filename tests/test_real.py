@@ -35,6 +35,8 @@ def real_config(tmp: Path) -> dict:
         folds={"run": [1, 2]},
         train={"epochs": 2, "frozen_epochs": 30, "batch_size": 8},
         lora={"ranks": [8]},
+        # the paper's dialog-prefix folds: EmoDB has none, so no runs and a row saying so
+        methods={"lora_r8_prefix": {"kind": "lora", "rank": 8, "protocol": ["prefix_folds"]}},
         significance={"resamples": 1000},
         analysis={"causal_stride": 6},  # causal tests at the last layer only: the tier's budget
     )
@@ -76,3 +78,35 @@ def test_every_model_beats_chance_by_its_speaker_interval(emodb_run):
         rows = summary[summary["model"] == model]
         assert len(rows) == 3
         assert (rows["uar_ci_low"] > chance).all(), rows.to_string()
+
+
+def test_protocol_gap_reads_test_selection_off_every_run(emodb_run):
+    results, _ = emodb_run
+    gap = pd.read_csv(results / "tables/protocol_gap.tsv", sep="\t")
+    print(
+        gap[
+            [
+                "model",
+                "method",
+                "deviation",
+                "uar_honest",
+                "uar",
+                "delta_uar",
+                "delta_uar_low",
+                "delta_uar_high",
+                "war_honest",
+                "war",
+                "delta_war",
+            ]
+        ].to_string()
+    )
+    for model in MODELS:
+        rows = gap[gap["model"] == model].set_index(["method", "deviation"])
+        for method in ("frozen", "frozen_wsum", "lora_r8"):
+            best = rows.loc[(method, "test_selection_uar")]
+            # the best test UAR over a run's epochs is at least the dev-selected epoch's
+            assert best["delta_uar"] >= -1e-12 and best["delta_uar_low"] <= best["delta_uar"]
+            assert rows.loc[(method, "test_selection"), "n_speakers"] == 4
+        prefix = rows.loc[("lora_r8", "prefix_folds")]
+        assert not prefix["applies"] and "no dialog prefixes" in prefix["note"]
+    assert not (results / "train/tiny.en/lora_r8_prefix").exists()

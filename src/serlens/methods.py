@@ -21,6 +21,13 @@ Kinds (``methods.<name>.kind`` in the config):
 * ``full``: every encoder weight trains (learning rate ``lr``, required: full fine-tuning
   diverges at LoRA's rates).
 
+A method of an encoder-training kind may name a *protocol* (``methods.<name>.protocol``): the
+deviations of the paper's published code (github.com/harryporry77/Behind-the-Scenes,
+``train_lora.py``) that need their own training, applied to an otherwise identical honest
+method (:data:`DEVIATIONS`; ``paper`` = all of them). Such a run is trained and tested only
+to measure what its protocol adds (``protocol_gap.tsv``, :mod:`serlens.report.protocol`);
+the analyses, the performance tables and the claims read honest runs only.
+
 The short form is what the grid always holds: ``frozen`` and ``frozen_wsum`` (the baselines
 every comparison is read against) and ``lora_r{rank}`` for each of ``lora.ranks`` on
 ``lora.target_modules`` of every layer. ``methods:`` adds named specs to it; a declared name
@@ -49,6 +56,17 @@ LAYER_SETS = ("all", "first_half", "last_half")
 #: cross-rank analyses' folder.
 RESERVED = ("base", "lora")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+#: The paper's protocol deviations that need their own training runs (the ones read off the
+#: honest runs, such as test-fold checkpoint selection, are in serlens.report.protocol).
+DEVIATIONS = {
+    "prefix_folds": "folds by dialog prefix (Ses01F, Ses01M, ...: both actors of a session, "
+    "and its scripts, in train and test), as the paper's code forms them",
+    "pad30": "every clip padded to 30 s (Whisper's input), pooled over its audio frames",
+    "pad30_all_frames": "every clip padded to 30 s and pooled over all 1500 frames, padding "
+    "included (WhisperForAudioClassification, as the paper trains)",
+}
+#: ``protocol: paper``: every deviation of the paper's training (pad30_all_frames includes pad30).
+PAPER_PROTOCOL = ("prefix_folds", "pad30_all_frames")
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,32 @@ class Method:
     layers: str | tuple[int, ...] = "all"
     lr: float | None = None
     short: bool = False
+    protocol: tuple[str, ...] = ()
+
+    @property
+    def honest(self) -> bool:
+        """Trained under the honest protocol (no deviation of the paper's code)."""
+        return not self.protocol
+
+    @property
+    def prefix_folds(self) -> bool:
+        """Trained on the paper's dialog-prefix folds (``folds_prefix.tsv``)."""
+        return "prefix_folds" in self.protocol
+
+    @property
+    def input_policy(self) -> str | None:
+        """The input policy its protocol imposes (``pad30``), or None: ``audio.input_policy``."""
+        return "pad30" if {"pad30", "pad30_all_frames"} & set(self.protocol) else None
+
+    @property
+    def pools_all_frames(self) -> bool:
+        """The head pools every encoder frame, padding included (the paper's classifier)."""
+        return "pad30_all_frames" in self.protocol
+
+    @property
+    def counterpart_key(self) -> tuple:
+        """What an honest method must share with this one to be its counterpart."""
+        return (self.kind, self.readout, self.rank, self.targets, self.layers, self.lr)
 
     @property
     def has_adapter(self) -> bool:
@@ -108,7 +152,7 @@ class Method:
         if self.short:
             return f"LoRA r = {self.rank}"
         if self.kind == "full":
-            return "full fine-tuning"
+            return "full fine-tuning" + self.protocol_label
         kind = {"lora": "LoRA", "dora": "DoRA"}[self.kind]
         short = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "o"}
         where = (
@@ -120,13 +164,24 @@ class Method:
             layers = "" if self.layers == "all" else f", {self.layers.replace('_', ' ')}"
         else:
             layers = ", layers " + ",".join(map(str, self.layers))
-        return f"{kind} r = {self.rank} ({where}{layers})"
+        return f"{kind} r = {self.rank} ({where}{layers})" + self.protocol_label
+
+    @property
+    def protocol_label(self) -> str:
+        if self.honest:
+            return ""
+        if self.protocol == PAPER_PROTOCOL:
+            return ", paper protocol"
+        return ", " + " + ".join(self.protocol)
 
     def spec(self) -> dict:
         """The method as the run's settings carry it (plain values, JSON-able)."""
         out = asdict(self)
         out["targets"] = list(self.targets)
         out["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        del out["protocol"]
+        if self.protocol:  # absent when honest: declared runs keep the settings they had
+            out["protocol"] = list(self.protocol)
         return out
 
     def layer_indices(self, n_layers: int) -> list[int]:
@@ -178,6 +233,7 @@ class Method:
             spec["targets"] = tuple(spec["targets"])
             if not isinstance(spec["layers"], str):
                 spec["layers"] = tuple(spec["layers"])
+            spec["protocol"] = tuple(spec.get("protocol", ()))
             return cls(**spec)
         method = short_form(name)
         if method.kind == "lora":
@@ -218,9 +274,9 @@ def declared_method(name: str, spec: dict, config: dict) -> Method:
         raise ConfigError(f"{where}.kind: {kind!r} is not a kind; allowed: {', '.join(KINDS)}")
     allowed = {
         "frozen": {"kind", "readout"},
-        "lora": {"kind", "rank", "targets", "layers", "lr"},
-        "dora": {"kind", "rank", "targets", "layers", "lr"},
-        "full": {"kind", "targets", "lr"},
+        "lora": {"kind", "rank", "targets", "layers", "lr", "protocol"},
+        "dora": {"kind", "rank", "targets", "layers", "lr", "protocol"},
+        "full": {"kind", "targets", "lr", "protocol"},
     }[kind]
     extra = sorted(set(spec) - allowed)
     if extra:
@@ -236,13 +292,14 @@ def declared_method(name: str, spec: dict, config: dict) -> Method:
             f"{where}.targets: {unknown} are not modules of a Whisper encoder layer; "
             f"allowed: {', '.join(TARGET_MODULES)}"
         )
+    protocol = parse_protocol(spec.get("protocol"), where)
     if kind == "full":
         if "lr" not in spec:
             raise ConfigError(
                 f"{where}.lr: full fine-tuning needs its own learning rate (it diverges at "
                 f"LoRA's train.lr = {config['train']['lr']}); e.g. lr: 1.0e-5"
             )
-        return Method(name, "full", targets=targets, lr=float(spec["lr"]))
+        return Method(name, "full", targets=targets, lr=float(spec["lr"]), protocol=protocol)
     if "rank" not in spec:
         raise ConfigError(f"{where}.rank: kind {kind} needs a rank (an integer >= 1)")
     layers = spec.get("layers", "all")
@@ -257,7 +314,49 @@ def declared_method(name: str, spec: dict, config: dict) -> Method:
         if not layers:
             raise ConfigError(f"{where}.layers: the list is empty; name at least one layer")
     lr = float(spec["lr"]) if "lr" in spec else None
-    return Method(name, kind, rank=int(spec["rank"]), targets=targets, layers=layers, lr=lr)
+    return Method(
+        name,
+        kind,
+        rank=int(spec["rank"]),
+        targets=targets,
+        layers=layers,
+        lr=lr,
+        protocol=protocol,
+    )
+
+
+def parse_protocol(value, where: str) -> tuple[str, ...]:
+    """``methods.<name>.protocol``: ``paper`` or a list of :data:`DEVIATIONS`, in that order."""
+    if value is None or value == []:
+        return ()
+    if value == "paper":
+        return PAPER_PROTOCOL
+    names = [value] if isinstance(value, str) else list(value)
+    unknown = [v for v in names if v not in DEVIATIONS]
+    if unknown:
+        raise ConfigError(
+            f"{where}.protocol: {unknown} are not deviations of the paper's protocol; allowed: "
+            f"paper (all of them) or a list of {', '.join(DEVIATIONS)}"
+        )
+    if {"pad30", "pad30_all_frames"} <= set(names):
+        raise ConfigError(
+            f"{where}.protocol: pad30_all_frames already pads to 30 s; list pad30 or "
+            "pad30_all_frames, not both"
+        )
+    return tuple(d for d in DEVIATIONS if d in names)
+
+
+def honest_counterpart(method: Method, methods: dict[str, Method]) -> Method:
+    """The honest method of the grid that ``method`` (with a protocol) is compared with: the
+    same kind, readout, rank, targets, layers and lr; ConfigError naming the key otherwise."""
+    for other in methods.values():
+        if other.honest and other.counterpart_key == method.counterpart_key:
+            return other
+    raise ConfigError(
+        f"methods.{method.name}.protocol: its gap is measured against the same method under "
+        "the honest protocol, which the grid lacks; add it (a lora_r<rank> of lora.ranks, or "
+        f"a methods: entry with the same spec and no protocol)"
+    )
 
 
 def configured_methods(config: dict) -> dict[str, Method]:
@@ -290,6 +389,9 @@ def configured_methods(config: dict) -> dict[str, Method]:
                 )
             continue
         methods[name] = method
+    for method in methods.values():
+        if not method.honest:
+            honest_counterpart(method, methods)
     return methods
 
 

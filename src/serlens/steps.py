@@ -89,11 +89,16 @@ def make_folds(
     summary_out: Path | None = None,
 ) -> pd.DataFrame:
     """The corpus's folds: leave-one-session-out over its sessions or speaker groups
-    (``dev`` = ``folds.dev``), or its own split (``grouping`` "split"); ``summary_out``
+    (``dev`` = ``folds.dev``), its own split (``grouping`` "split") or the paper's
+    dialog-prefix folds (``grouping`` "prefix"); ``summary_out``
     gets :func:`serlens.corpus.folds.fold_summary` (held-out speakers, text overlap)."""
     manifest = read_manifest(manifest_path)
     if grouping == "split":
         folds = fixed_split_folds(manifest)
+    elif grouping == "prefix":  # the paper's dialog-prefix folds (protocol: prefix_folds)
+        from serlens.corpus.folds import dialog_prefix_folds
+
+        folds = dialog_prefix_folds(manifest, dev)
     else:
         folds = leave_one_session_out(manifest, dev)
     summary = fold_summary(manifest, folds)

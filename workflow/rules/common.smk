@@ -2,6 +2,7 @@ import re
 
 from serlens.analysis.registry import ANALYSES, run_inputs
 from serlens.config import corpus_folds, corpus_specs, validate_config
+from serlens.corpus.folds import prefix_fold_numbers
 from serlens.corpus.registry import corpus_kind, corpus_root, speaker_groups
 from serlens.errors import ConfigError
 from serlens.methods import configured_methods, declare
@@ -75,7 +76,13 @@ def methods_where(predicate):
 
 
 RUN = PATHS.run("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
-RUN_FILES = ["metrics.json", "predictions.tsv", "history.tsv", "head.safetensors"]
+RUN_FILES = [
+    "metrics.json",
+    "predictions.tsv",
+    "history.tsv",
+    "test_epochs.tsv",
+    "head.safetensors",
+]
 FEATURES = PATHS.features("{corpus}", "{model}")
 CORPUS_TABLES = {
     "manifest": PATHS.corpus("{corpus}", "manifest.tsv"),
@@ -87,14 +94,38 @@ RUN_AB = PATHS.ab_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 RUN_CAUSAL = PATHS.causal_file("{corpus}", "{model}", "{method}", "{seed}", "{fold}")
 
 
+def folds_of(corpus, method):
+    """The folds a method's runs have in a corpus: the corpus's folds, or for the paper's
+    prefix folds the two halves of each (none where the corpus has no dialog prefixes).
+    """
+    if not METHODS[method].prefix_folds:
+        return FOLDS[corpus]
+    if not corpus_kind(CORPORA[corpus]["kind"]).dialog_prefixes:
+        return []
+    return prefix_fold_numbers(FOLDS[corpus])
+
+
+def folds_table(wildcards):
+    """The folds file a run trains on (the paper's prefix folds under protocol prefix_folds)."""
+    name = "folds_prefix" if METHODS[wildcards.method].prefix_folds else "folds"
+    return PATHS.corpus(wildcards.corpus, f"{name}.tsv")
+
+
+TRAIN_TABLES = {"manifest": CORPUS_TABLES["manifest"], "folds": folds_table}
+HONEST = [name for name, method in METHODS.items() if method.honest]
+# runs under the paper's protocol (serlens.methods.DEVIATIONS): trained and tested only
+PROTOCOL_METHODS = [name for name, method in METHODS.items() if not method.honest]
+
+
 def grid(pattern, methods=None, **fixed):
     """``pattern`` expanded over the grid, each corpus with its own folds (methods: those
-    given, or every configured one)."""
+    given, or every configured one; each with its folds, :func:`folds_of`)."""
     out = []
-    for corpus, folds in FOLDS.items():
-        dims = dict(corpus=corpus, model=MODELS, seed=SEEDS, fold=folds)
-        dims.update(method=list(METHODS) if methods is None else methods, **fixed)
-        out += expand(pattern, **dims)
+    for corpus in FOLDS:
+        for method in list(METHODS) if methods is None else methods:
+            dims = dict(corpus=corpus, model=MODELS, seed=SEEDS)
+            dims.update(fold=folds_of(corpus, method), method=method, **fixed)
+            out += expand(pattern, **dims)
     return out
 
 
@@ -220,12 +251,13 @@ def figure(path, caption, category, subcategory, **labels):
     )
 
 
-def predictions(corpus):
+def predictions(corpus, methods=None):
+    """The predictions of the honest runs (or of ``methods``), as (keys, files)."""
     keys, files = [], []
     for model in MODELS:
-        for method in METHODS:
+        for method in HONEST if methods is None else methods:
             for seed in SEEDS:
-                for fold in FOLDS[corpus]:
+                for fold in folds_of(corpus, method):
                     keys.append([model, method, seed, fold])
                     files.append(
                         f"{PATHS.run(corpus, model, method, seed, fold)}/predictions.tsv"
@@ -241,9 +273,14 @@ def prediction_keys(wildcards):
     return predictions(wildcards.corpus)[0]
 
 
+def protocol_prediction_files(wildcards):
+    """Every run's predictions, honest and under the paper's protocol (protocol_gap)."""
+    return predictions(wildcards.corpus, list(METHODS))[1]
+
+
 def histories(wildcards):
     keys, files = [], []
-    for method in METHODS:
+    for method in HONEST:
         for seed in SEEDS:
             for fold in FOLDS[wildcards.corpus]:
                 keys.append([method, seed, fold])
@@ -275,6 +312,7 @@ def report_targets(corpus):
     ]
     targets.append(PATHS.corpus(corpus, "fold_summary.tsv"))
     targets.append(PATHS.table(corpus, "claims"))
+    targets.append(PATHS.table(corpus, "protocol_gap"))
     for spec in ANALYSES.values():
         # a seed-pair table is written without runs too: it says the floor needs two seeds
         if analysis_runs(spec, corpus)[1] or spec.scope == "seed_pairs":
@@ -338,7 +376,7 @@ def cross_eval_inputs(wildcards):
 def cross_predictions(train, test):
     keys, files = [], []
     for model in MODELS:
-        for method in METHODS:
+        for method in HONEST:
             for seed in SEEDS:
                 for fold in FOLDS[train]:
                     keys.append([model, method, seed, fold])

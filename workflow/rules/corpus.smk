@@ -63,3 +63,25 @@ rule folds:
         ).grouping,
     script:
         "../scripts/folds.py"
+
+
+# The paper's dialog-prefix folds, for runs under protocol prefix_folds (serlens.methods).
+rule folds_prefix:
+    input:
+        PATHS.corpus("{corpus}", "manifest.tsv"),
+    output:
+        folds=PATHS.corpus("{corpus}", "folds_prefix.tsv"),
+        summary=PATHS.corpus("{corpus}", "fold_summary_prefix.tsv"),
+    log:
+        log_of(PATHS.corpus("{corpus}", "folds_prefix.tsv")),
+    benchmark:
+        bench_of("folds_prefix", PATHS.corpus("{corpus}", "folds_prefix.tsv"))
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    params:
+        dev=lambda wildcards: CORPORA[wildcards.corpus]["folds"]["dev"],
+        grouping="prefix",
+    script:
+        "../scripts/folds.py"

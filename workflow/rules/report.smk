@@ -110,6 +110,40 @@ rule performance:
         jobs.run("performance", input, output, params, wildcards, log)
 
 
+# What the paper's protocol adds (serlens.report.protocol): test-fold checkpoint selection
+# read off every run, and the runs under methods.<name>.protocol against their honest twin.
+rule protocol_gap:
+    input:
+        manifest=PATHS.corpus("{corpus}", "manifest.tsv"),
+        predictions=protocol_prediction_files,
+        test_epochs=lambda w: [
+            p.replace("predictions.tsv", "test_epochs.tsv")
+            for p in protocol_prediction_files(w)
+        ],
+    output:
+        report(
+            PATHS.table("{corpus}", "protocol_gap"),
+            caption="../report/protocol_gap_table.rst",
+            category="{corpus} · what this run says about the paper",
+            subcategory="protocol gap",
+            labels={"table": "protocol gap"},
+        ),
+    log:
+        log_of(PATHS.table("{corpus}", "protocol_gap")),
+    benchmark:
+        bench_of("protocol_gap", PATHS.table("{corpus}", "protocol_gap"))
+    localrule: True
+    params:
+        run_keys=lambda w: predictions(w.corpus, list(METHODS))[0],
+        classes=classes_of,
+        method_config={k: config[k] for k in ("lora", "train", "methods")},
+        prefixes=lambda w: corpus_kind(CORPORA[w.corpus]["kind"]).dialog_prefixes,
+        resamples=config["significance"]["resamples"],
+        seed=config["analysis_seed"],
+    run:
+        jobs.run("protocol_gap", input, output, params, wildcards, log)
+
+
 # The paper's claims as tested hypotheses (serlens.report.claims): one row per claim, model
 # and LoRA method, with its statistic, interval, reference and verdict.
 rule claims:

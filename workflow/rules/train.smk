@@ -56,7 +56,7 @@ rule train_head:
 
 rule train_lora:
     input:
-        **CORPUS_TABLES,
+        **TRAIN_TABLES,
         weights=PATHS.weights("{model}"),
     output:
         **{name.split(".")[0]: f"{RUN}/{name}" for name in RUN_FILES},
@@ -89,7 +89,7 @@ rule train_lora:
 # (train.keep_full_weights: false); the update of the method's targets stays (delta).
 rule train_full:
     input:
-        **CORPUS_TABLES,
+        **TRAIN_TABLES,
         weights=PATHS.weights("{model}"),
     output:
         **{name.split(".")[0]: f"{RUN}/{name}" for name in RUN_FILES},

@@ -147,7 +147,11 @@ class AnalysisSpec:
         return values
 
     def methods(self, methods: Mapping[str, Method]) -> list[str]:
-        return [name for name, method in methods.items() if self.applies_to(method)]
+        """The methods of ``methods`` it runs on: those it applies to, trained honestly (a
+        run under the paper's protocol is only tested: ``protocol_gap.tsv``)."""
+        return [
+            name for name, method in methods.items() if method.honest and self.applies_to(method)
+        ]
 
 
 def run_inputs(spec: AnalysisSpec, method: Method, paths, corpus, model, seed, fold) -> dict:

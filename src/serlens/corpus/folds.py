@@ -136,6 +136,58 @@ def leave_one_session_out(manifest: pd.DataFrame, dev: str = "next_session") -> 
     return pd.concat(frames, ignore_index=True)
 
 
+PREFIX = re.compile(r"(?P<prefix>(?P<session>Ses\d\d)[FM])_")
+
+
+def dialog_prefix_folds(manifest: pd.DataFrame, dev: str = "next_session") -> pd.DataFrame:
+    """The paper's folds (its ``train_lora.py``): one test group per dialog prefix.
+
+    IEMOCAP names a dialog ``Ses01F_impro01``: session 1, the actor in the F role leading. The
+    paper's code splits utterance ids at the first ``_`` and calls ``Ses01F`` the "speaker",
+    but a dialog holds both actors of its session, so testing on ``Ses01F`` while training on
+    ``Ses01M`` puts both test speakers (and, for scripted dialogs, their lines) into training.
+    Fold 2k − 1 tests on session k's F prefix and fold 2k on its M prefix (honest fold k's
+    test utterances are exactly those of folds 2k − 1 and 2k). The paper has no dev split (it
+    selects on the test group); here dev is the whole next (``previous_session``: previous)
+    session, as in the honest folds, so this deviation changes only who is in training: the
+    other half of the test session is.
+    """
+    match = manifest["utt_id"].astype(str).str.match(PREFIX.pattern)
+    if not match.all():
+        bad = manifest.loc[~match, "utt_id"].head(3).tolist()
+        raise CorpusError(
+            f"utterance ids {bad} have no IEMOCAP dialog prefix (SesNNF_ or SesNNM_); the "
+            "prefix_folds deviation applies to IEMOCAP-named corpora only"
+        )
+    prefix = manifest["utt_id"].astype(str).str.extract(PREFIX)["prefix"]
+    session = manifest["session"].astype(str)
+    sessions = session_order(session)
+    step = 1 if dev == "next_session" else -1
+    frames, fold = [], 0
+    for k, test_session in enumerate(sessions):
+        dev_session = sessions[(k + step) % len(sessions)]
+        for role in "FM":
+            test = (session == test_session) & prefix.str.endswith(role)
+            if not test.any():
+                raise CorpusError(
+                    f"session {test_session} has no dialog with prefix role {role}; the "
+                    "paper's prefix folds need both (SesNNF_ and SesNNM_ dialogs)"
+                )
+            fold += 1
+            split = pd.Series("train", index=manifest.index)
+            split[test] = "test"
+            split[session == dev_session] = "dev"
+            frames.append(
+                pd.DataFrame({"utt_id": manifest["utt_id"], "fold": fold, "split": split})
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def prefix_fold_numbers(honest_folds) -> list[int]:
+    """The prefix folds whose test utterances are those of the honest folds given."""
+    return [f for k in honest_folds for f in (2 * int(k) - 1, 2 * int(k))]
+
+
 def fold_split(folds: pd.DataFrame, fold: int, split: str) -> list[str]:
     """Utterance ids of one split of one fold, in manifest order."""
     rows = folds[(folds["fold"] == int(fold)) & (folds["split"] == split)]

@@ -39,7 +39,8 @@ class CorpusKind:
     ``listing`` reads names only (no audio), so the fold list is known when the workflow
     builds its DAG. ``skipped(root, settings)`` counts files the reader leaves out by design
     (RAVDESS's songs), written to ``summary.tsv``. ``generated`` marks corpora the workflow
-    writes itself (``root`` is then ``{resources}/corpus/{name}``).
+    writes itself (``root`` is then ``{resources}/corpus/{name}``). ``dialog_prefixes``: its
+    utterance ids carry IEMOCAP's dialog prefix, so the paper's prefix folds can be formed.
     """
 
     name: str
@@ -49,6 +50,8 @@ class CorpusKind:
     generated: bool = False
     root_is: str = "a folder"
     skipped: Callable[[Path, dict], dict] | None = None
+    #: utterance ids carry IEMOCAP's dialog prefix (``Ses01F_``): the paper's folds apply
+    dialog_prefixes: bool = False
 
 
 def _iemocap_read(root: Path, settings: dict) -> list:
@@ -115,8 +118,10 @@ def _reader(module: str, grouping: str, root_is: str) -> CorpusKind:
 CORPORA: dict[str, CorpusKind] = {
     kind.name: kind
     for kind in [
-        CorpusKind("synthetic", _iemocap_read, _synthetic_sessions, generated=True),
-        CorpusKind("iemocap", _iemocap_read, _iemocap_sessions),
+        CorpusKind(
+            "synthetic", _iemocap_read, _synthetic_sessions, generated=True, dialog_prefixes=True
+        ),
+        CorpusKind("iemocap", _iemocap_read, _iemocap_sessions, dialog_prefixes=True),
         CorpusKind("manifest", _manifest_read, _manifest_sessions, root_is="a TSV file"),
         _reader("emodb", "speakers", "an EmoDB folder holding wav/"),
         _reader("ravdess", "speakers", "a RAVDESS folder holding Actor_01/ ... Actor_24/"),

@@ -178,6 +178,23 @@ def claims(input, output, params, wildcards) -> None:
     )
 
 
+def protocol_gap(input, output, params, wildcards) -> None:
+    from serlens.methods import configured_methods
+    from serlens.report.protocol import write_protocol_gap
+
+    runs = keyed(params.run_keys, [Path(p).parent for p in input.predictions])
+    write_protocol_gap(
+        runs,
+        input.manifest,
+        list(params.classes),
+        configured_methods(dict(params.method_config)),
+        output[0],
+        prefixes=params.prefixes,
+        resamples=params.resamples,
+        seed=params.seed,
+    )
+
+
 def figure(input, output, params, wildcards) -> None:
     """A figure of an analysis spec, drawn from its aggregated tables."""
     from serlens.analysis.registry import ANALYSES
@@ -227,6 +244,7 @@ JOBS: dict[str, Callable] = {
         confusion,
         performance,
         claims,
+        protocol_gap,
         figure,
         performance_figure,
         confusion_figure,

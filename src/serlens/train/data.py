@@ -91,6 +91,48 @@ def predictions_frame(
     return frame
 
 
+class EpochPredictions:
+    """The test split's predicted class after every epoch, recorded and never read by
+    training: model selection stays on dev, and the paper's test-fold selection (its code
+    keeps the checkpoint with the best test accuracy) can be read off afterwards
+    (:mod:`serlens.report.protocol`).
+
+    Each epoch's predictions go to ``directory/epoch{e}.tsv`` as they are made (beside the
+    checkpoint, so a resumed run still has the epochs before it stopped); :meth:`frame` joins
+    the epochs of a finished run into the run's ``test_epochs.tsv``:
+    ``epoch, utt_id, label, pred``.
+    """
+
+    def __init__(self, directory: Path, split: Split, classes: list[str]):
+        self.directory, self.split, self.classes = Path(directory), split, list(classes)
+
+    def record(self, epoch: int, probs: np.ndarray) -> None:
+        frame = pd.DataFrame(
+            {
+                "epoch": int(epoch),
+                "utt_id": self.split.utt_ids,
+                "label": [self.classes[i] for i in self.split.labels],
+                "pred": [self.classes[i] for i in np.asarray(probs).argmax(axis=1)],
+            }
+        )
+        write_tsv_atomic(frame, self.directory / f"epoch{epoch}.tsv")
+
+    def frame(self, epochs) -> pd.DataFrame:
+        """Every recorded epoch of ``epochs`` (the run's history), in order; an epoch without
+        its file is an error (a checkpoint from before the recorder: rerun the job)."""
+        parts = []
+        for epoch in epochs:
+            path = self.directory / f"epoch{int(epoch)}.tsv"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path}: the test predictions of epoch {epoch} were not recorded (the "
+                    "run resumed from a checkpoint written before they were); delete the "
+                    "checkpoint folder and rerun the job"
+                )
+            parts.append(pd.read_csv(path, sep="\t", dtype={"utt_id": str}))
+        return pd.concat(parts, ignore_index=True)
+
+
 def metrics_from_predictions(predictions: pd.DataFrame, classes: list[str]) -> dict:
     """UAR, WAR, macro-F1 and confusion recomputed from a predictions table."""
     return summarise(

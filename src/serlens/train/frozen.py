@@ -18,6 +18,7 @@ from torch import nn
 from serlens.io import write_json_atomic, write_tsv_atomic
 from serlens.metrics import uar
 from serlens.train.data import (
+    EpochPredictions,
     Split,
     library_versions,
     metrics_from_predictions,
@@ -50,8 +51,10 @@ def train_frozen_head(
     train_cfg: dict,
     seed: int,
     checkpoint: Path | None = None,
+    test_epochs: EpochPredictions | None = None,
 ):
-    """Fit one head ("last" or "wsum") and return (head, FitResult)."""
+    """Fit one head ("last" or "wsum") and return (head, FitResult); ``test_epochs``
+    records the test split's predictions after every epoch (not used in training)."""
     set_seed(seed)
     n_layers, d_model = features["train"].shape[1:]
     pick = (lambda x: x[:, -1]) if kind == "last" else (lambda x: x)
@@ -85,7 +88,15 @@ def train_frozen_head(
         return uar(splits["dev"].labels, _probs(head, x_dev).argmax(1), len(classes))
 
     cfg = LoopConfig.from_train_config(train_cfg, seed, prefix="frozen_")
-    result = fit(head, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"frozen-{kind}")
+    x_test = pick(features["test"])
+
+    def snapshot(epoch: int) -> None:  # the paper's test-fold selection, never used here
+        if test_epochs is not None:
+            test_epochs.record(epoch, _probs(head, x_test))
+
+    result = fit(
+        head, batches, loss_on, dev_uar, cfg, checkpoint, desc=f"frozen-{kind}", snapshot=snapshot
+    )
     return head, result, pick
 
 
@@ -110,8 +121,18 @@ def run_frozen(
     for kind in readouts:
         suffix = HEADS[kind] if len(readouts) > 1 else ""
         tic = time.perf_counter()
+        test_epochs = EpochPredictions(
+            Path(checkpoint_dir) / f"test_epochs{suffix}", splits["test"], classes
+        )
         head, result, pick = train_frozen_head(
-            kind, features, splits, classes, train_cfg, seed, Path(checkpoint_dir) / f"{kind}.pt"
+            kind,
+            features,
+            splits,
+            classes,
+            train_cfg,
+            seed,
+            Path(checkpoint_dir) / f"{kind}.pt",
+            test_epochs,
         )
         # The test split is touched once, here, with the head chosen on dev.
         probs = _probs(head, pick(features["test"]))
@@ -137,5 +158,9 @@ def run_frozen(
             str(out_dir / f"head{suffix}.safetensors"),
         )
         write_tsv_atomic(pd.DataFrame(result.history), out_dir / f"history{suffix}.tsv")
+        write_tsv_atomic(
+            test_epochs.frame(h["epoch"] for h in result.history),
+            out_dir / f"test_epochs{suffix}.tsv",
+        )
         write_tsv_atomic(predictions, out_dir / f"predictions{suffix}.tsv")
         write_json_atomic(metrics, out_dir / f"metrics{suffix}.json")

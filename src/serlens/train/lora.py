@@ -19,6 +19,7 @@ from serlens.methods import Method
 from serlens.metrics import uar
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.train.data import (
+    EpochPredictions,
     Split,
     library_versions,
     metrics_from_predictions,
@@ -53,6 +54,15 @@ def lora_config(
     )
 
 
+def pooled(encoder: nn.Module, batch, all_frames: bool = False) -> torch.Tensor:
+    """The mean of the last hidden state over the audio frames (``frame_mask``), or, with
+    ``all_frames`` (the paper's protocol: WhisperForAudioClassification on 30-s padded
+    input), over every frame of the batch, padding included."""
+    out = run_encoder(encoder, batch)
+    mask = torch.ones_like(out.frame_mask) if all_frames else out.frame_mask
+    return masked_mean(out.last_hidden_state, mask)
+
+
 class LoraEmotionModel(nn.Module):
     """A peft-wrapped encoder and an :class:`EmotionHead` on its pooled last hidden state."""
 
@@ -65,11 +75,13 @@ class LoraEmotionModel(nn.Module):
         proj_size: int = 256,
         layers: list[int] | None = None,
         use_dora: bool = False,
+        pool_all_frames: bool = False,
     ):
         super().__init__()
         config = lora_config(rank, lora_cfg, layers, use_dora)
         self.peft_encoder: PeftModel = get_peft_model(encoder, config)
         self.head = EmotionHead(encoder.config.d_model, n_classes, proj_size)
+        self.pool_all_frames = pool_all_frames
 
     @property
     def encoder(self) -> nn.Module:
@@ -77,24 +89,29 @@ class LoraEmotionModel(nn.Module):
         return self.peft_encoder.base_model.model
 
     def forward(self, batch) -> torch.Tensor:
-        out = run_encoder(self.encoder, batch)
-        return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
+        return self.head(pooled(self.encoder, batch, self.pool_all_frames))
 
 
 class FullEmotionModel(nn.Module):
     """Full fine-tuning: every encoder weight trains (Whisper's fixed sinusoidal positions
     excepted), with an :class:`EmotionHead` on the pooled last hidden state."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int, proj_size: int = 256):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        n_classes: int,
+        proj_size: int = 256,
+        pool_all_frames: bool = False,
+    ):
         super().__init__()
         self.encoder = encoder
+        self.pool_all_frames = pool_all_frames
         for name, p in encoder.named_parameters():
             p.requires_grad_(not name.startswith("embed_positions"))
         self.head = EmotionHead(encoder.config.d_model, n_classes, proj_size)
 
     def forward(self, batch) -> torch.Tensor:
-        out = run_encoder(self.encoder, batch)
-        return self.head(masked_mean(out.last_hidden_state, out.frame_mask))
+        return self.head(pooled(self.encoder, batch, self.pool_all_frames))
 
 
 def trained_encoder_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,12 +211,19 @@ def build_model(encoder: nn.Module, method: Method, n_classes: int, config: dict
     """The trainable model of a method that adapts the encoder (lora, dora, full)."""
     proj = config["train"]["head_proj_size"]
     if method.kind == "full":
-        return FullEmotionModel(encoder, n_classes, proj)
+        return FullEmotionModel(encoder, n_classes, proj, method.pools_all_frames)
     n_layers = len(encoder.layers)
     layers = None if method.layers == "all" else method.layer_indices(n_layers)
     lora_cfg = {**config["lora"], "target_modules": list(method.targets)}
     return LoraEmotionModel(
-        encoder, n_classes, method.rank, lora_cfg, proj, layers, use_dora=method.kind == "dora"
+        encoder,
+        n_classes,
+        method.rank,
+        lora_cfg,
+        proj,
+        layers,
+        use_dora=method.kind == "dora",
+        pool_all_frames=method.pools_all_frames,
     )
 
 
@@ -222,6 +246,8 @@ def run_encoder_method(
     seed, train_cfg, audio_cfg = config["seed"], config["train"], config["audio"]
     if method.lr is not None:
         train_cfg = {**{k: train_cfg[k] for k in train_cfg if k != "lr"}, "lr": method.lr}
+    if method.input_policy is not None:  # the paper's protocol: 30-s padded input
+        audio_cfg = {**audio_cfg, "input_policy": method.input_policy}
     set_seed(seed)
     initial = (
         {k: v.detach().clone() for k, v in encoder.state_dict().items()}
@@ -266,8 +292,16 @@ def run_encoder_method(
     # checkpoint (which survives a killed job) and moved into the run at the end.
     epochs_dir = (Path(checkpoint).parent if checkpoint else Path(out_dir)) / "adapter_epochs"
 
+    test_epochs = EpochPredictions(epochs_dir.parent / "test_epochs", splits["test"], classes)
+
     def snapshot(epoch: int) -> None:
-        save_adapter_snapshot(model.peft_encoder, epochs_dir / f"epoch{epoch}.safetensors")
+        if adapter:
+            save_adapter_snapshot(model.peft_encoder, epochs_dir / f"epoch{epoch}.safetensors")
+        if epoch > 0:  # recorded for the paper's test-fold selection, never used here
+            test_epochs.record(
+                epoch,
+                predict(model, splits["test"], logmel, audio_cfg, train_cfg["batch_size"], device),
+            )
 
     if adapter and not (epochs_dir / "epoch0.safetensors").is_file():
         snapshot(0)
@@ -280,7 +314,7 @@ def run_encoder_method(
         cfg,
         checkpoint,
         desc=method.name,
-        snapshot=snapshot if adapter else None,
+        snapshot=snapshot,
     )
 
     # The test split is touched once, here, with the epoch chosen on dev.
@@ -319,6 +353,11 @@ def run_encoder_method(
         str(out_dir / "head.safetensors"),
     )
     write_tsv_atomic(pd.DataFrame(result.history), out_dir / "history.tsv")
+    write_tsv_atomic(
+        test_epochs.frame(h["epoch"] for h in result.history), out_dir / "test_epochs.tsv"
+    )
+    if test_epochs.directory.parent == out_dir:  # no checkpoint folder: leave no scratch
+        shutil.rmtree(test_epochs.directory, ignore_errors=True)
     write_tsv_atomic(predictions, out_dir / "predictions.tsv")
     write_json_atomic(metrics, out_dir / "metrics.json")
     return model
