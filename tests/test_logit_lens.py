@@ -192,11 +192,16 @@ def test_table_layout_and_variants(lora_table):
     assert set(map(tuple, table[["lens", "variant"]].drop_duplicates().to_numpy())) == {
         ("logit", "adapted"),
         ("logit", "base"),
+        ("paper_no_final_ln", "adapted"),
+        ("paper_no_final_ln", "base"),
         ("tuned", "adapted"),
     }
     assert set(table[table["lens"] == "logit"]["metric"]) == METRICS
+    assert set(table[table["lens"] == "paper_no_final_ln"]["metric"]) == METRICS
     assert set(table[table["lens"] == "tuned"]["metric"]) == METRICS | {"fit_kl"}
     assert sorted(table["layer"].unique()) == [0, 1, 2, 3, 4]
+    # the paper's lens reads block outputs 1..L, not the embedding
+    assert sorted(table.loc[table["lens"] == "paper_no_final_ln", "layer"].unique()) == [1, 2, 3, 4]
     assert np.allclose(table["depth"], table["layer"] / 4)
     assert np.all(np.isfinite(table["value"]))
     # the adapter changes what the head reads; the embedding (layer 0) is before any adapter
@@ -211,10 +216,9 @@ def test_table_layout_and_variants(lora_table):
 def test_lora_at_initialisation_adapted_equals_base_and_no_tuned_lens_when_off(tiny_weights):  # noqa: F811
     run = make_run(tiny_weights, rank=4)
     table = compute_logit_lens(run, {**CFG, "tuned_lens": False}, seed=0)
-    assert set(table["lens"]) == {"logit"}
-    np.testing.assert_array_equal(
-        _values(table, "logit", "adapted"), _values(table, "logit", "base")
-    )
+    assert set(table["lens"]) == {"logit", "paper_no_final_ln"}
+    for lens in ("logit", "paper_no_final_ln"):
+        np.testing.assert_array_equal(_values(table, lens, "adapted"), _values(table, lens, "base"))
     frozen = compute_logit_lens(make_run(tiny_weights), {**CFG, "tuned_lens": False}, seed=0)
     assert set(frozen["variant"]) == {"base"}
 

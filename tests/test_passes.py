@@ -12,6 +12,7 @@ from serlens.analysis.logit_lens import (
     compute_logit_lens,
     logit_lens_table,
     pooled_normalised_states,
+    stored_residual_states,
 )
 from serlens.analysis.passes import (
     States,
@@ -107,7 +108,9 @@ def test_logit_lens_from_states_matches_the_direct_analysis(lora_run, passes):
         len(lora_run.classes),
         torch.from_numpy(own["train_sample/normalised"]),
         5,
+        residual_states=stored_residual_states({"adapted": own, "base": base}),
     )
+    assert "paper_no_final_ln" in set(stored["lens"])
     pd.testing.assert_frame_equal(stored.drop(columns="value"), direct.drop(columns="value"))
     np.testing.assert_allclose(stored["value"], direct["value"], rtol=1e-4, atol=1e-5)
 

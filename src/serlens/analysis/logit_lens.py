@@ -9,6 +9,45 @@ frames that hold audio and apply the trained head::
 
 At l = L, ``LN(resid[L])`` is ``last_hidden_state``, so ``p_L`` is the model's own output.
 
+The paper's logit lens (``lens = paper_no_final_ln``; arXiv 2509.08454, one of its protocol
+deviations). What its code does (github.com/harryporry77/Behind-the-Scenes,
+``analysis_utils.logit_lens(nmodel, test_data)``, called in ``analysis.ipynb`` "Experiment 2:
+Logit-len" on the fold-1 LoRA and frozen ``WhisperForAudioClassification`` models, each read
+with its own head): one test utterance at a time, through an nnsight trace, it saves
+``nmodel.encoder.layers[l].output[0]`` for l = 0..L-1, the output of block l + 1, i.e.
+``resid[l + 1]`` here, taken *before* the encoder's final LayerNorm (``WhisperEncoder``
+applies it once, after the last block); it never reads the embedding ``resid[0]``. Each
+state is mean-pooled over time (``.mean(dim=1)``, over all 1500 frames: the
+``WhisperFeatureExtractor`` pads every clip to 30 s and no mask is passed), then projected
+(``nmodel.projector``) and classified (``nmodel.classifier``). Pooling before the linear
+projector equals ``WhisperForAudioClassification.forward``'s project, pool, classify, and
+:class:`serlens.train.heads.EmotionHead` also pools first, so the head is the same map. Its
+reference ``final_logits`` = ``classifier(projector(mean_t last_hidden_state))`` is the
+model's output, final LayerNorm included. Per layer it averages over utterances
+``F.kl_div(layer_probs.log(), final_probs, reduction="batchmean")`` = ``KL(p_final ‖ p_l)``
+(the KL here, same direction) and the argmax agreement with the final prediction
+(``avg_overlaps``), which the notebook plots (``plot_kl``) against index 0..L-1 (layers 1..L
+here); the layer logits and labels are returned too. Its ``test_data`` is every utterance
+of the fold-1 test speaker. So its last reading, ``head(mean_t resid[L]_t)``, is not the
+model's output: its last-layer KL is not 0 and its agreement need not be 1 (the final
+LayerNorm rescales, shifts and re-weights the state the head reads). (The code indexes the
+tuple a ``WhisperEncoderLayer`` returned in the transformers of its time; in transformers 5
+the layer returns the tensor and ``[0]`` would take the first utterance.)
+
+Here its reading is, for l = 1..L (the paper's layers; no row at layer 0)::
+
+    p_l = softmax(head(mean_t resid[l]_t))
+
+with the run's own head, pooled over the frames that hold audio like every other reading
+here, and with the same metrics and reference ``p_L`` (the run's output) as the honest lens,
+for every variant the honest lens reads. Only the final LayerNorm differs between the two
+lenses: the paper's 30-s padding inside the mean is a deviation of its whole model, not of
+its lens (``pad30_all_frames`` of :data:`serlens.methods.DEVIATIONS`), and is not added here.
+The pooled states come from the encoder passes: ``pooled[:, :L]`` (``resid[0..L-1]``, never
+normalised) and ``resid_last`` (pooled ``resid[L]``;
+:func:`serlens.analysis.passes.raw_residual_states`); states of a pass older than
+``resid_last`` give no paper rows (a warning says to rerun it).
+
 Tuned lens (Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the
 Tuned Lens"): a per-layer affine translator ``T_l(x) = x + W_l x + b_l`` (``W_l`` D x D,
 ``b_l`` D; identity at initialisation, ``W_l = 0``, ``b_l = 0``) before the head,
@@ -48,8 +87,9 @@ not a weighted mean of per-speaker UARs, and ``fit_kl``/``dev_kl`` are not on te
 utterances: those keep one row per run (``speaker`` empty, ``n_utts`` = the utterances
 behind the value), which the aggregator averages over runs and gives no band.
 
-``variant``: ``adapted`` = the run's LoRA encoder, ``base`` = the pre-trained encoder (for
-LoRA runs the same object with its adapters disabled, read with the *same* trained head).
+``lens``: ``logit``, ``tuned``, ``paper_no_final_ln`` (above). ``variant``: ``adapted`` =
+the run's LoRA encoder, ``base`` = the pre-trained encoder (for LoRA runs the same object
+with its adapters disabled, read with the *same* trained head).
 Frozen runs hold only ``base`` rows. The reference ``p_L`` is always the run's own output
 (the adapted model's for LoRA runs), so in a LoRA table ``base`` rows at layer L show how
 far the head's reading of the pre-trained encoder is from what the run predicts. The tuned
@@ -72,6 +112,7 @@ from serlens.metrics import uar
 from serlens.models.encoder import masked_mean, run_encoder
 
 __all__ = [
+    "PAPER_LENS",
     "TunedLens",
     "affine_readout",
     "compute_logit_lens",
@@ -80,6 +121,7 @@ __all__ = [
     "kl_divergence",
     "lens_metrics",
     "logit_lens",
+    "pooled_lens_states",
     "pooled_normalised_states",
 ]
 
@@ -90,6 +132,11 @@ TUNED_LENS_LR = 1e-3  # Adam's default (Kingma & Ba 2015); not tuned on any spli
 TUNED_LENS_L2 = 1e-2
 TUNED_LENS_PATIENCE = 5
 TUNED_LENS_EVAL_EVERY = 10  # optimisation steps between two evaluations on dev
+#: The ``lens`` of the paper's reading: the head on the pooled residual stream without the
+#: encoder's final LayerNorm (module docstring), at layers 1..L.
+PAPER_LENS = "paper_no_final_ln"
+#: The first layer the paper's lens reads (the output of block 1; it skips the embedding).
+PAPER_FIRST_LAYER = 1
 
 
 def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -270,9 +317,18 @@ def fit_tuned_lens(
 
 def pooled_normalised_states(encoder: nn.Module, batch) -> torch.Tensor:
     """``mean_t LN(resid[l]_t)`` over audio frames for l = 0..L: ``(B, L + 1, D)``; layer L is pooled ``last_hidden_state``."""
+    return pooled_lens_states(encoder, batch)[0]
+
+
+def pooled_lens_states(encoder: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normalised, residual)``, each ``(B, L + 1, D)``, from one encoder run: the masked
+    means of ``LN(resid[l])`` (the honest lens' input) and of ``resid[l]`` itself (the
+    paper's, no final LayerNorm) for l = 0..L."""
     out = run_encoder(encoder, batch)
-    states = [encoder.layer_norm(resid) for resid in out.resid[:-1]] + [out.last_hidden_state]
-    return torch.stack([masked_mean(s, out.frame_mask) for s in states], dim=1)
+    normalised = [encoder.layer_norm(resid) for resid in out.resid[:-1]] + [out.last_hidden_state]
+    pool = [masked_mean(s, out.frame_mask) for s in (*normalised, *out.resid)]
+    n = len(out.resid)
+    return torch.stack(pool[:n], dim=1), torch.stack(pool[n:], dim=1)
 
 
 #: Metrics that are means over test utterances, so a speaker's value is the mean over its
@@ -327,26 +383,31 @@ def lens_metrics(
 
 def _collect(
     run, split, batch_size: int, variants: list[str], indices: np.ndarray | None = None
-) -> dict[str, torch.Tensor]:
-    """Pooled normalised states of ``split`` (in split order) for each variant, one mel per batch."""
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Pooled states of ``split`` (in split order) for each variant, one mel per batch:
+    ``{"normalised": {variant: (N, L + 1, D)}, "residual": {variant: ...}}``
+    (:func:`pooled_lens_states`)."""
     n = len(split) if indices is None else len(indices)
     order = {int(i): k for k, i in enumerate(np.arange(len(split)) if indices is None else indices)}
-    states: dict[str, torch.Tensor] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {"normalised": {}, "residual": {}}
     with torch.inference_mode():
         for chunk, batch in run.batches(split, batch_size, indices):
             rows = torch.as_tensor([order[int(i)] for i in chunk])
             for variant in variants:
                 # "base" of a frozen run is its own encoder; adapter_disabled() is then a no-op
                 with run.adapter_disabled() if variant == "base" else contextlib.nullcontext():
-                    pooled = pooled_normalised_states(run.encoder, batch).cpu()
-                if variant not in states:
-                    states[variant] = torch.zeros(n, *pooled.shape[1:], dtype=pooled.dtype)
-                states[variant][rows] = pooled
+                    pooled = pooled_lens_states(run.encoder, batch)
+                for kind, value in zip(("normalised", "residual"), pooled, strict=True):
+                    value = value.cpu()
+                    if variant not in states[kind]:
+                        states[kind][variant] = torch.zeros(n, *value.shape[1:], dtype=value.dtype)
+                    states[kind][variant][rows] = value
     return states
 
 
 def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
-    """Logit lens (and, if ``cfg["tuned_lens"]``, tuned lens) per variant and layer on the test split.
+    """Logit lens, the paper's lens (no final LayerNorm) and, if ``cfg["tuned_lens"]``, the
+    tuned lens per variant and layer on the test split.
 
     The in-memory reference of the workflow's analysis: the tuned lens is fitted on the
     analysis sample (``fit_split = train_sample``, no early stopping) with
@@ -360,16 +421,17 @@ def compute_logit_lens(run, cfg: dict, seed: int) -> pd.DataFrame:
     if cfg["tuned_lens"]:
         train = run.splits["train"]
         sample = balanced_sample(train.labels, cfg["train_sample"], seed)
-        train_states = _collect(run, train, cfg["batch_size"], [own], sample)[own]
+        train_states = _collect(run, train, cfg["batch_size"], [own], sample)["normalised"][own]
     return logit_lens_table(
         run.head,
-        states,
+        states["normalised"],
         own,
         test.labels,
         len(run.classes),
         train_states,
         cfg["tuned_lens_steps"],
         l2=cfg.get("tuned_lens_l2", TUNED_LENS_L2),
+        residual_states=states["residual"],
     )
 
 
@@ -387,8 +449,14 @@ def logit_lens_table(
     l2: float = TUNED_LENS_L2,
     patience: int = TUNED_LENS_PATIENCE,
     fit_split: str = "train_sample",
+    residual_states: dict[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """The lens table from pooled normalised states ``(N, L + 1, D)`` per variant.
+
+    ``residual_states`` (per variant, the same rows and shape): the pooled residual stream
+    without the final LayerNorm; where given, the paper's lens (:data:`PAPER_LENS`, layers
+    1..L, module docstring) adds rows, its ``kl`` and ``agreement`` against the same
+    reference (the run's output: ``states[own]`` at layer L).
 
     ``own`` is the variant the run classifies with (its last layer is the reference output);
     the tuned lens is fitted on ``train_states`` when given (:func:`fit_tuned_lens`, with
@@ -412,6 +480,19 @@ def logit_lens_table(
         rows += [
             {"lens": "logit", "variant": variant, **r, "fit_split": "none"}
             for r in lens_metrics(logits[variant], final_logits, labels, n_classes, speakers)
+        ]
+    for variant, residual in (residual_states or {}).items():
+        if residual.shape != states[variant].shape:
+            raise ValueError(
+                f"residual states of {variant} {tuple(residual.shape)} do not match its "
+                f"normalised states {tuple(states[variant].shape)}"
+            )
+        with torch.inference_mode():
+            paper_logits = logit_lens(head, residual)
+        rows += [
+            {"lens": PAPER_LENS, "variant": variant, **r, "fit_split": "none"}
+            for r in lens_metrics(paper_logits, final_logits, labels, n_classes, speakers)
+            if r["layer"] >= PAPER_FIRST_LAYER
         ]
 
     if train_states is not None:
@@ -494,9 +575,11 @@ def _compute(run, settings) -> pd.DataFrame:
             f"{own_states.path}: test utterances differ from the fold's; rerun its pass."
         )
     own = "adapted" if run.method.trains_encoder else "base"
-    states = {own: torch.from_numpy(own_states["test/normalised"])}
+    stored = {own: own_states}
     if run.method.trains_encoder:
-        states["base"] = torch.from_numpy(run.states("base_states")["test/normalised"])
+        stored["base"] = run.states("base_states")
+    states = {v: torch.from_numpy(s["test/normalised"]) for v, s in stored.items()}
+    residual_states = stored_residual_states(stored)
     speakers = np.array([run.speakers[u] for u in test.utt_ids], dtype=object)
     fit_split, train_states, dev_states = "train_sample", None, None
     if settings["tuned_lens"]:
@@ -516,7 +599,29 @@ def _compute(run, settings) -> pd.DataFrame:
         l2=settings["tuned_lens_l2"],
         patience=settings["tuned_lens_patience"],
         fit_split=fit_split,
+        residual_states=residual_states,
     )
+
+
+def stored_residual_states(stored: dict) -> dict[str, torch.Tensor] | None:
+    """The paper's lens input per variant (``{variant: states file or fold view}``): the
+    test split's pooled raw residual stream (:func:`serlens.analysis.passes.raw_residual_states`),
+    or None, with a warning, where a pass older than ``resid_last`` wrote one of them."""
+    from serlens.analysis.passes import raw_residual_states
+
+    out = {}
+    for variant, states in stored.items():
+        last = _stored(states, "test/resid_last")
+        if last is None:
+            log.warning(
+                "%s holds no test/resid_last (written by an older pass): no rows of the "
+                "paper's logit lens (%s); rerun its pass for them",
+                states.path,
+                PAPER_LENS,
+            )
+            return None
+        out[variant] = torch.from_numpy(raw_residual_states(states["test/pooled"], last))
+    return out
 
 
 def _draw(tables, model, context):
@@ -536,7 +641,10 @@ def _spec():
         keys=("tuned_lens", "tuned_lens_steps", "tuned_lens_l2", "tuned_lens_patience"),
         table=TableSpec(("lens", "variant", "layer", "depth", "metric")),
         figures=(FigureSpec("logit_lens", _draw, ("logit_lens",), "Logit lens"),),
-        doc="the run's head read off every layer (logit lens) and through fitted translators (tuned lens)",
+        doc=(
+            "the run's head read off every layer (logit lens; the paper's variant without the "
+            "final LayerNorm) and through fitted translators (tuned lens)"
+        ),
     )
 
 

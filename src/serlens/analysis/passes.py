@@ -22,11 +22,21 @@ What is stored, per utterance so that later statistics can resample speakers
   what probing and CKA read.
 * ``normalised``: ``(N, L + 1, D)`` masked mean of ``LN_final(resid[l])`` (layer L: the
   ``last_hidden_state``); what the logit and tuned lens read.
+* ``resid_last``: ``(N, D)`` masked mean of ``resid[L]`` *before* the final LayerNorm (test
+  split and the base pass's ``all`` only). With ``pooled[:, :L]`` it completes the pooled raw
+  residual stream ``resid[0..L]`` (:func:`raw_residual_states`) that the paper's logit lens
+  reads (:mod:`serlens.analysis.logit_lens`, lens ``paper_no_final_ln``). Files of an older
+  pass (``states_format`` below 2 in the metadata) lack it; they still load, and the logit
+  lens then leaves the paper's rows out and says so.
 * ``contrib``: ``(N, L, 3, 2)`` float64 sums over audio frames of the residual norm ratio and
   cosine of each block's attention, MLP and whole update
   (:func:`serlens.analysis.contributions.contribution_sums`), and ``frames`` ``(N,)`` the
   audio frames of each utterance: the frame-weighted mean of a fold is
   ``Σ_u contrib_u / Σ_u frames_u``.
+
+``states_format`` (:data:`STATES_FORMAT`, in the metadata of every states file and in
+:func:`pass_settings`, so that a pass written in an older format is rerun by the workflow)
+numbers what a pass stores.
 
 The analysis sample is ``balanced_sample(train labels, train_sample, seed)`` with the
 workflow's ``seed``: the same utterances for every run of a fold, whatever the run's seed.
@@ -57,6 +67,9 @@ AB_KEYS = ("untrained_baseline",)
 CAUSAL_KEYS = ("causal_stride", "causal_ablation")
 #: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
 PAPER_BASELINE_KEYS = ("untrained_init_std",)
+#: What a states file holds; 2 added ``resid_last`` (the pooled pre-LayerNorm last layer).
+#: A pass setting (:func:`pass_settings`), so raising it reruns the passes.
+STATES_FORMAT = 2
 
 
 def pass_settings(config: dict, ab: bool = True, causal: bool | None = None) -> dict:
@@ -81,8 +94,34 @@ def pass_settings(config: dict, ab: bool = True, causal: bool | None = None) -> 
         "classes": list(config["corpus"]["classes"]),
         "audio": dict(config["audio"]),
         "seed": config["analysis_seed"],
+        "states_format": STATES_FORMAT,
         **{key: analysis[key] for key in keys},
     }
+
+
+def states_metadata(settings) -> dict[str, str]:
+    """The metadata every states file carries: its ``states_format``.
+
+    The format is this code's (:data:`STATES_FORMAT`); a ``states_format`` in ``settings``
+    (the rule's params) must be the same, else the workflow passed a stale setting.
+    """
+    asked = settings.get("states_format", STATES_FORMAT)
+    if asked != STATES_FORMAT:
+        raise ValueError(
+            f"states_format {asked!r} asked, but this pass writes format {STATES_FORMAT}"
+        )
+    return {"states_format": str(STATES_FORMAT)}
+
+
+def raw_residual_states(pooled: np.ndarray, resid_last: np.ndarray) -> np.ndarray:
+    """The pooled residual stream without the final LayerNorm, ``(N, L + 1, D)``: layers
+    0..L-1 of ``pooled`` (transformers' hidden states ``resid[0..L-1]``, never normalised)
+    and ``resid_last`` (pooled ``resid[L]`` before the final LayerNorm) as layer L."""
+    if pooled.shape[0] != resid_last.shape[0] or pooled.shape[2] != resid_last.shape[-1]:
+        raise ValueError(
+            f"pooled {pooled.shape} and resid_last {resid_last.shape} do not fit together"
+        )
+    return np.concatenate([pooled[:, :-1], resid_last[:, None]], axis=1)
 
 
 def utterance_contributions(parts, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -105,7 +144,8 @@ def utterance_contributions(parts, frame_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def batch_states(encoder, batch, contributions: bool = True) -> dict[str, torch.Tensor]:
-    """One block-by-block pass over a batch: pooled, normalised and (optionally) contributions."""
+    """One block-by-block pass over a batch: pooled, normalised, resid_last, frames and
+    (optionally) contributions (module docstring)."""
     x = embed(encoder, batch.mel)
     mask = attention_mask(batch, x.dtype)
     frame_mask = batch.frame_mask
@@ -127,6 +167,7 @@ def batch_states(encoder, batch, contributions: bool = True) -> dict[str, torch.
     out = {
         "pooled": torch.stack(pooled, dim=1).float().cpu(),
         "normalised": torch.stack(normalised, dim=1).float().cpu(),
+        "resid_last": masked_mean(x, frame_mask).float().cpu(),  # resid[L] before the final LN
         "frames": frame_mask.sum(dim=1).to(torch.int64).cpu(),
     }
     if contributions:
@@ -276,7 +317,7 @@ def base_pass(run, folds, settings: dict, out: Path) -> None:
         ids[f"fold{fold}/train"] = train
         ids[f"fold{fold}/dev"] = rows.loc[rows["split"] == "dev", "utt_id"].tolist()
         ids[f"fold{fold}/train_sample"] = [train[i] for i in sample]
-    write_states(out, arrays, ids)
+    write_states(out, arrays, ids, states_metadata(settings))
 
 
 def adapted_pass(
@@ -291,7 +332,8 @@ def adapted_pass(
     the causal interventions' logits (:mod:`serlens.analysis.causal`) if ``causal_out``
     (``epoch0``: the adapter at initialisation, for the A/B swap).
 
-    ``train`` holds pooled and normalised states of every training utterance (probes, the
+    ``test`` holds every state of :func:`batch_states` (``resid_last`` too: the paper's logit
+    lens), ``train`` pooled and normalised states of every training utterance (probes, the
     tuned lens' fit), ``dev`` the normalised states (the tuned lens' early stopping).
     """
     test, train, dev = run.splits["test"], run.splits["train"], run.splits["dev"]
@@ -313,6 +355,7 @@ def adapted_pass(
             "dev": dev.utt_ids,
             "train_sample": [train.utt_ids[i] for i in sample],
         },
+        states_metadata(settings),
     )
     if ab_out is not None:
         from serlens.analysis.ab_dynamics import baseline_settings, write_ab_statistics

@@ -31,6 +31,13 @@ METRICS = [
 #: Thin lines of the tuned lens' KL panel: the same KL on the utterances it was fitted on
 #: and on dev (early stopping), beside the test KL.
 FIT_LINES = {"fit_kl": ("-.", "KL on the fitting utterances"), "dev_kl": ("--", "KL on dev")}
+#: The paper's logit lens (:data:`serlens.analysis.logit_lens.PAPER_LENS`: no final
+#: LayerNorm), drawn over the logit lens' row as a dashed line without shading.
+PAPER_LENS = "paper_no_final_ln"
+PAPER_LINE = {"ls": (0, (4, 2)), "lw": 1.3, "alpha": 0.9}
+PAPER_LABEL = (
+    "dashed: the paper's logit lens (no final LayerNorm; its last layer is not the output)"
+)
 
 
 def lens_fit_note(table: pd.DataFrame) -> str:
@@ -50,7 +57,9 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
 
     One row per lens (logit lens; tuned lens when fitted). Each run is read with its own head
     on the encoder it classifies with (``base`` for frozen runs, ``adapted`` for the runs that
-    train the encoder: LoRA, DoRA, full fine-tuning).
+    train the encoder: LoRA, DoRA, full fine-tuning). Where the table has the paper's lens
+    (``lens = paper_no_final_ln``, layers 1..L), the logit lens' row draws it as a dashed line
+    in the method's colour, without shading.
     Shading: the speaker band where the table has it (agreement, KL: means over utterances);
     UAR is not a mean over utterances, so its panels show ± std over runs (the legend says
     so). The tuned lens' KL panel adds thin lines for the KL on the fitting and dev utterances.
@@ -60,7 +69,7 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
     adapted = set(lora_methods(methods))  # LoRA, DoRA, full: read on their own encoder
     colors = method_colors(methods)
     lenses = [lens for lens in ("logit", "tuned") if lens in set(table["lens"])]
-    kinds, std_metrics, fit_lines = [], set(), set()
+    kinds, std_metrics, fit_lines, paper_lines = [], set(), set(), False
     with figure_style():
         fig, axes = new_subplots(
             max(len(lenses), 1),
@@ -83,6 +92,15 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
                     if kind == STD:
                         std_metrics.add(metric)
                         std_here.add(metric)
+                    if lens == "logit":
+                        paper = rows(
+                            table, lens=PAPER_LENS, method=method, variant=variant, metric=metric
+                        ).sort_values("depth")
+                        if len(paper):
+                            paper_lines = True
+                            ax.plot(
+                                paper["depth"], paper["mean"], color=colors[method], **PAPER_LINE
+                            )
                     if lens == "tuned" and metric == "kl":
                         for extra, (ls, _) in FIT_LINES.items():
                             fit = rows(
@@ -118,6 +136,9 @@ def logit_lens_figure(logit_lens: pd.DataFrame, model: str, n_classes: int | Non
         for ax in axes[-1]:
             ax.set_xlabel(DEPTH_LABEL)
         handles, labels = collect_legend(axes)
+        if paper_lines:
+            handles.append(Line2D([], [], color="0.3", **PAPER_LINE))
+            labels.append(PAPER_LABEL)
         for extra in FIT_LINES:
             if extra in fit_lines:
                 ls, text = FIT_LINES[extra]
