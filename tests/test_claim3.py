@@ -186,26 +186,38 @@ def _claim3(table):
     return table[table["claim"].str.startswith("3")].set_index("statistic")
 
 
+def _sound(rows) -> pd.DataFrame:
+    """The rows of the sound estimator (not those of the paper's estimator)."""
+    rows = pd.DataFrame(rows)
+    return rows[~rows["statistic"].str.startswith("paper's estimator")].reset_index(drop=True)
+
+
 def test_identical_codes_support_forward_alignment():
-    rows = pd.DataFrame(claim3_rows(ab_runs(1.0, 0.4, 0.2, noise=0.02), ["m"], ["lora_r8"], 0.1))
+    all_rows = pd.DataFrame(
+        claim3_rows(ab_runs(1.0, 0.4, 0.2, noise=0.02), ["m"], ["lora_r8"], 0.1)
+    )
+    rows = _sound(all_rows)
     assert len(rows) == 2
     fwd, bwd = rows.iloc[0], rows.iloc[1]
     assert fwd["estimate"] == pytest.approx(0.6, abs=0.03)  # 1 − 0.4
     assert fwd["verdict"] == "supported" and fwd["ci_low"] > 0
     assert bwd["estimate"] == pytest.approx(0.8, abs=0.03)  # 1 − 0.2
     assert bwd["verdict"] == "supported"
-    assert "not computed" in fwd["note"] and fwd["n_runs"] == 5
+    assert "paper's estimator" in fwd["note"] and fwd["n_runs"] == 5
+    # no fold-1 rows of the paper's estimator in these tables: one "not tested" row for it
+    paper = all_rows[all_rows["statistic"].str.startswith("paper's estimator")]
+    assert paper["verdict"].tolist() == ["not tested"]
 
 
 def test_independent_codes_sit_inside_the_null_and_are_inconclusive():
-    rows = pd.DataFrame(claim3_rows(ab_runs(0.0, 0.0, 0.0, noise=0.3), ["m"], ["lora_r8"], 0.1))
+    rows = _sound(claim3_rows(ab_runs(0.0, 0.0, 0.0, noise=0.3), ["m"], ["lora_r8"], 0.1))
     fwd = rows.iloc[0]
     assert fwd["ci_low"] < 0 < fwd["ci_high"] and fwd["ci_high"] > 0.1
     assert fwd["verdict"] == "inconclusive"
 
 
 def test_forward_equal_to_its_null_with_a_tight_interval_is_contradicted():
-    rows = pd.DataFrame(claim3_rows(ab_runs(0.9, 0.9, 0.9, noise=0.01), ["m"], ["lora_r8"], 0.1))
+    rows = _sound(claim3_rows(ab_runs(0.9, 0.9, 0.9, noise=0.01), ["m"], ["lora_r8"], 0.1))
     assert rows["verdict"].tolist() == ["contradicted", "contradicted"]
 
 
@@ -219,7 +231,8 @@ def test_claims_table_marks_models_without_cka_rows_not_tested():
     )
     table = claims_table(sig, None, ab_runs(1.0, 0.4, 0.2, noise=0.02), SETTINGS)
     c3 = table[table["claim"].str.startswith("3")]
-    assert c3[c3["model"] == "m"]["verdict"].tolist() == ["supported", "supported"]
+    # the sound rows, then the paper's estimator's (not tested: no fold-1 rows of it here)
+    assert c3[c3["model"] == "m"]["verdict"].tolist() == ["supported", "supported", "not tested"]
     assert c3[c3["model"] == "other"]["verdict"].tolist() == ["not tested"]
 
 
@@ -283,7 +296,9 @@ def test_identical_trained_and_untrained_adapters_give_forward_cka_one(lora_run,
 def test_claim3_frames_zero_leaves_the_quantities_out(lora_run):
     from serlens.analysis.ab_dynamics import ab_statistics
 
-    tensors = ab_statistics(lora_run, np.arange(4), 4, "matched_scale", 0, claim3_frames=0)
+    tensors = ab_statistics(
+        lora_run, np.arange(4), 4, "matched_scale", 0, claim3_frames=0, paper_per_class=0
+    )
     assert not any("cka_fwd" in k or "cka_bwd" in k for k in tensors)
     assert any(k.endswith("cka_a_code_vs_b_out_grad") for k in tensors)
 
@@ -301,7 +316,14 @@ def test_claim3_rows_from_the_pass_tables(lora_run):
         ]
     )
     rows = pd.DataFrame(claim3_rows(runs, ["tiny.en"], ["lora_r4"], 0.1))
-    assert len(rows) == 2 and (rows["n_runs"] == 2).all()
+    # two sound rows, then two of the paper's estimator (the fixture's run is fold 1)
+    assert len(rows) == 4 and (rows["n_runs"] == 2).all()
+    assert rows["statistic"].str.startswith("paper's estimator").tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
     assert np.isfinite(rows[["estimate", "ci_low", "ci_high"]].to_numpy(float)).all()
     assert set(rows["verdict"]) <= {"supported", "contradicted", "inconclusive"}
     trained = runs[(runs["quantity"] == "cka_fwd_a") & (runs["state"] == "trained")]

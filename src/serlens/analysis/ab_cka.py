@@ -35,8 +35,79 @@ order, each with at most ``per_utterance`` of its audio frames (evenly spaced ov
 padding and leading-silence frames are excluded by the batch's ``frame_mask``), until at
 least ``target_frames`` frames are held (fewer only when the sample has no more). The
 default cap is ``ceil(target_frames / n_utterances)``, which spreads the frames over every
-utterance of the sample when they are long enough. The paper's own variant (linear and RBF
-CKA over 40 utterances, each flattened to ``1500 · r`` values) is not computed.
+utterance of the sample when they are long enough.
+
+The paper's estimator
+---------------------
+Beside the sound quantities, :func:`paper_cka` computes claim 3 the way the paper's
+published code does (github.com/harryporry77/Behind-the-Scenes, ``analysis.ipynb``; read
+for this module, not copied). What that code does, cell by cell:
+
+* *sample* (cells ``config_cell``, ``data_prep_cell``, ``exp3_compute_gradients``):
+  ``fold_idx = 1``; ``train_samples = select_balanced_samples(train_data,
+  num_per_class=10, seed=42)``, i.e. 10 **training** utterances per class (40 for its four
+  classes; ``get_gradient_batch(learned_model, train_samples, ...)`` runs on them, not on
+  test utterances), one utterance per batch (``batch_size=1``), each padded to 30 s by
+  ``WhisperFeatureExtractor`` (1500 encoder frames).
+* *representations* (``get_gradient_batch``): per adapted ``v_proj`` the outputs of
+  ``lora_A`` (the code ``a``, ``1500 x r``) and of ``lora_B`` (``b``, ``1500 x d``) and their
+  gradients (``retain_grad`` then ``loss.backward()`` of ``nn.CrossEntropyLoss()`` on that one
+  utterance: ``∂CE_u/∂a``, ``∂CE_u/∂b``), every frame, padding included; float32.
+* *flattening* (``layer_wise_cka_analysis``): ``act.reshape(act.shape[0], -1)``, one row of
+  ``1500 · dims`` values per utterance (40 rows).
+* *kernels* (``cka``, ``linear_cka_torch``, ``cka_rbf_numpy``,
+  ``center_kernel_matrix_numpy``): trained vs untrained A codes with ``kernel_type='linear'``
+  (``K = X Xᵀ``, centred ``H K H``, ``<HKH, HLH>_F / (‖HKH‖_F ‖HLH‖_F)``: the biased
+  linear CKA of Kornblith et al. 2019, eq. 4-5, not the debiased one); trained vs untrained
+  B outputs, and ∂L/∂b vs ∂L/∂a within each model, with ``kernel_type='rbf'``:
+  ``sklearn.metrics.pairwise.rbf_kernel(X)`` at its default ``gamma = 1 / X.shape[1]``
+  (``1 / (1500 · dims)``, each representation its own), centred the same way. Both return
+  0.0 when a centred kernel has norm 0.
+* *untrained baseline* (``create_random_lora_model``): a fresh model whose LoRA weights are
+  ``nn.init.normal_(param, mean=0.0, std=0.02)`` (A and B) with a fresh head: the
+  ``paper`` baseline of :mod:`serlens.analysis.ab_dynamics` at std 0.02. Its LoRA dropout is
+  left in training mode there (peft builds the new layers in training mode; the notebook
+  never calls ``.eval()`` on that model, as a check with peft 0.21 confirms), so its codes
+  are ``A · dropout(x)``; here every state runs in eval mode (no dropout).
+* *what it plots* (``layer_comparison_academic``): per layer the A-code CKA and the B-output
+  CKA (the legend calls them "Trained" and "Untrained"), then the gradient CKA of the
+  trained and of the untrained model. It has no null and no interval.
+
+With ``X_u`` the flattened representation of utterance ``u`` and ``G_uv = <X_u, X_v>`` its
+Gram (40 x 40), everything is a function of the Grams, so no flattened vector is kept
+beyond what the Grams need::
+
+    linear:  K = G
+    RBF:     K_uv = exp(-γ ‖X_u - X_v‖²),  ‖X_u - X_v‖² = G_uu + G_vv - 2 G_uv,  γ = 1 / n_features
+    CKA(K, L) = <HKH, HLH>_F / (‖HKH‖_F ‖HLH‖_F),  H = I - 11ᵀ/n
+
+:class:`FlatGramSample` streams them: the Gram of flattened vectors needs the vectors of
+every pair of utterances, and the utterances come in different batches, so it keeps each
+utterance's rows until the end, exactly (float32) while a key holds at most
+:data:`PAPER_EXACT_MAX_BYTES`, beyond that as a CountSketch of the flattened vector
+(Charikar, Chen & Farach-Colton 2002: ``S_k = Σ_{p: h(p)=k} s(p) x_p`` over the positions
+``p`` of the flattened vector, ``h`` into :data:`PAPER_SKETCH_BUCKETS` buckets and the sign
+``s`` simple tabulation hashes, 3-independent (Pătraşcu & Thorup 2012), seeded, the same for
+every utterance; ``E[<S_u, S_v>] = <X_u, X_v>``, error about ``‖X_u - X̄‖ ‖X_v - X̄‖ / √K``
+on the centred Gram). ``paper_cka_sketch_buckets`` is ``K`` for a module with a sketched key, 0
+when all are exact. B outputs come from the codes (``<vec(b_u), vec(b_v)> = <vec(a_u Rᵀ),
+vec(a_v Rᵀ)>``, ``B = QR``), as for the sound quantities.
+
+Padding: under ``pad30`` the vectors are exact, ``1500 · dims`` values of every frame, as
+the paper's. Under ``crop`` an utterance has its own frames only (those the encoder
+attends to: audio and leading silence); they are zero-padded to the longest of the sample,
+which is what the code matrix of 30-s padding is, up to the padded frames' own codes, and
+zeros change no inner product: only ``γ = 1 / (T_max · dims)`` depends on the padded length.
+
+Gradient scale: the RBF kernel is not scale invariant, so gradients are the paper's per
+utterance ``∂CE_u/∂·`` (the pass's loss is ``Σ_u CE_u / N``: its rows are multiplied by ``N``).
+Its gradients are tiny (``γ ‖X_u - X_v‖²`` of order 1e-7 for ∂L/∂b of tiny.en under
+``pad30``), so the RBF kernel is ``1 - γ D`` to first order and its CKA that of the linear
+kernel; in the paper's float32 arithmetic ``exp(-1e-7)`` is 1 or the next float below it,
+and the centred kernel is rounding. :func:`paper_rbf_cka_f32` repeats that arithmetic
+(distances rounded to float32 as scikit-learn returns them, ``exp`` and the centring in
+float32, 0.0 for a zero norm): the ``_f32`` rows are what the paper's code would print for
+these representations.
 """
 
 from __future__ import annotations
@@ -52,11 +123,26 @@ from serlens.analysis.cka import _u_center
 __all__ = [
     "CLAIM3_TARGET_FRAMES",
     "FORWARD_QUANTITIES",
+    "PAPER_EXACT_MAX_BYTES",
+    "PAPER_FOLD",
+    "PAPER_INIT_STD",
+    "PAPER_PER_CLASS",
+    "PAPER_ROLES",
+    "PAPER_SKETCH_BUCKETS",
+    "FlatGramSample",
     "UtteranceFrameSample",
     "b_features",
     "claim3_cka",
     "debiased_cka",
+    "jackknife_se",
+    "kernel_cka",
     "pair_seed",
+    "paper_cka",
+    "paper_linear_cka",
+    "paper_rbf_cka",
+    "paper_rbf_cka_f32",
+    "paper_utterances",
+    "rbf_kernel_from_gram",
     "u_cosine",
     "u_gram",
 ]
@@ -65,6 +151,18 @@ __all__ = [
 CLAIM3_TARGET_FRAMES = 2000
 #: The forward quantities (state trained) and their nulls (state untrained).
 FORWARD_QUANTITIES = ("cka_fwd_a", "cka_fwd_b")
+#: The paper's protocol (``analysis.ipynb``; module docstring): ``fold_idx = 1``,
+#: ``select_balanced_samples(..., num_per_class=10)``, ``nn.init.normal_(std=0.02)``.
+PAPER_FOLD = 1
+PAPER_PER_CLASS = 10
+PAPER_INIT_STD = 0.02
+#: Who the paper's representations come from: the trained adapters, the paper's untrained
+#: baseline and a second, independent draw of it (the estimator's own null).
+PAPER_ROLES = ("trained", "paper", "paper_pair")
+#: A key of :class:`FlatGramSample` keeps its rows exactly up to this many bytes (float32).
+PAPER_EXACT_MAX_BYTES = 8 * 2**20
+#: Buckets of the CountSketch of a flattened vector beyond that (float32: 128 KiB each).
+PAPER_SKETCH_BUCKETS = 2**15
 
 
 def pair_seed(seed: int) -> int:
@@ -238,3 +336,385 @@ def claim3_cka(
     values["trained"]["cka_n_frames"] = float(sample.n_frames)
     values["trained"]["cka_n_utterances"] = float(len(sample.selected()))
     return values
+
+
+# --------------------------------------------------------------------------- the paper's estimator
+
+
+def paper_utterances(indices, labels, seed: int, per_class: int = PAPER_PER_CLASS) -> np.ndarray:
+    """The paper's sample out of the analysis sample ``indices``: per class (in sorted label
+    order) the first ``per_class`` of a seeded permutation of its utterances in ``indices``
+    (all of them if it has fewer), ascending. ``labels``: of the whole training split.
+
+    The paper takes 10 per class from the shuffled training split (``select_balanced_samples``);
+    the analysis sample is itself a seeded class-balanced sample of it, so this is too, and
+    the trained state's pass already holds its utterances.
+    """
+    indices = np.unique(np.asarray(indices, dtype=np.int64))
+    own = np.asarray(labels)[indices]
+    rng = np.random.default_rng([int(seed), 5])
+    picks = [rng.permutation(indices[own == c])[:per_class] for c in np.unique(own)]
+    return np.sort(np.concatenate(picks)) if picks else indices[:0]
+
+
+def _centre(K: np.ndarray) -> np.ndarray:
+    """``H K H`` over the last two axes (row, column and grand means removed)."""
+    return (
+        K
+        - K.mean(axis=-1, keepdims=True)
+        - K.mean(axis=-2, keepdims=True)
+        + K.mean(axis=(-2, -1), keepdims=True)
+    )
+
+
+def kernel_cka(K, L) -> np.ndarray | float:
+    """``<HKH, HLH>_F / (‖HKH‖_F ‖HLH‖_F)`` (biased HSIC; Kornblith et al. 2019, eq. 4-5).
+
+    ``K``, ``L``: ``n x n`` kernels or stacks ``(..., n, n)``; NaN where a centred kernel
+    is 0 (the paper's code returns 0.0 there).
+    """
+    Kc, Lc = _centre(np.asarray(K, np.float64)), _centre(np.asarray(L, np.float64))
+    num = (Kc * Lc).sum(axis=(-2, -1))
+    den = np.sqrt((Kc * Kc).sum(axis=(-2, -1)) * (Lc * Lc).sum(axis=(-2, -1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def _squared_distances(G: np.ndarray) -> np.ndarray:
+    """``‖X_u - X_v‖² = G_uu + G_vv - 2 G_uv``, clipped at 0, zero diagonal (as
+    ``euclidean_distances(X, X, squared=True)``)."""
+    G = np.asarray(G, np.float64)
+    d = np.diag(G)
+    D = np.maximum(d[:, None] + d[None, :] - 2.0 * G, 0.0)
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def rbf_kernel_from_gram(G, n_features: int, gamma: float | None = None) -> np.ndarray:
+    """``exp(-γ ‖X_u - X_v‖²)`` from the Gram ``G = X Xᵀ``; ``γ`` defaults to
+    ``1 / n_features``, ``sklearn.metrics.pairwise.rbf_kernel``'s default."""
+    gamma = 1.0 / n_features if gamma is None else gamma
+    return np.exp(-gamma * _squared_distances(G))
+
+
+def paper_linear_cka(G_x, G_y) -> float:
+    """The paper's ``linear_cka_torch`` of two flattened representations, from their Grams."""
+    return kernel_cka(G_x, G_y)
+
+
+def paper_rbf_cka(G_x, n_x: int, G_y, n_y: int) -> float:
+    """The paper's ``cka_rbf_numpy`` (RBF at ``γ = 1 / n_features`` each) from the Grams."""
+    return kernel_cka(rbf_kernel_from_gram(G_x, n_x), rbf_kernel_from_gram(G_y, n_y))
+
+
+def _rbf_f32(G, n_features: int) -> np.ndarray:
+    # scikit-learn on float32 rows: distances in float64 chunks, returned as float32; then
+    # ``K *= -gamma`` and ``np.exp(K, K)`` in float32
+    K = _squared_distances(G).astype(np.float32)
+    K *= np.float32(-1.0 / n_features)
+    return np.exp(K, out=K)
+
+
+def paper_rbf_cka_f32(G_x, n_x: int, G_y, n_y: int) -> float:
+    """:func:`paper_rbf_cka` in the paper's float32 arithmetic (module docstring): the kernels,
+    their centring (row, column and grand means) and the sums in float32; 0.0 when a centred
+    kernel has norm 0, as ``cka_rbf_numpy`` returns."""
+    K, L = _rbf_f32(G_x, n_x), _rbf_f32(G_y, n_y)
+
+    def centre(M):
+        return M - M.mean(axis=1, keepdims=True) - M.mean(axis=0, keepdims=True) + M.mean()
+
+    Kc, Lc = centre(K), centre(L)
+    norm_x, norm_y = np.sqrt(np.sum(Kc * Kc)), np.sqrt(np.sum(Lc * Lc))
+    if norm_x == 0 or norm_y == 0:
+        return 0.0
+    return float(np.sum(Kc * Lc) / (norm_x * norm_y))
+
+
+class FlatGramSample:
+    """Grams of utterances' flattened ``frames x dims`` matrices, streamed (module docstring).
+
+    ``utterances``: the sample's ids; every Gram's rows are in ascending id order. Each
+    :meth:`offer` passes the blocks of a batch (``batch x frames x dims``, under any keys)
+    with the frames to keep of each row (``lengths``: a prefix; zero beyond it, up to the
+    longest of the sample); rows of other utterances are ignored. A key keeps its rows on
+    the CPU in float32 while they hold at most ``exact_max_bytes``; past that, it keeps the
+    CountSketch (``buckets``, hashes seeded by ``seed``) of each flattened vector instead.
+    ``derived[key] = (source, M)``: ``key``'s rows are ``source``'s rows times ``M`` (``dims
+    x dims'``), computed from the source's exact rows when its Gram is asked for, or
+    sketched beside the source once the source is sketched.
+    """
+
+    def __init__(
+        self,
+        utterances: Iterable[int],
+        derived: dict | None = None,
+        exact_max_bytes: int = PAPER_EXACT_MAX_BYTES,
+        buckets: int = PAPER_SKETCH_BUCKETS,
+        seed: int = 0,
+    ):
+        self.ids = np.unique(np.asarray(list(utterances), dtype=np.int64))
+        if len(self.ids) == 0:
+            raise ValueError("the utterance sample is empty")
+        self.members = set(self.ids.tolist())
+        self.exact_max_bytes = int(exact_max_bytes)
+        self.buckets = int(buckets)
+        self.derived = {}
+        self.by_source: dict = {}
+        for key, (source, M) in (derived or {}).items():
+            M = torch.as_tensor(M).detach().to("cpu", torch.float64)
+            self.derived[key] = (source, M)
+            self.by_source.setdefault(source, []).append(key)
+        if self.buckets < 1 or self.buckets & (self.buckets - 1):
+            raise ValueError(f"buckets must be a power of 2; got {self.buckets}")
+        # simple tabulation: one random 62-bit word per byte value and byte of the position,
+        # for the bucket and for the sign (positions < 2^32)
+        rng = np.random.default_rng([int(seed), 7])
+        self.tables = torch.from_numpy(rng.integers(0, 2**62, (2, 4, 256), dtype=np.int64))
+        self._on_device: dict = {}
+        self.lengths: dict[int, int] = {}
+        self.dims: dict = {}
+        self.rows: dict = {}  # key -> {utterance: (frames, dims) float32, CPU}
+        self.sketches: dict = {}  # key -> {utterance: (buckets,) float32, CPU}
+        self.nbytes: dict = {}
+
+    # ------------------------------------------------------------------ streaming
+
+    def offer(self, utterances, lengths, blocks: dict) -> None:
+        ids = np.asarray(utterances).tolist()
+        lengths = [int(n) for n in np.asarray(torch.as_tensor(lengths).cpu())]
+        chosen = [i for i, u in enumerate(ids) if u in self.members]
+        for i in chosen:
+            if self.lengths.setdefault(ids[i], lengths[i]) != lengths[i]:
+                raise ValueError(f"utterance {ids[i]}: offered with a different frame count")
+        if not chosen:
+            return
+        for key, block in blocks.items():
+            block = block.detach()
+            if self.dims.setdefault(key, block.shape[-1]) != block.shape[-1]:
+                raise ValueError(
+                    f"{key}: offered with {block.shape[-1]} dims, had {self.dims[key]}"
+                )
+            for i in chosen:
+                self._store(key, ids[i], block[i, : lengths[i]])
+
+    def _store(self, key, u: int, rows: torch.Tensor) -> None:
+        if key in self.sketches:
+            self.sketches[key][u] = self._sketch(rows)
+            for derived in self.by_source.get(key, ()):
+                M = self.derived[derived][1]
+                self.sketches[derived][u] = self._sketch(rows.to(torch.float64) @ M.to(rows.device))
+            return
+        kept = rows.to("cpu", torch.float32).clone()
+        self.rows.setdefault(key, {})[u] = kept
+        self.nbytes[key] = self.nbytes.get(key, 0) + kept.numel() * 4
+        if self.nbytes[key] > self.exact_max_bytes:
+            self._to_sketch(key)
+
+    def _to_sketch(self, key) -> None:
+        rows = self.rows.pop(key)
+        self.nbytes.pop(key)
+        self.sketches[key] = {}
+        for derived in self.by_source.get(key, ()):
+            self.sketches[derived] = {}
+        for u, part in rows.items():
+            self._store(key, u, part)
+
+    def _sketch(self, rows: torch.Tensor) -> torch.Tensor:
+        """CountSketch of ``rows`` flattened frame by frame (position ``p = t · dims + c``)."""
+        flat = rows.reshape(-1).to(torch.float64)
+        bucket, sign = self._hashes(flat.numel(), flat.device)
+        out = torch.zeros(self.buckets, dtype=torch.float64, device=flat.device)
+        out.index_add_(0, bucket, flat * sign)
+        return out.to("cpu", torch.float32)
+
+    def _hashes(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket and sign of positions ``0 .. n-1``: a prefix of the longest computed so far
+        on ``device`` (a position's hashes do not depend on the vector's length)."""
+        if n >= 2**32:
+            raise ValueError(f"{n} values: the sketch hashes positions below 2^32")
+        cached = self._on_device.get(device)
+        if cached is None or cached[0].numel() < n:
+            p = torch.arange(n, device=device, dtype=torch.int64)
+            tables = self.tables.to(device)
+            words = [(p >> (8 * i)) & 255 for i in range(4)]
+            h = [t[0][words[0]] ^ t[1][words[1]] ^ t[2][words[2]] ^ t[3][words[3]] for t in tables]
+            cached = (h[0] & (self.buckets - 1), (h[1] & 1).to(torch.float64) * 2.0 - 1.0)
+            self._on_device[device] = cached
+        return cached[0][:n], cached[1][:n]
+
+    # ------------------------------------------------------------------ results
+
+    def selected(self) -> list[int]:
+        """The utterances offered so far, ascending (the rows of every Gram)."""
+        return sorted(self.lengths)
+
+    @property
+    def n_frames(self) -> int:
+        """Frames of each flattened vector: the longest utterance's (zero padding beyond)."""
+        return max(self.lengths.values()) if self.lengths else 0
+
+    def sketched(self, key) -> bool:
+        return key in self.sketches or (
+            key in self.derived and self.derived[key][0] in self.sketches
+        )
+
+    def gram(self, key) -> np.ndarray:
+        """``G_uv = <vec(X_u), vec(X_v)>`` over :meth:`selected` (float64)."""
+        order = self.selected()
+        if key in self.derived and self.derived[key][0] not in self.sketches:
+            source, M = self.derived[key]
+            return self._exact_gram(source, order, M)
+        if key in self.sketches:
+            S = torch.stack([self.sketches[key][u] for u in order]).to(torch.float64)
+            return (S @ S.T).numpy()
+        return self._exact_gram(key, order)
+
+    def _exact_gram(self, key, order, M: torch.Tensor | None = None) -> np.ndarray:
+        rows = self.rows[key]
+        missing = [u for u in order if u not in rows]
+        if missing:
+            raise KeyError(f"{key}: utterances {missing[:3]} were not offered")
+        dims = self.dims[key] if M is None else M.shape[1]
+        X = torch.zeros((len(order), self.n_frames, dims), dtype=torch.float64)
+        for i, u in enumerate(order):
+            part = rows[u].to(torch.float64)
+            X[i, : part.shape[0]] = part if M is None else part @ M
+        X = X.reshape(len(order), -1)
+        return (X @ X.T).numpy()
+
+
+def _subsample_cka(
+    kernels: dict, pairs: dict, subsets: np.ndarray, chunk: int = 100
+) -> dict[str, np.ndarray]:
+    """Per subset (rows of ``subsets``: utterance indices) the CKA of each named pair of
+    kernels (``pairs[name] = (kernel name, kernel name)``) restricted to it; ``chunk``
+    subsets at a time, so memory is ``chunk · n²`` per kernel."""
+    out: dict[str, list] = {name: [] for name in pairs}
+    for start in range(0, len(subsets), chunk):
+        d = subsets[start : start + chunk]
+        cut = {k: K[d[:, :, None], d[:, None, :]] for k, K in kernels.items()}
+        for name, (x, y) in pairs.items():
+            out[name].append(np.atleast_1d(kernel_cka(cut[x], cut[y])))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def jackknife_se(leave_one_out) -> float:
+    """``SE_jack = sqrt((n-1)/n Σ_i (θ_(i) - θ̄)²)`` over the ``n`` leave-one-out values
+    (Efron & Stein 1981; Efron 1982, ch. 3); NaN with fewer than 3 or a NaN among them."""
+    values = np.asarray(leave_one_out, dtype=float)
+    n = len(values)
+    if n < 3 or not np.isfinite(values).all():
+        return math.nan
+    return math.sqrt((n - 1) / n * float(np.sum((values - values.mean()) ** 2)))
+
+
+def paper_cka(
+    sample: FlatGramSample,
+    name: str,
+    dims: dict[str, int],
+) -> dict[str, dict[str, float]]:
+    """The paper's estimator of module ``name`` (module docstring): ``{state: {quantity: value}}``.
+
+    ``sample`` holds, for each role of :data:`PAPER_ROLES`, ``(role, name, "a_code")`` and
+    the derived ``(role, name, "b_feat")`` (the B output's features), and, for ``trained``
+    and ``paper``, ``(role, name, "a_out_grad")`` and ``(role, name, "b_out_grad")`` (per
+    utterance ``∂CE_u/∂a``, ``∂CE_u/∂b``). ``dims``: ``r`` (``"a"``) and ``d_out`` (``"b"``).
+    With ``T`` = ``sample.n_frames``, ``lin`` = :func:`paper_linear_cka` and ``rbf`` =
+    :func:`paper_rbf_cka` (``γ = 1 / (T · dims)``)::
+
+        trained:   paper_cka_fwd_a   = lin(a_trained, a_paper)
+                   paper_cka_fwd_b   = rbf(b_trained, b_paper)
+                   paper_cka_bwd_ba  = rbf(∂L/∂b, ∂L/∂a) of the trained model
+        untrained: paper_cka_fwd_a_null = lin(a_paper, a_paper'),  paper_cka_fwd_b_null = rbf(b_paper, b_paper')
+                   paper_cka_bwd_ba  = rbf(∂L/∂b, ∂L/∂a) of the paper's untrained model
+
+    ``_f32``: the RBF ones in the paper's float32 arithmetic (:func:`paper_rbf_cka_f32`);
+    ``paper_cka_bwd_exponent``: the median over pairs of ``γ ‖X_u - X_v‖²`` of ∂L/∂b (below
+    about 6e-8 the float32 kernel is all ones). Per module, the claim's statistics
+    ``excess = ½[(fwd_a - fwd_a_null) + (fwd_b - fwd_b_null)]`` and
+    ``fwd_minus_bwd = ½(fwd_a + fwd_b) - bwd_ba`` get a jackknife standard error over the
+    utterances (:func:`jackknife_se`; every kernel with the same utterance left out):
+    ``paper_cka_excess_se``, ``paper_cka_fwd_minus_bwd_se`` (the claims table makes the
+    interval). (A bootstrap over the utterances is biased here: a resample repeats
+    utterances, which puts their self-similarity off the diagonal of every kernel and moves
+    the CKA, so a percentile interval can miss its own estimate.) Also
+    ``paper_cka_n_utterances``, ``paper_cka_n_frames`` (``T``) and
+    ``paper_cka_sketch_buckets`` (0: every Gram exact).
+    """
+    T = sample.n_frames
+    n_a, n_b = T * int(dims["a"]), T * int(dims["b"])
+    key = {q: {role: (role, name, q) for role in PAPER_ROLES} for q in ("a_code", "b_feat")}
+    grams = {f"a_{role}": sample.gram(key["a_code"][role]) for role in PAPER_ROLES}
+    grams |= {f"b_{role}": sample.gram(key["b_feat"][role]) for role in PAPER_ROLES}
+    for role in ("trained", "paper"):
+        grams[f"ga_{role}"] = sample.gram((role, name, "a_out_grad"))
+        grams[f"gb_{role}"] = sample.gram((role, name, "b_out_grad"))
+    # γ = 1 / n_features: the A code and ∂L/∂a have r values per frame, B's output and ∂L/∂b d_out
+    features = {k: n_a if k.split("_")[0] in ("a", "ga") else n_b for k in grams}
+    kernels = {
+        k: (G if k.startswith("a_") else rbf_kernel_from_gram(G, features[k]))
+        for k, G in grams.items()
+    }
+    pairs = {
+        "fwd_a": ("a_trained", "a_paper"),
+        "fwd_b": ("b_trained", "b_paper"),
+        "fwd_a_null": ("a_paper", "a_paper_pair"),
+        "fwd_b_null": ("b_paper", "b_paper_pair"),
+        "bwd": ("gb_trained", "ga_trained"),
+        "bwd_untrained": ("gb_paper", "ga_paper"),
+    }
+    v = {k: kernel_cka(kernels[x], kernels[y]) for k, (x, y) in pairs.items()}
+
+    def f32(x, y):
+        return paper_rbf_cka_f32(grams[x], features[x], grams[y], features[y])
+
+    def exponent(k):
+        D = _squared_distances(grams[k])
+        return (
+            float(np.median(D[np.triu_indices(len(D), 1)]) / features[k])
+            if len(D) > 1
+            else math.nan
+        )
+
+    trained = {
+        "paper_cka_fwd_a": v["fwd_a"],
+        "paper_cka_fwd_b": v["fwd_b"],
+        "paper_cka_bwd_ba": v["bwd"],
+        "paper_cka_fwd_b_f32": f32("b_trained", "b_paper"),
+        "paper_cka_bwd_ba_f32": f32("gb_trained", "ga_trained"),
+        "paper_cka_bwd_exponent": exponent("gb_trained"),
+    }
+    untrained = {
+        "paper_cka_fwd_a_null": v["fwd_a_null"],
+        "paper_cka_fwd_b_null": v["fwd_b_null"],
+        "paper_cka_bwd_ba": v["bwd_untrained"],
+        "paper_cka_fwd_b_null_f32": f32("b_paper", "b_paper_pair"),
+        "paper_cka_bwd_ba_f32": f32("gb_paper", "ga_paper"),
+        "paper_cka_bwd_exponent": exponent("gb_paper"),
+    }
+    n = len(sample.selected())
+
+    def statistics(c):
+        return {
+            "excess": ((c["fwd_a"] - c["fwd_a_null"]) + (c["fwd_b"] - c["fwd_b_null"])) / 2,
+            "fwd_minus_bwd": (c["fwd_a"] + c["fwd_b"]) / 2 - c["bwd"],
+        }
+
+    se = {"excess": math.nan, "fwd_minus_bwd": math.nan}
+    if n >= 4:
+        subsets = np.array([np.delete(np.arange(n), i) for i in range(n)])
+        loo = statistics(_subsample_cka(kernels, pairs, subsets))
+        se = {stat: jackknife_se(values) for stat, values in loo.items()}
+    for stat, value in se.items():
+        trained[f"paper_cka_{stat}_se"] = value
+    sketched = any(sample.sketched(k) for q in key.values() for k in q.values()) or any(
+        sample.sketched((role, name, g))
+        for role in ("trained", "paper")
+        for g in ("a_out_grad", "b_out_grad")
+    )
+    trained["paper_cka_n_utterances"] = float(n)
+    trained["paper_cka_n_frames"] = float(T)
+    trained["paper_cka_sketch_buckets"] = float(sample.buckets if sketched else 0)
+    return {"trained": trained, "untrained": untrained}

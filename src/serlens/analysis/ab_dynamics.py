@@ -72,6 +72,29 @@ gradients per batch (about a sixth more encoder work than the two forward + back
 passes). Its B outputs come from the codes (``b bᵀ = a BᵀB aᵀ``), so no d_out-wide
 activation is kept; ∂L/∂b is (``d_out`` float32 per frame, module and state, on the CPU).
 
+In runs of fold 1 the pass also computes claim 3 by **the paper's own estimator**
+(:data:`PAPER_SCALARS`, :func:`serlens.analysis.ab_cka.paper_cka`; what the paper's code
+does and where is in that module's docstring): on at most 10 utterances per class of the
+analysis sample (:func:`serlens.analysis.ab_cka.paper_utterances`), each utterance's A
+code, B output, ∂L/∂a and ∂L/∂b flattened to one vector (every frame under ``pad30``; the
+clip's own frames, zero-padded to the longest, under ``crop``), linear CKA of the codes and
+RBF CKA (``γ = 1 / n_features``) of the rest, between the trained adapters and **the
+paper's baseline** (``A, B ~ N(0, 0.02²)``, fresh head: :func:`paper_state` at std 0.02,
+whatever ``untrained_baseline`` is), with a second draw of it as the estimator's null. The
+rows of that baseline are stored under state untrained beside the configured baseline's
+other rows; the ``paper_`` prefix says whose they are. The trained state's rows are its
+pass's own (gradients times the loss divisor ``N``: the paper's per-utterance
+``∂CE_u/∂·``). With ``untrained_baseline: paper`` at ``untrained_init_std: 0.02`` the
+untrained state and its second draw are the paper's and their rows are reused; otherwise
+the paper's baseline runs one forward and backward (loss ``Σ_u CE_u``) and its second draw
+one forward, on each batch's paper utterances only (:class:`PaperPass`). Memory: the
+utterances' rows are kept until the end (the Gram of flattened vectors needs every pair),
+exactly while a key (state, module, quantity) holds at most 8 MiB, then as a CountSketch of
+5 MiB per 40 utterances (:class:`serlens.analysis.ab_cka.FlatGramSample`): at most four
+keys per module for the trained state and the baseline and two for its second draw, so at
+most 80 MiB per module; large-v2 (32 ``v_proj`` of 1280, ``pad30``, r = 32) holds about
+1.6 GB (A codes and ∂L/∂a exact, ∂L/∂b sketched).
+
 Untrained baselines
 -------------------
 Every quantity is computed for the trained adapters and head of a run and for an untrained
@@ -185,13 +208,20 @@ from torch import nn
 
 from serlens.analysis.ab_cka import (
     CLAIM3_TARGET_FRAMES,
+    PAPER_FOLD,
+    PAPER_INIT_STD,
+    PAPER_PER_CLASS,
+    FlatGramSample,
     UtteranceFrameSample,
     claim3_cka,
     pair_seed,
+    paper_cka,
+    paper_utterances,
 )
 from serlens.analysis.cka import linear_cka
 from serlens.analysis.runs import TrainedRun, balanced_sample
 from serlens.analysis.spectra import energy_rank
+from serlens.audio import MelBatch
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.train.heads import EmotionHead
 
@@ -199,6 +229,7 @@ __all__ = [
     "BASELINES",
     "CLAIM3_SCALARS",
     "DORA_SCALARS",
+    "PAPER_SCALARS",
     "EXACT_GRAM_MAX_DIMS",
     "WIDE_SKETCH_ROWS",
     "AdapterTaps",
@@ -206,6 +237,7 @@ __all__ = [
     "GramAccumulator",
     "ModuleAccumulators",
     "GaussianFrameSketch",
+    "PaperPass",
     "SketchedGram",
     "ab_statistics",
     "ab_table_from_statistics",
@@ -269,6 +301,26 @@ CLAIM3_SCALARS = (
     "cka_bwd_ba",
     "cka_n_frames",
     "cka_n_utterances",
+)
+#: Claim 3 by the paper's own estimator (:func:`serlens.analysis.ab_cka.paper_cka`), fold-1
+#: runs only: the forward ones and the jackknife SEs under state trained, the null under
+#: untrained (the paper's baseline, whatever ``untrained_baseline`` is), ``paper_cka_bwd_ba``
+#: (and its ``_f32``, ``_exponent``) under both.
+PAPER_SCALARS = (
+    "paper_cka_fwd_a",
+    "paper_cka_fwd_b",
+    "paper_cka_fwd_a_null",
+    "paper_cka_fwd_b_null",
+    "paper_cka_bwd_ba",
+    "paper_cka_fwd_b_f32",
+    "paper_cka_fwd_b_null_f32",
+    "paper_cka_bwd_ba_f32",
+    "paper_cka_bwd_exponent",
+    "paper_cka_excess_se",
+    "paper_cka_fwd_minus_bwd_se",
+    "paper_cka_n_utterances",
+    "paper_cka_n_frames",
+    "paper_cka_sketch_buckets",
 )
 #: DoRA's magnitude vector, per DoRA module and state (see the module docstring).
 DORA_SCALARS = ("magnitude_norm", "magnitude_rel_change", "magnitude_gain_rms", "grad_norm_m")
@@ -947,6 +999,94 @@ class StateAccumulators:
     reservoir: FrameReservoir
 
 
+@dataclass
+class PaperPass:
+    """What the pass adds for the paper's estimator (module docstring, "Claim 3's CKA quantities").
+
+    ``sample``: the :class:`~serlens.analysis.ab_cka.FlatGramSample` of the paper's
+    utterances. ``sources[state name] = role``: the states of the pass whose codes (and
+    gradients, for states with a backward) are offered under that role
+    (:data:`~serlens.analysis.ab_cka.PAPER_ROLES`). ``backward`` / ``forward``: the paper's
+    baseline and its second draw where no state of the pass is them: run on each batch's
+    paper utterances only, one forward and backward (loss ``Σ_u CE_u``) or one forward.
+    ``scale``: the pass's loss divisor ``N`` (its gradient rows times ``N`` are the paper's
+    per-utterance ``∂CE_u/∂·``).
+    """
+
+    sample: FlatGramSample
+    sources: dict[str, str]
+    backward: AdapterState | None = None
+    forward: AdapterState | None = None
+    scale: float = 1.0
+
+    def heads(self) -> list[nn.Module]:
+        return [] if self.backward is None else [self.backward.head]
+
+    def offer(self, role: str, idx, rows, lengths, parts: dict, scale: float) -> None:
+        """Rows ``rows`` of a batch: ``parts[module]`` holds ``code`` and, with a backward,
+        ``code_grad`` and ``out_grad`` (``batch x frames x dims``)."""
+        blocks = {}
+        for name, part in parts.items():
+            blocks[(role, name, "a_code")] = part["code"][rows]
+            if "code_grad" in part:
+                blocks[(role, name, "a_out_grad")] = part["code_grad"][rows] * scale
+                blocks[(role, name, "b_out_grad")] = part["out_grad"][rows] * scale
+        self.sample.offer(np.asarray(idx)[rows.cpu().numpy()], lengths, blocks)
+
+
+def _paper_rows(paper: PaperPass | None, idx, batch: MelBatch):
+    """(rows of the batch in the paper's sample, frames kept of each) or None.
+
+    ``pad30``: every frame (1500; what the paper flattens); ``crop``: the frames the clip
+    occupies (``attended``, a prefix), zero-padded later to the sample's longest."""
+    if paper is None:
+        return None
+    keep = [i for i, u in enumerate(np.asarray(idx).tolist()) if u in paper.sample.members]
+    if not keep:
+        return None
+    rows = torch.as_tensor(keep, dtype=torch.long, device=batch.mel.device)
+    if batch.policy == "pad30":
+        lengths = torch.full((len(keep),), batch.n_frames)
+    else:
+        lengths = batch.attended[rows].sum(dim=1).cpu()
+    return rows, lengths
+
+
+def _sub_batch(batch: MelBatch, rows: torch.Tensor) -> MelBatch:
+    key = None if batch.key_mask is None else batch.key_mask[rows]
+    return MelBatch(batch.mel[rows], batch.frame_mask[rows], batch.policy, key)
+
+
+def _paper_extra(run, modules, taps, paper: PaperPass, batch, targets, idx, chosen) -> None:
+    """The paper's baseline (and its second draw) on the batch's paper utterances, where
+    no state of the pass is them."""
+    rows, lengths = chosen
+    sub = _sub_batch(batch, rows)
+    local = torch.arange(len(rows), device=rows.device)
+    names = list(modules)
+    sub_idx = np.asarray(idx)[rows.cpu().numpy()]
+    if paper.backward is not None:
+        state = paper.backward
+        _load_adapters(modules, state)
+        taps.clear()
+        out = run_encoder(run.encoder, sub)
+        logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
+        # Σ_u CE_u: each utterance's rows are its own ∂CE_u/∂·, the paper's batch of one
+        loss = nn.functional.cross_entropy(logits.float(), targets[rows], reduction="sum")
+        grads = taps.gradients(loss)
+        paper.offer("paper", sub_idx, local, lengths, grads, 1.0)
+        del out, logits, loss, grads
+        taps.clear()
+    if paper.forward is not None:
+        _load_adapters(modules, paper.forward)
+        taps.clear()
+        with torch.no_grad():
+            run_encoder(run.encoder, sub)
+        codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
+        paper.offer("paper_pair", sub_idx, local, lengths, codes, 1.0)
+        taps.clear()
+
+
 def _module_accumulators(
     module: nn.Module,
     name: str,
@@ -979,6 +1119,7 @@ def stream_ab_statistics(
     sketch_rows: int = WIDE_SKETCH_ROWS,
     frame_sample: UtteranceFrameSample | None = None,
     forward_only: tuple[AdapterState, ...] = (),
+    paper: PaperPass | None = None,
 ) -> dict[str, StateAccumulators]:
     """One log-mel per batch, then per state one forward + backward; per-module accumulators.
 
@@ -995,6 +1136,9 @@ def stream_ab_statistics(
     of each module per batch (keys ``(state, module, "a_code" | "a_out_grad" |
     "b_out_grad")``), and each of ``forward_only`` (states with no accumulators) runs one
     forward without gradients and offers its codes; the sample is pruned after each batch.
+    ``paper``: the paper's estimator (:class:`PaperPass`): on each batch with utterances of
+    its sample, the states it names offer their rows, then its own states run on those
+    utterances only.
     """
     modules = dict(sorted(run.lora_modules().items()))
     names = list(modules)
@@ -1014,13 +1158,16 @@ def stream_ab_statistics(
     labels = torch.as_tensor(train.labels)
     with (
         _adapters_restored(run),
-        _gradients_through_adapters(run, [s.head for s in states]),
+        _gradients_through_adapters(
+            run, [s.head for s in states] + ([] if paper is None else paper.heads())
+        ),
         AdapterTaps(modules) as taps,
     ):
         for idx, batch in run.batches(train, batch_size, indices):
             batch = batch.to(device)
             targets = labels[torch.as_tensor(idx)].to(device)
             mask = batch.frame_mask
+            chosen = _paper_rows(paper, idx, batch)
             for state in states:
                 _load_adapters(modules, state)
                 taps.clear()
@@ -1047,6 +1194,8 @@ def stream_ab_statistics(
                     offered[(name, "a_code")] = code
                     offered[(name, "b_out_grad")] = out_grad
                 state_acc.reservoir.offer(offered)
+                if chosen is not None and state.name in paper.sources:
+                    paper.offer(paper.sources[state.name], idx, *chosen, grads, paper.scale)
                 if frame_sample is not None:
                     frame_sample.offer(
                         idx,
@@ -1077,8 +1226,13 @@ def stream_ab_statistics(
                             for name in names
                         },
                     )
+                    if chosen is not None and state.name in paper.sources:
+                        codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
+                        paper.offer(paper.sources[state.name], idx, *chosen, codes, 1.0)
                     taps.clear()
                 frame_sample.prune()
+            if chosen is not None and (paper.backward is not None or paper.forward is not None):
+                _paper_extra(run, modules, taps, paper, batch, targets, idx, chosen)
     return acc
 
 
@@ -1106,6 +1260,7 @@ def ab_statistics(
     exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
     sketch_rows: int = WIDE_SKETCH_ROWS,
     claim3_frames: int = CLAIM3_TARGET_FRAMES,
+    paper_per_class: int = PAPER_PER_CLASS,
 ) -> dict[str, torch.Tensor]:
     """Everything the ``ab_dynamics`` table needs, with no post-hoc setting applied.
 
@@ -1121,6 +1276,9 @@ def ab_statistics(
     ∂L/∂b with an exact Gram, ``sketch_rows`` the sketch of wider ones (module docstring).
     ``claim3_frames``: the least frames of claim 3's utterance sample (:data:`CLAIM3_SCALARS`,
     keys ``{state}/{module}/{quantity}``); 0 leaves them out (and the second untrained draw).
+    ``paper_per_class``: utterances per class of the paper's estimator (:data:`PAPER_SCALARS`;
+    runs of fold :data:`~serlens.analysis.ab_cka.PAPER_FOLD` only; 0 leaves it out;
+    :func:`paper_plan`).
     """
     _check_run(run, indices)
     states = [trained_state(run), untrained_state(run, baseline, seed, init_std)]
@@ -1130,6 +1288,7 @@ def ab_statistics(
         second = untrained_state(run, baseline, pair_seed(seed), init_std)
         pair = (AdapterState("untrained_pair", second.head, second.weights, second.magnitudes),)
         sample = UtteranceFrameSample(indices, claim3_frames, seed)
+    paper = paper_plan(run, indices, states, pair, baseline, init_std, seed, paper_per_class)
     acc = stream_ab_statistics(
         run,
         states,
@@ -1141,8 +1300,19 @@ def ab_statistics(
         sketch_rows,
         frame_sample=sample,
         forward_only=pair,
+        paper=paper,
     )
     out = {}
+    if paper is not None and paper.sample.selected():
+        for name in acc["trained"].modules:
+            r, d_out = (
+                acc["trained"].modules[name].A.shape[0],
+                acc["trained"].modules[name].B.shape[0],
+            )
+            values = paper_cka(paper.sample, name, {"a": r, "b": d_out})
+            for state, named in values.items():
+                for key, value in named.items():
+                    out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     if sample is not None:
         for name in acc["trained"].modules:
             factors = {s.name: s.weights[name][1] for s in (*states, *pair)}
@@ -1165,6 +1335,59 @@ def ab_statistics(
             for key, value in scalars.items():
                 out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     return out
+
+
+def paper_plan(
+    run: TrainedRun,
+    indices,
+    states: list[AdapterState],
+    pair: tuple[AdapterState, ...],
+    baseline: str,
+    init_std: float | None,
+    seed: int,
+    per_class: int = PAPER_PER_CLASS,
+) -> PaperPass | None:
+    """The paper's estimator for ``run`` (:class:`PaperPass`), or None: only in fold
+    :data:`~serlens.analysis.ab_cka.PAPER_FOLD` (the paper's protocol) and with ``per_class > 0``.
+
+    Sample: :func:`~serlens.analysis.ab_cka.paper_utterances` of the analysis sample
+    (``per_class`` per class, seeded by ``seed``). Roles: ``trained`` is the pass's trained
+    state (rows of its forward and backward). ``paper`` is :func:`paper_state` at the
+    paper's std 0.02 seeded by ``seed`` and ``paper_pair`` the same at ``pair_seed(seed)``:
+    with ``untrained_baseline: paper`` at that std they are the pass's own untrained state
+    and second draw (their rows are reused: no extra encoder work); otherwise they run on
+    the paper's utterances only (one forward and backward, one forward). B outputs come
+    from the codes (``b_feat = a Rᵀ``, ``B = QR``).
+    """
+    if per_class <= 0 or int(run.fold) != PAPER_FOLD:
+        return None
+    chosen = paper_utterances(indices, run.splits["train"].labels, seed, per_class)
+    if len(chosen) == 0:
+        return None
+    reuse = baseline == "paper" and init_std is not None and float(init_std) == PAPER_INIT_STD
+    sources = {"trained": "trained"}
+    backward = forward = None
+    if reuse:
+        sources[states[1].name] = "paper"
+        paper = states[1]
+    else:
+        paper = backward = _renamed(paper_state(run, PAPER_INIT_STD, seed), "paper")
+    if reuse and pair:
+        sources[pair[0].name] = "paper_pair"
+        second = pair[0]
+    else:
+        second = forward = _renamed(paper_state(run, PAPER_INIT_STD, pair_seed(seed)), "paper_pair")
+    derived = {}
+    for role, state in (("trained", states[0]), ("paper", paper), ("paper_pair", second)):
+        for name, (_, B) in state.weights.items():
+            R = torch.linalg.qr(B.detach().to("cpu", torch.float64), mode="reduced").R
+            derived[(role, name, "b_feat")] = ((role, name, "a_code"), R.T)
+    sample = FlatGramSample(chosen, derived=derived, seed=seed)
+    return PaperPass(sample, sources, backward, forward, float(len(indices)))
+
+
+def _renamed(state: AdapterState, name: str) -> AdapterState:
+    return AdapterState(name, state.head, state.weights, state.magnitudes)
 
 
 def write_ab_statistics(
@@ -1204,6 +1427,8 @@ def write_ab_statistics(
         "untrained_init_std": "" if init_std is None or baseline != "paper" else str(init_std),
         "cka_max_frames": str(CKA_MAX_FRAMES),
         "claim3_frames": str(CLAIM3_TARGET_FRAMES),
+        "paper_fold": str(PAPER_FOLD),
+        "paper_per_class": str(PAPER_PER_CLASS),
         "exact_gram_max_dims": str(int(exact_max_dims)),
         "wide_sketch_rows": str(int(sketch_rows)),
     }
@@ -1228,7 +1453,8 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
     ``q_frac`` and ``q_centred_frac`` (the counts over the largest rank the matrix can have,
     :func:`max_rank`); then :data:`SCALARS`, for DoRA modules :data:`DORA_SCALARS`, and
     claim 3's :data:`CLAIM3_SCALARS` where stored (the forward ones under state trained,
-    their nulls under untrained, ``cka_bwd_ba`` under both).
+    their nulls under untrained, ``cka_bwd_ba`` under both) and its paper estimator's
+    :data:`PAPER_SCALARS` (fold-1 runs).
     ``ratio`` rows (trained ÷ untrained) for :data:`RATIO_QUANTITIES` held by both states.
     Keys ``module`` (the adapted module's name), ``layer`` (from ``layers.<i>.`` in it) and
     ``depth = (layer + 1) / n_layers``. Statistics written before the centred spectra and the frame
@@ -1264,7 +1490,11 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
                     out[f"{q}_centred"] = c_count
                     out[f"{q}_frac"], out[f"{q}_centred_frac"] = share, c_share
             out.update(
-                {q: named[q] for q in (*SCALARS, *DORA_SCALARS, *CLAIM3_SCALARS) if q in named}
+                {
+                    q: named[q]
+                    for q in (*SCALARS, *DORA_SCALARS, *CLAIM3_SCALARS, *PAPER_SCALARS)
+                    if q in named
+                }
             )
     order = [
         *SPECTRA,
@@ -1274,6 +1504,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
         *SCALARS,
         *DORA_SCALARS,
         *CLAIM3_SCALARS,
+        *PAPER_SCALARS,
     ]
     rows = []
     for name in sorted(values["trained"]):
@@ -1412,7 +1643,9 @@ def _spec():
         doc="energy ranks (uncentred, centred, as shares of the possible rank), gradient norms "
         "and ΔW contributions of LoRA's (and DoRA's) A and B, DoRA's magnitude, trained vs a "
         "scale-matched untrained baseline; claim 3's debiased CKA of trained vs untrained A codes "
-        "and B outputs (with an untrained-vs-untrained null) and of B's vs A's gradients",
+        "and B outputs (with an untrained-vs-untrained null) and of B's vs A's gradients, and "
+        "in fold 1 the same by the paper's own estimator (linear/RBF CKA of 40 flattened "
+        "utterances, the paper's baseline, its own null)",
     )
 
 

@@ -30,8 +30,32 @@ The claims (Behind the Scenes, arXiv 2509.08454):
      the forward codes are across training (the untrained model's CKA(∂L/∂b, ∂L/∂a) is the
      reference in the note). Layer dependence is in the figure, not tested here.
 
-   The paper's exact variant (linear / RBF CKA over 40 utterances flattened to 1500·r
-   values) is not computed.
+   Two more rows test the same two statistics with **the paper's own estimator**
+   (:func:`serlens.analysis.ab_cka.paper_cka`, fold-1 runs only, as the paper's code runs
+   it): ≤ 40 training utterances of fold 1 (10 per class), each utterance's A code, B
+   output or gradient flattened to one vector of ``frames · dims`` values, biased linear CKA
+   of the A codes, RBF CKA (γ = 1 / n_features, scikit-learn's default) of the B outputs
+   and of ∂L/∂b vs ∂L/∂a, the paper's untrained baseline (A, B ~ N(0, 0.02²), fresh head)
+   and, as its null, a second draw of that baseline under the same estimator:
+
+   - *forward, paper's estimator*: e = mean over layers of ½[(CKA_lin(a_T, a_U) −
+     CKA_lin(a_U, a_U')) + (CKA_rbf(b_T, b_U) − CKA_rbf(b_U, b_U'))];
+   - *backward, paper's estimator*: e = mean over layers of ½[CKA_lin(a_T, a_U) +
+     CKA_rbf(b_T, b_U)] − CKA_rbf(∂L/∂b, ∂L/∂a) of the trained model.
+
+   There is one sample of one fold, so no interval over folds: the interval is a
+   jackknife over the utterances (leave one out; a bootstrap is biased for kernels, whose
+   repeated utterances bring self-similarities off the diagonal): per layer the pass stores
+   the jackknife standard error, with the same utterance left out of every kernel; the
+   interval is the estimate ± t_{n−1} times those standard errors averaged over the layers
+   and, with several seeds of fold 1 (the same utterances), over those runs. The mean of
+   the per-layer standard errors is at least the layer mean's own jackknife standard error
+   (Minkowski's inequality over the leave-one-out deviations), so the interval is
+   conservative. The verdict rule is the one below, with the same δ. The paper itself reads
+   the raw forward CKA (high = alignment) without a null; that value, its null and the
+   gradient CKA in the paper's float32 arithmetic (where its RBF kernels round to 1) are in
+   the rows' note. A model and method with sound rows but no fold-1 rows of the paper's
+   estimator gets a "not tested" row for it.
 4. **A compresses, B keeps reconstruction diversity.** Statistic: the mean over adapted
    layers of log(ρ_A) − log(ρ_B), ρ = centred, dimension-normalised 90 %-energy rank
    trained / untrained (``ab_dynamics.tsv``: ``a_out_centred_frac``, ``b_out_centred_frac``),
@@ -231,10 +255,27 @@ def claim2_rows(causal_runs: pd.DataFrame, sesoi: float, resamples: int, seed: i
 
 #: The claim-3 quantities of ``ab_dynamics.tsv`` (:mod:`serlens.analysis.ab_cka`).
 CLAIM3_QUANTITIES = ("cka_fwd_a", "cka_fwd_b", "cka_fwd_a_null", "cka_fwd_b_null", "cka_bwd_ba")
-PAPER_VARIANT = (
-    "the paper-exact variant (linear/RBF CKA over 40 utterances flattened to 1500·r values) "
-    "is not computed"
-)
+PAPER_VARIANT = "the paper's own estimator: the rows marked 'paper's estimator' (fold 1)"
+#: (quantity, state) of the paper's estimator in ``ab_dynamics.tsv`` -> column of
+#: :func:`paper_forward_backward_cka` (:data:`serlens.analysis.ab_dynamics.PAPER_SCALARS`).
+PAPER_COLUMNS = {
+    ("paper_cka_fwd_a", "trained"): "fwd_a",
+    ("paper_cka_fwd_b", "trained"): "fwd_b",
+    ("paper_cka_fwd_a_null", "untrained"): "null_a",
+    ("paper_cka_fwd_b_null", "untrained"): "null_b",
+    ("paper_cka_bwd_ba", "trained"): "bwd",
+    ("paper_cka_bwd_ba", "untrained"): "bwd_untrained",
+    ("paper_cka_fwd_b_f32", "trained"): "fwd_b_f32",
+    ("paper_cka_fwd_b_null_f32", "untrained"): "null_b_f32",
+    ("paper_cka_bwd_ba_f32", "trained"): "bwd_f32",
+    ("paper_cka_bwd_ba_f32", "untrained"): "bwd_untrained_f32",
+    ("paper_cka_bwd_exponent", "trained"): "exponent",
+    ("paper_cka_excess_se", "trained"): "excess_se",
+    ("paper_cka_fwd_minus_bwd_se", "trained"): "fwd_minus_bwd_se",
+    ("paper_cka_n_utterances", "trained"): "n_utts",
+    ("paper_cka_n_frames", "trained"): "n_frames",
+    ("paper_cka_sketch_buckets", "trained"): "sketch",
+}
 
 
 def forward_backward_cka(ab_runs: pd.DataFrame) -> pd.DataFrame:
@@ -273,22 +314,131 @@ def forward_backward_cka(ab_runs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _not_tested(model, method) -> dict:
+def _not_tested(model, method, paper: bool = False) -> dict:
+    if paper:
+        statistic = (
+            "paper's estimator: trained-vs-untrained CKA of A codes and B outputs; "
+            "CKA of their gradients"
+        )
+        note = (
+            "no rows of the paper's estimator in ab_dynamics.tsv for this model and method: "
+            "it runs in fold-1 passes only (a fold-1 run and its pass are needed)"
+        )
+    else:
+        statistic = "trained-vs-untrained CKA of A codes and B outputs; CKA of their gradients"
+        note = "no claim-3 CKA rows in ab_dynamics.tsv for this model and method (rerun the pass)"
     return _row(
-        3,
-        model,
-        method,
-        "trained-vs-untrained CKA of A codes and B outputs; CKA of their gradients",
-        np.nan,
-        np.nan,
-        np.nan,
-        "",
-        np.nan,
-        "not tested",
-        0,
-        "ab_dynamics",
-        "no claim-3 CKA rows in ab_dynamics.tsv for this model and method (rerun the pass)",
+        3, model, method, statistic, np.nan, np.nan, np.nan, "", np.nan, "not tested", 0,
+        "ab_dynamics", note,
+    )  # fmt: skip
+
+
+def paper_forward_backward_cka(ab_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run (model, method, seed, fold) with rows of the paper's estimator, means over
+    modules of :data:`PAPER_COLUMNS` and, per module first, ``excess`` =
+    ½[(fwd_a − null_a) + (fwd_b − null_b)], ``fwd_minus_bwd`` = ½(fwd_a + fwd_b) − bwd and
+    ``fwd_minus_bwd_f32`` (the same with the float32 RBF values); ``*_se``: the layer means
+    of the per-layer jackknife standard errors. Empty without such rows."""
+    keys = ["model", "method", "seed", "fold"]
+    columns = list(dict.fromkeys(PAPER_COLUMNS.values()))
+    derived = ["excess", "fwd_minus_bwd", "fwd_minus_bwd_f32"]
+    column = [PAPER_COLUMNS.get(k) for k in zip(ab_runs["quantity"], ab_runs["state"], strict=True)]
+    want = ab_runs.assign(column=column)
+    want = want[want["column"].notna()]
+    if want.empty:
+        return pd.DataFrame(columns=[*keys, *columns, *derived])
+    per = want.pivot_table(
+        index=[*keys, "module"], columns="column", values="value", aggfunc="mean"
     )
+    for c in columns:
+        if c not in per:
+            per[c] = np.nan
+    per["excess"] = ((per["fwd_a"] - per["null_a"]) + (per["fwd_b"] - per["null_b"])) / 2
+    per["fwd_minus_bwd"] = (per["fwd_a"] + per["fwd_b"]) / 2 - per["bwd"]
+    per["fwd_minus_bwd_f32"] = (per["fwd_a"] + per["fwd_b_f32"]) / 2 - per["bwd_f32"]
+    return per.groupby(keys)[[*columns, *derived]].mean().reset_index()
+
+
+def jackknife_interval(
+    estimate: float, se: np.ndarray, n_utterances: float, level: float = 0.95
+) -> tuple[float, float]:
+    """``estimate ± t_{n−1} · mean(se)`` over the runs' layer-mean jackknife standard errors
+    ``se`` (``n`` utterances); NaN when no standard error is finite or ``n < 3``."""
+    from scipy import stats as st
+
+    se = np.asarray(se, dtype=float)
+    if not np.isfinite(estimate) or not np.isfinite(se).any() or not n_utterances >= 3:
+        return np.nan, np.nan
+    half = float(st.t.ppf(0.5 + level / 2, int(round(n_utterances)) - 1)) * float(np.nanmean(se))
+    return estimate - half, estimate + half
+
+
+def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[dict]:
+    """The two rows of the paper's estimator of one model and method (module docstring),
+    from its runs' :func:`paper_forward_backward_cka`."""
+    n = int(frame["excess"].notna().sum())
+    m = {c: float(frame[c].mean()) for c in frame.columns[4:]}
+    sample = f"{m['n_utts']:.0f} training utterances of fold 1 × {m['n_frames']:.0f} frames" + (
+        f" (∂L/∂b Grams from a {m['sketch']:.0f}-bucket CountSketch)"
+        if m["sketch"] > 0
+        else " (exact Grams)"
+    )
+    interval = (
+        "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard errors "
+        "averaged over layers and runs: conservative); one sample of one fold, no interval "
+        "over folds"
+    )
+    forward_note = (
+        f"as the paper reads it, CKA(trained, untrained): A (linear) {m['fwd_a']:.3f}, "
+        f"B (RBF) {m['fwd_b']:.3f} (high = alignment, no null); two untrained draws under "
+        f"the same estimator: A {m['null_a']:.3f}, B {m['null_b']:.3f}; {sample}"
+    )
+    backward_note = (
+        f"RBF CKA(∂L/∂b, ∂L/∂a): trained {m['bwd']:.3f}, untrained {m['bwd_untrained']:.3f}; "
+        f"in the paper's float32 arithmetic: trained {m['bwd_f32']:.3f}, untrained "
+        f"{m['bwd_untrained_f32']:.3f}, statistic {m['fwd_minus_bwd_f32']:.3f} (median "
+        f"γ‖x − y‖² of ∂L/∂b {m['exponent']:.2g}; below about 6e-8 the float32 kernel is all "
+        f"ones); {sample}"
+    )
+    rows = []
+    for statistic, column, compared, note in (
+        (
+            "paper's estimator: mean over layers of CKA(trained, untrained) − CKA(untrained, "
+            "untrained'), linear CKA of A codes and RBF CKA of B outputs averaged (flattened "
+            "utterances, paper baseline N(0, 0.02²))",
+            "excess",
+            f"0 (trained as aligned with untrained as two untrained draws); {interval}",
+            forward_note,
+        ),
+        (
+            "paper's estimator: mean over layers of forward CKA(trained, untrained) − "
+            "RBF CKA(∂L/∂b, ∂L/∂a) trained",
+            "fwd_minus_bwd",
+            f"0 (gradients as alike as the forward codes); {interval}",
+            backward_note,
+        ),
+    ):
+        values = frame[column].to_numpy(float)
+        estimate = float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
+        lo, hi = jackknife_interval(estimate, frame[f"{column}_se"].to_numpy(float), m["n_utts"])
+        rows.append(
+            _row(
+                3,
+                model,
+                method,
+                statistic,
+                estimate,
+                lo,
+                hi,
+                compared,
+                sesoi,
+                verdict(lo, hi, sesoi),
+                n,
+                "ab_dynamics",
+                note,
+            )
+        )
+    return rows
 
 
 def claim3_rows(
@@ -297,9 +447,16 @@ def claim3_rows(
     methods: Sequence[str],
     sesoi: float,
 ) -> list[dict]:
-    """Claim 3's forward and backward rows per (model, method) with CKA rows in ``ab_runs``;
-    every other pair of ``models`` × ``methods`` gets one "not tested" row."""
-    per_run = forward_backward_cka(ab_runs) if ab_runs is not None and len(ab_runs) else None
+    """Claim 3's forward and backward rows per (model, method) with CKA rows in ``ab_runs``,
+    each followed by the two rows of the paper's estimator (:func:`claim3_paper_rows`; a
+    "not tested" row where its fold-1 rows are absent); every other pair of ``models`` ×
+    ``methods`` gets one "not tested" row."""
+    has_rows = ab_runs is not None and len(ab_runs)
+    per_run = forward_backward_cka(ab_runs) if has_rows else None
+    paper = paper_forward_backward_cka(ab_runs) if has_rows else None
+    paper_groups = (
+        {} if paper is None else dict(list(paper.groupby(["model", "method"], sort=False)))
+    )
     rows, seen = [], set()
     groups = [] if per_run is None else per_run.groupby(["model", "method"], sort=False)
     for (model, method), frame in groups:
@@ -345,6 +502,15 @@ def claim3_rows(
                     f"{note}; {PAPER_VARIANT}",
                 )
             )
+        if (model, method) in paper_groups:
+            rows += claim3_paper_rows(paper_groups[(model, method)], model, method, sesoi)
+        else:
+            rows.append(_not_tested(model, method, paper=True))
+    for (model, method), frame in paper_groups.items():  # the paper's rows without sound ones
+        if (model, method) not in seen:
+            seen.add((model, method))
+            rows.append(_not_tested(model, method))
+            rows += claim3_paper_rows(frame, model, method, sesoi)
     rows += [
         _not_tested(model, method)
         for model in models
