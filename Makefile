@@ -26,7 +26,7 @@ demo: install
 	@echo "report: $(CURDIR)/results/report.html"
 
 test: install
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 # The real-speech tier alone (EmoDB at $(EMODB); skipped with the reason where it is absent).
 test-real: install

@@ -78,3 +78,16 @@ def lora_run(weights):
         rank=4,
         peft_encoder=peft_encoder,
     )
+
+
+#: The test files with end-to-end workflow runs, in the order they are started: ``make
+#: test`` runs two pytest workers (``-n 2 --dist loadfile --no-loadscope-reorder``), and
+#: starting the long runs first lets the short tests fill the other worker instead of
+#: waiting for them at the end. The EmoDB tier and the SLURM test go to the first worker
+#: one after the other (each runs snakemake on both cores); the workflow tests to the second.
+LONG_FILES = ("test_real.py", "test_workflow.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))

@@ -34,7 +34,7 @@ SCRIPTS = ROOT / "tests" / "slurm"
 pytestmark = pytest.mark.slurm
 
 START_TIMEOUT_S = 600  # may apt-get install slurm + munge on a fresh root machine
-RUN_TIMEOUT_S = 480
+RUN_TIMEOUT_S = 900
 RUNS = [
     "synthetic/train/tiny.en/frozen/seed0/fold1/predictions.tsv",
     "synthetic/train/tiny.en/frozen_wsum/seed0/fold1/predictions.tsv",
