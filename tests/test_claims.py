@@ -155,3 +155,58 @@ def test_t_interval_known_answer():
     # mean 2, s = 1, t_{0.975, 2} = 4.302653: half-width 4.302653 / sqrt(3)
     assert (lo, hi) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
     assert np.isnan(t_interval(np.array([1.0]))[0])
+
+
+def lens_runs(early_gain: float, late_gain: float, noise: float = 0.0, seed: int = 0):
+    """Per-speaker logit-lens rows of a 4-layer LoRA run on 3 folds x 2 speakers: the
+    adapted encoder's accuracy advantage over the pre-trained one (same head) grows by
+    ``early_gain`` over layers 0..2 and by ``late_gain`` over layers 2..4."""
+    rng = np.random.default_rng(seed)
+    advantage = {0: 0.0, 1: early_gain / 2, 2: early_gain, 3: early_gain + late_gain / 2}
+    advantage[4] = early_gain + late_gain
+    rows = []
+    for fold in (1, 2, 3):
+        for speaker in (f"s{fold}a", f"s{fold}b"):
+            jitter = noise * rng.standard_normal()
+            for layer, adv in advantage.items():
+                base = 0.3 + 0.05 * layer
+                scale = 1 + jitter if layer else 1  # layer 0: both encoders agree
+                for variant, value in (("base", base), ("adapted", base + adv * scale)):
+                    for lens in ("logit", "tuned"):
+                        rows.append(
+                            dict(
+                                model="m",
+                                method="lora_r8",
+                                seed=0,
+                                fold=fold,
+                                lens=lens,
+                                variant=variant,
+                                layer=layer,
+                                metric="war",
+                                value=value if lens == "logit" else 0.9,
+                                speaker=speaker,
+                                n_utts=10,
+                            )
+                        )
+    return pd.DataFrame(rows)
+
+
+def test_claim2_from_the_logit_lens():
+    from serlens.report.claims import lens_late_minus_early
+
+    diff = lens_late_minus_early(lens_runs(0.1, 0.4))
+    # gained late minus gained early: 0.4 − 0.1, for each of the 6 speakers
+    assert len(diff) == 6 and np.allclose(diff["value"], 0.3)
+    sig = significance(0.1, 0.05, 0.15, 0.01)
+    late = claims_table(sig, None, None, SETTINGS, lens_runs=lens_runs(0.1, 0.4, 0.05))
+    row = late[late["figure"] == "logit_lens"].iloc[0]
+    assert row["claim"].startswith("2") and row["verdict"] == "supported"
+    assert row["estimate"] == pytest.approx(0.3, abs=0.05) and row["n_runs"] == 3
+    early = claims_table(sig, None, None, SETTINGS, lens_runs=lens_runs(0.4, 0.0, 0.05))
+    assert early[early["figure"] == "logit_lens"]["verdict"].iloc[0] == "contradicted"
+    # no adaptation at all: the advantage is 0 everywhere, so is the statistic
+    flat = lens_late_minus_early(lens_runs(0.0, 0.0))
+    assert np.allclose(flat["value"], 0.0)
+    # frozen runs and rows without speakers give no lens row
+    frozen = lens_runs(0.1, 0.4).assign(method="frozen")
+    assert lens_late_minus_early(frozen).empty

@@ -263,6 +263,22 @@ def delta_uar(labels, pred_a, pred_b, fold, seed, n_classes: int) -> float:
 # --- intervals --------------------------------------------------------------------------------
 
 
+def cluster_multiplicities(
+    n_clusters: int, resamples: int, rng_seed: int = 0, draws: str = "n-1"
+) -> np.ndarray:
+    """How often each of ``n_clusters`` clusters (one fold) is drawn in each of ``resamples``
+    bootstrap draws, ``(resamples, n_clusters)``: n − 1 clusters with replacement
+    (``draws="n-1"``, the rescaled bootstrap of :func:`cluster_bootstrap_delta`) or n. For
+    statistics that are not means over rows (a spectrum of a summed Gram), which resample
+    the clusters' sufficient statistics with these weights."""
+    if n_clusters < 2:
+        raise ValueError(f"n_clusters: a cluster bootstrap needs at least 2, got {n_clusters}")
+    _check_resamples(resamples)
+    rng = np.random.default_rng(rng_seed)
+    counts, _ = _stratified_draws(rng, np.zeros(n_clusters, dtype=int), 1, int(resamples), draws)
+    return counts
+
+
 def cluster_bootstrap_delta(
     labels,
     pred_a,

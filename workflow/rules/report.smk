@@ -151,6 +151,7 @@ rule claims:
         significance=PATHS.table("{corpus}", "significance"),
         causal=analysis_table_files(ANALYSES["causal"]),
         ab=analysis_table_files(ANALYSES["ab_dynamics"]),
+        lens=analysis_table_files(ANALYSES["logit_lens"]),
     output:
         report(
             PATHS.table("{corpus}", "claims"),
@@ -167,6 +168,7 @@ rule claims:
     params:
         causal_keys=analysis_table_keys(ANALYSES["causal"]),
         ab_keys=analysis_table_keys(ANALYSES["ab_dynamics"]),
+        lens_keys=analysis_table_keys(ANALYSES["logit_lens"]),
         settings=config["claims"],
         resamples=config["significance"]["resamples"],
         seed=config["analysis_seed"],

@@ -57,6 +57,25 @@ The CKA between the A-code and the B-output gradient (:func:`serlens.analysis.ck
 uses a seeded uniform reservoir of frames (:class:`FrameReservoir`; Vitter 1985, "Random
 sampling with a reservoir", Algorithm R).
 
+Speaker band
+------------
+Where the run knows its speakers (the manifest's) and the training sample holds at least two,
+the pass also keeps, per adapted module and state, the Gram, column sums and frame count of
+the A code and of ∂L/∂a *per speaker* (r x r each: bounded by the number of speakers, not of
+frames), and re-draws the sample by speaker :data:`BAND_RESAMPLES` times (the rescaled n − 1
+cluster bootstrap of :func:`serlens.stats.cluster_multiplicities`: a draw's Gram is
+``Σ_s w_s G_s``, its sums ``Σ_s w_s s_s``, its count ``Σ_s w_s n_s``). The spectra of every
+draw are stored (``{state}/{module}/sv_draws/{q}``, ``sv_centred_draws/{q}``,
+``n_frames_draws``), so the table takes the band at any ``energy_fraction``: rows
+``{q}_frac_band_low/high`` and ``{q}_centred_frac_band_low/high`` are the 2.5 and 97.5
+percentiles of the energy-rank share over the draws, for ``a_out``, ``b_out`` (from the
+A code's Grams, as for the whole sample) and ``a_out_grad``. ∂L/∂b has no band: its Gram is
+d_out x d_out, and a d_out³ eigenproblem per draw, module and state (about 26 s per tiny.en
+run at 100 draws) would cost more than the rest of the analysis; its curve keeps the spread
+over runs. The band says how much the share moves with *which training speakers* were
+sampled; it is of one run, so the aggregated table averages the per-run limits over folds and
+seeds (a typical run's band, as for probing).
+
 Claim 3's CKA quantities
 ------------------------
 The same pass also stores, per adapted module, the debiased linear CKA quantities of
@@ -223,6 +242,7 @@ from serlens.analysis.runs import TrainedRun, balanced_sample
 from serlens.analysis.spectra import energy_rank
 from serlens.audio import MelBatch
 from serlens.models.encoder import masked_mean, run_encoder
+from serlens.stats import cluster_multiplicities
 from serlens.train.heads import EmotionHead
 
 __all__ = [
@@ -268,6 +288,8 @@ WIDE_SKETCH_ROWS = 2048
 #: The untrained baselines (``analysis.untrained_baseline``; see the module docstring).
 BASELINES = ("matched_scale", "paper")
 #: Activation and gradient matrices whose singular values are stored (and energy ranks taken).
+#: Bootstrap draws of the energy-rank shares' speaker band (module docstring, "Speaker band").
+BAND_RESAMPLES = 100
 SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
 ACTIVATIONS = SPECTRA
 #: Quantities with a trained ÷ untrained row (counts: the shares have the same ratio).
@@ -891,6 +913,63 @@ class ModuleAccumulators:
     base_row_norm: torch.Tensor | None = None
     adapted_row_norm: torch.Tensor | None = None
     grad_m: torch.Tensor | None = None
+    #: quantity (``a_out``, ``a_out_grad``, ``b_out_grad``) -> speaker -> Gram of that
+    #: speaker's frames, for the speaker band (None: no band; :meth:`keep_speakers`)
+    by_speaker: dict[str, dict[str, GramAccumulator]] | None = None
+
+    def keep_speakers(self, out_grad: bool) -> None:
+        """Also accumulate per speaker (``out_grad``: ∂L/∂b too, else a and ∂L/∂a only)."""
+        self.by_speaker = {"a_out": {}, "a_out_grad": {}} | ({"b_out_grad": {}} if out_grad else {})
+
+    def add_by_speaker(self, frame_speakers: np.ndarray, code, code_grad, out_grad) -> None:
+        """One batch's audio frames (rows of ``code`` etc.), split by ``frame_speakers``."""
+        if self.by_speaker is None:
+            return
+        blocks = {"a_out": code, "a_out_grad": code_grad, "b_out_grad": out_grad}
+        for speaker in np.unique(frame_speakers):
+            rows = torch.as_tensor(frame_speakers == speaker, device=code.device)
+            for quantity, accs in self.by_speaker.items():
+                block = blocks[quantity]
+                accs.setdefault(str(speaker), GramAccumulator(block.shape[1])).add(block[rows])
+
+    def speaker_draws(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Spectra of the sample re-drawn by speaker: ``weights`` ``(draws, speakers)`` (of
+        :func:`serlens.stats.cluster_multiplicities`, speakers in sorted order) weight each
+        speaker's Gram, column sums and frame count. Returns ``sv_draws/{q}`` and
+        ``sv_centred_draws/{q}`` (``draws x len(σ)``) for the quantities kept (``b_out``
+        from the A code's, as for the whole sample) and ``n_frames_draws``."""
+        if not self.by_speaker:
+            return {}
+        out: dict[str, np.ndarray] = {}
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        n_frames = None
+        for quantity, accs in self.by_speaker.items():
+            speakers = sorted(accs)
+            if len(speakers) != w.shape[1]:
+                raise ValueError(
+                    f"{quantity}: {len(speakers)} speakers have frames, the draws weigh {w.shape[1]}"
+                )
+            grams = torch.stack([accs[k].gram for k in speakers])
+            totals = torch.stack([accs[k].total for k in speakers])
+            counts = torch.as_tensor([float(accs[k].n_rows) for k in speakers], dtype=torch.float64)
+            names = [quantity] + (["b_out"] if quantity == "a_out" else [])
+            sv = {q: [] for q in names}
+            svc = {q: [] for q in names}
+            for row in w:
+                gram = torch.einsum("s,sij->ij", row, grams)
+                total, n = row @ totals, float(row @ counts)
+                centred = gram - torch.outer(total, total) / n
+                sv[quantity].append(gram_singular_values(gram))
+                svc[quantity].append(gram_singular_values(centred))
+                if quantity == "a_out":
+                    sv["b_out"].append(product_singular_values(gram, self.B))
+                    svc["b_out"].append(product_singular_values(centred, self.B))
+            for q in names:
+                out[f"sv_draws/{q}"] = np.stack(sv[q])
+                out[f"sv_centred_draws/{q}"] = np.stack(svc[q])
+            n_frames = (w @ counts).numpy()
+        out["n_frames_draws"] = n_frames
+        return out
 
     @classmethod
     def for_weights(
@@ -1108,6 +1187,17 @@ def _module_accumulators(
     )
 
 
+def _sample_speakers(run: TrainedRun, indices) -> np.ndarray | None:
+    """The speaker of each sample utterance (training split positions ``indices``), or None
+    when the run has no speakers or the sample fewer than 2 (no band)."""
+    by_utt = getattr(run, "speakers", None)
+    if not by_utt:
+        return None
+    utt_ids = run.splits["train"].utt_ids
+    speakers = np.array([str(by_utt[utt_ids[int(i)]]) for i in np.asarray(indices)], dtype=object)
+    return speakers if len(set(speakers.tolist())) >= 2 else None
+
+
 def stream_ab_statistics(
     run: TrainedRun,
     states: list[AdapterState],
@@ -1156,6 +1246,11 @@ def stream_ab_statistics(
         for state in states
     }
     labels = torch.as_tensor(train.labels)
+    speakers = _sample_speakers(run, indices)
+    if speakers is not None:  # ∂L/∂b: no band (module docstring, "Speaker band")
+        for state_acc in acc.values():
+            for m_acc in state_acc.modules.values():
+                m_acc.keep_speakers(out_grad=False)
     with (
         _adapters_restored(run),
         _gradients_through_adapters(
@@ -1168,6 +1263,11 @@ def stream_ab_statistics(
             targets = labels[torch.as_tensor(idx)].to(device)
             mask = batch.frame_mask
             chosen = _paper_rows(paper, idx, batch)
+            frame_speakers = None
+            if speakers is not None:  # the speaker of every audio frame, in ``x[mask]`` order
+                by_utt = dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
+                rows_of = mask.nonzero(as_tuple=True)[0].cpu().numpy()
+                frame_speakers = np.array([by_utt[int(i)] for i in np.asarray(idx)])[rows_of]
             for state in states:
                 _load_adapters(modules, state)
                 taps.clear()
@@ -1191,6 +1291,10 @@ def stream_ab_statistics(
                         g["grad_B"],
                         g.get("grad_m"),
                     )
+                    if frame_speakers is not None:
+                        state_acc.modules[name].add_by_speaker(
+                            frame_speakers, code, g["code_grad"][mask], out_grad
+                        )
                     offered[(name, "a_code")] = code
                     offered[(name, "b_out_grad")] = out_grad
                 state_acc.reservoir.offer(offered)
@@ -1326,6 +1430,13 @@ def ab_statistics(
                     out[f"{state}/{name}/{kind}/{quantity}"] = torch.from_numpy(
                         np.ascontiguousarray(sv)
                     )
+            if m_acc.by_speaker:
+                n_speakers = len(m_acc.by_speaker["a_out"])
+                weights = cluster_multiplicities(n_speakers, BAND_RESAMPLES, seed)
+                for key, draws in m_acc.speaker_draws(weights).items():
+                    out[f"{state}/{name}/{key}"] = torch.from_numpy(
+                        np.ascontiguousarray(draws, dtype=np.float64)
+                    )
             scalars = m_acc.scalars()
             code = state_acc.reservoir.sample((name, "a_code"))
             grad = state_acc.reservoir.sample((name, "b_out_grad"))
@@ -1445,6 +1556,42 @@ def _energy_values(sv: np.ndarray, n_frames: float, fraction: float, centred: bo
     return count, count / bound if bound > 0 else math.nan
 
 
+#: Keys of the speaker band's stored draws (``{state}/{module}/{kind}...``).
+DRAW_KINDS = ("sv_draws/", "sv_centred_draws/", "n_frames_draws")
+#: Suffixes of the band rows: ``{q}_frac_band_low`` etc.
+BAND_SUFFIXES = ("_band_low", "_band_high")
+
+
+def _share_bands(stored: dict[str, np.ndarray], fraction: float) -> dict[str, float]:
+    """``{q}_frac_band_low/high`` and ``{q}_centred_frac_band_low/high``: the 2.5 and 97.5
+    percentiles of the energy-rank share over the speaker draws (module docstring)."""
+    n_frames = stored.get("n_frames_draws")
+    if n_frames is None:
+        return {}
+    out = {}
+    for q in SPECTRA:
+        for kind, suffix, centred in (
+            ("sv_draws/", "_frac", False),
+            ("sv_centred_draws/", "_centred_frac", True),
+        ):
+            sv = stored.get(kind + q)
+            if sv is None:
+                continue
+            shares = np.array(
+                [
+                    _energy_values(row, n, fraction, centred)[1]
+                    for row, n in zip(sv, n_frames, strict=True)
+                ]
+            )
+            low, high = (
+                np.nanpercentile(shares, [2.5, 97.5])
+                if np.isfinite(shares).any()
+                else (np.nan, np.nan)
+            )
+            out[f"{q}{suffix}_band_low"], out[f"{q}{suffix}_band_high"] = float(low), float(high)
+    return out
+
+
 def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: float) -> pd.DataFrame:
     """The ``ab_dynamics.tsv`` table from :func:`ab_statistics` (columns :data:`TABLE_COLUMNS`).
 
@@ -1462,8 +1609,16 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
     """
     spectra: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     scalars: dict[str, dict[str, dict[str, float]]] = {}
+    draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for key, tensor in tensors.items():
         state, rest = key.split("/", 1)
+        kind = next((k for k in DRAW_KINDS if f"/{k}" in rest), None)
+        if kind is not None:
+            name, quantity = rest.split(f"/{kind}", 1)
+            draws.setdefault(state, {}).setdefault(name, {})[kind + quantity] = np.asarray(
+                tensor, dtype=np.float64
+            )
+            continue
         for kind in ("sv", "sv_centred"):
             if f"/{kind}/" in rest:
                 name, quantity = rest.split(f"/{kind}/")
@@ -1496,6 +1651,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
                     if q in named
                 }
             )
+            out.update(_share_bands(draws.get(state, {}).get(name, {}), energy_fraction))
     order = [
         *SPECTRA,
         *(f"{q}_centred" for q in SPECTRA),
@@ -1505,6 +1661,12 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
         *DORA_SCALARS,
         *CLAIM3_SCALARS,
         *PAPER_SCALARS,
+        *(
+            f"{q}{suffix}{bound}"
+            for q in SPECTRA
+            for suffix in ("_frac", "_centred_frac")
+            for bound in BAND_SUFFIXES
+        ),
     ]
     rows = []
     for name in sorted(values["trained"]):

@@ -42,6 +42,9 @@ class TrainedRun:
     #: full fine-tuning: the pre-trained values of every parameter it trained (for
     #: ``adapter_disabled`` and ``update_in``); None for other runs.
     base_state: dict[str, torch.Tensor] | None = None
+    #: utt_id -> speaker (the manifest's), for speaker bands of the pass's statistics; None
+    #: for runs built without a manifest (no band)
+    speakers: dict[str, str] | None = None
     logmel: LogMel = field(init=False)
 
     def __post_init__(self):
@@ -172,6 +175,8 @@ def load_run(
     fine-tuned parameters (``encoder.safetensors``), and the head (``method = "base"``: the
     pre-trained encoder alone). ``settings`` gives ``classes`` and ``audio``."""
 
+    from serlens.analysis.probing import speakers_from_manifest
+
     classes = list(settings["classes"])
     if method == "base":  # every utterance of the corpus, in manifest order
         from serlens.corpus.manifest import read_manifest
@@ -225,4 +230,5 @@ def load_run(
         peft_encoder=peft_encoder,
         device=device,
         base_state=base_state,
+        speakers=speakers_from_manifest(manifest_path),
     )

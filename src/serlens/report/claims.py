@@ -13,7 +13,12 @@ The claims (Behind the Scenes, arXiv 2509.08454):
    of the *last* half of the layers minus the share carried by those of the *first* half
    (``causal.tsv``: ``adapters_from`` at l = ⌈L/2⌉ minus ``adapters_upto`` at l = ⌈L/2⌉ − 1),
    per test speaker, its interval from resampling speakers within folds
-   (:func:`serlens.stats.cluster_band`). Positive = the useful change sits late.
+   (:func:`serlens.stats.cluster_band`). Positive = the useful change sits late. A second,
+   correlational row reads the logit lens (``logit_lens.tsv``, the honest lens's per-speaker
+   accuracy; :func:`lens_late_minus_early`): with adv(l) the accuracy of the run's head on
+   the adapted encoder's layer l minus on the pre-trained encoder's, the advantage gained in
+   the last half of the layers minus that gained in the first, [adv(L) − adv(h)] −
+   [adv(h) − adv(0)], h = ⌈L/2⌉; δ = ``claims.sesoi_uar``, the same speaker band.
 3. **Forward alignment, backward differentiation** of A and B (``ab_dynamics.tsv``,
    :mod:`serlens.analysis.ab_cka`: debiased linear CKA over ≥ 2000 audio frames sampled by
    utterance, per adapted module). Two rows, each one value per run (mean over the adapted
@@ -208,32 +213,38 @@ def late_minus_early(causal_runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def claim2_rows(causal_runs: pd.DataFrame, sesoi: float, resamples: int, seed: int) -> list[dict]:
+def speaker_estimate(
+    frame: pd.DataFrame, resamples: int, seed: int
+) -> tuple[float, float, float, int]:
+    """(estimate, band low, band high, runs) of per-speaker values (columns ``seed, fold,
+    speaker, value, n_utts``): a run's value is the ``n_utts``-weighted mean over its
+    speakers, the estimate the mean over runs; the band resamples speakers within folds
+    (seeds averaged per speaker; :func:`serlens.stats.cluster_band`), NaN with one speaker."""
     from serlens import stats
 
+    runs = frame.assign(w=frame["value"] * frame["n_utts"]).groupby(["seed", "fold"])
+    per_run = runs["w"].sum() / runs["n_utts"].sum()
+    speaker = frame.groupby(["fold", "speaker"]).agg(value=("value", "mean"), n=("n_utts", "mean"))
+    lo = hi = np.nan
+    if speaker.index.get_level_values("speaker").nunique() >= 2:
+        reps = np.maximum(np.rint(speaker["n"].to_numpy()).astype(int), 1)
+        low, high = stats.cluster_band(
+            np.repeat(speaker["value"].to_numpy(float), reps),
+            np.repeat(speaker.index.get_level_values("speaker").astype(str), reps),
+            np.repeat(speaker.index.get_level_values("fold").to_numpy(), reps),
+            resamples=resamples,
+            rng_seed=seed,
+        )
+        lo, hi = float(low[0]), float(high[0])
+    return float(per_run.mean()), lo, hi, int(len(per_run))
+
+
+def claim2_rows(causal_runs: pd.DataFrame, sesoi: float, resamples: int, seed: int) -> list[dict]:
     rows = []
     for (model, method), frame in late_minus_early(causal_runs).groupby(
         ["model", "method"], sort=False
     ):
-        # the run's value is the n_utts-weighted mean over its speakers; the estimate the mean
-        # over runs; the band resamples speakers within folds (seeds averaged per speaker)
-        runs = frame.assign(w=frame["value"] * frame["n_utts"]).groupby(["seed", "fold"])
-        per_run = runs["w"].sum() / runs["n_utts"].sum()
-        estimate = float(per_run.mean())
-        speaker = frame.groupby(["fold", "speaker"]).agg(
-            value=("value", "mean"), n=("n_utts", "mean")
-        )
-        lo = hi = np.nan
-        if speaker.index.get_level_values("speaker").nunique() >= 2:
-            reps = np.maximum(np.rint(speaker["n"].to_numpy()).astype(int), 1)
-            low, high = stats.cluster_band(
-                np.repeat(speaker["value"].to_numpy(float), reps),
-                np.repeat(speaker.index.get_level_values("speaker").astype(str), reps),
-                np.repeat(speaker.index.get_level_values("fold").to_numpy(), reps),
-                resamples=resamples,
-                rng_seed=seed,
-            )
-            lo, hi = float(low[0]), float(high[0])
+        estimate, lo, hi, n = speaker_estimate(frame, resamples, seed)
         rows.append(
             _row(
                 2,
@@ -246,8 +257,78 @@ def claim2_rows(causal_runs: pd.DataFrame, sesoi: float, resamples: int, seed: i
                 "0 (early and late adapters carry the same share); speaker band",
                 sesoi,
                 verdict(lo, hi, sesoi),
-                int(len(per_run)),
+                n,
                 "causal",
+            )
+        )
+    return rows
+
+
+def lens_late_minus_early(lens_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, seed, fold, speaker) of the LoRA runs: the logit lens's accuracy
+    advantage of the adapted encoder over the pre-trained one read out with the same (the
+    run's) head, ``adv(l) = acc_adapted(l) − acc_base(l)`` (honest lens, ``metric`` war, the
+    per-speaker rows), gained in the last half of the layers minus gained in the first:
+    ``[adv(L) − adv(h)] − [adv(h) − adv(0)]``, h = ⌈L/2⌉ (lens layer l = the output of
+    block l, 0 = the embeddings, where both encoders agree). With ``n_utts``."""
+    keys = ["seed", "fold", "speaker"]
+    columns = ["model", "method", *keys, "value", "n_utts"]
+    if lens_runs is None or lens_runs.empty or "speaker" not in lens_runs:
+        return pd.DataFrame(columns=columns)
+    sel = lens_runs[
+        (lens_runs["lens"] == "logit")
+        & (lens_runs["metric"] == "war")
+        & lens_runs["speaker"].notna()
+        & lens_runs["method"].map(_is_lora)
+    ]
+    out = []
+    for (model, method), frame in sel.groupby(["model", "method"], sort=False):
+        last = int(frame["layer"].max())
+        half = math.ceil(last / 2)
+
+        value_at = frame.set_index(["layer", "variant", *keys])["value"].sort_index()
+        adv = {
+            layer: value_at.loc[(layer, "adapted")] - value_at.loc[(layer, "base")]
+            for layer in (0, half, last)
+        }
+        value = (adv[last] - adv[half]) - (adv[half] - adv[0])
+        n_utts = frame[(frame["layer"] == last) & (frame["variant"] == "adapted")]
+        value = value.dropna()
+        if value.empty:
+            continue
+        merged = value.rename("value").reset_index()
+        merged = merged.merge(n_utts[[*keys, "n_utts"]], on=keys)
+        out.append(merged.assign(model=model, method=method)[columns])
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=columns)
+
+
+def claim2_lens_rows(
+    lens_runs: pd.DataFrame, sesoi: float, resamples: int, seed: int
+) -> list[dict]:
+    """Claim 2 from the logit lens (:func:`lens_late_minus_early`), in accuracy units, with
+    δ = ``claims.sesoi_uar``; its speaker band as in the causal row."""
+    rows = []
+    for (model, method), frame in lens_late_minus_early(lens_runs).groupby(
+        ["model", "method"], sort=False
+    ):
+        estimate, lo, hi, n = speaker_estimate(frame, resamples, seed)
+        rows.append(
+            _row(
+                2,
+                model,
+                method,
+                "logit lens: accuracy the adapted encoder gains over the pre-trained one (same "
+                "head) in the last half of the layers − in the first half",
+                estimate,
+                lo,
+                hi,
+                "0 (the lens advantage grows as much early as late); speaker band",
+                sesoi,
+                verdict(lo, hi, sesoi),
+                n,
+                "logit_lens",
+                "correlational: what the head can read at each depth, not what it uses "
+                "(the causal row tests that)",
             )
         )
     return rows
@@ -581,11 +662,14 @@ def claims_table(
     settings: Mapping,
     resamples: int = 1000,
     seed: int = 0,
+    lens_runs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Every claim's rows (module docstring); ``settings``: the config's ``claims``."""
     rows = claim1_rows(significance, settings["sesoi_uar"])
     if causal_runs is not None and len(causal_runs):
         rows += claim2_rows(causal_runs, settings["sesoi_share"], resamples, seed)
+    if lens_runs is not None and len(lens_runs):
+        rows += claim2_lens_rows(lens_runs, settings["sesoi_uar"], resamples, seed)
     lora = [
         m
         for m in significance.get("method", pd.Series(dtype=str)).unique()
@@ -606,6 +690,7 @@ def write_claims(
     output: Path,
     resamples: int,
     seed: int,
+    lens_files: Mapping[tuple, Path] | None = None,
 ) -> pd.DataFrame:
     from serlens.io import write_tsv_atomic
     from serlens.report.aggregate import read_runs
@@ -617,6 +702,7 @@ def write_claims(
         settings,
         resamples,
         seed,
+        read_runs(lens_files) if lens_files else None,
     )
     write_tsv_atomic(table, Path(output))
     return table

@@ -175,6 +175,7 @@ def claims(input, output, params, wildcards) -> None:
         output[0],
         resamples=params.resamples,
         seed=params.seed,
+        lens_files=keyed(params.lens_keys, input.lens),
     )
 
 

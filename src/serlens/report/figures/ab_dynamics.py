@@ -97,6 +97,22 @@ def _by_target(table: pd.DataFrame, method: str) -> list[tuple[str | None, bool,
 SPLIT_BAND_ALPHA = 0.07
 
 
+def with_speaker_band(frame: pd.DataFrame, table: pd.DataFrame, quantity: str, state: str):
+    """``frame`` (a curve by depth) with ``band_low``/``band_high`` from the table's speaker
+    band rows (``{quantity}_band_low/high``, mean over runs), where it has them; else as it is
+    (the band falls back to ± std over runs)."""
+    bounds = {}
+    for bound in ("band_low", "band_high"):
+        sel = rows(table, quantity=f"{quantity}_{bound}", state=state)
+        if sel.empty:
+            return frame
+        bounds[bound] = by_layer(sel).set_index("depth")["mean"]
+    out = frame.copy()
+    for bound, values in bounds.items():
+        out[bound] = out["depth"].map(values)
+    return out
+
+
 def _lines(ax, table, ranks, colors, quantity, markers=None):
     """Trained (solid) and untrained (dashed) lines of each method and module type;
     ``markers``: module type -> marker when the figure has several types (else circles)."""
@@ -111,7 +127,7 @@ def _lines(ax, table, ranks, colors, quantity, markers=None):
                 before = len(ax.collections)
                 band(
                     ax,
-                    by_layer(sel),
+                    with_speaker_band(by_layer(sel), sel_method, quantity, state),
                     color=colors[method],
                     ls=ls,
                     marker=marker,
@@ -138,6 +154,18 @@ def _sketched(table: pd.DataFrame) -> bool:
     if sel.empty or column not in sel.columns:
         return False
     return bool((pd.to_numeric(sel[column], errors="coerce") > 0).any())
+
+
+def _shading_note(table: pd.DataFrame) -> str:
+    """What the shaded areas are: the training-speaker band where the table has it."""
+    if table["quantity"].astype(str).str.endswith("_band_low").any():
+        return (
+            "shaded, rows 1-2 (a, b, ∂L/∂a): 95 % band\n"
+            "from re-drawing the training sample's\n"
+            "speakers (one run's, averaged over runs);\n"
+            "∂L/∂b and row 3: ± std over runs"
+        )
+    return "shaded: ± std over runs"
 
 
 def ab_dynamics_figure(
@@ -248,7 +276,7 @@ def ab_dynamics_figure(
             "share = energy rank / largest possible rank:\n"
             "min(frames, r) for a, b and ∂L/∂a,\n"
             "min(frames, d) for ∂L/∂b (one frame less\n"
-            "once centred); 1 / r = one direction" + sketch_note,
+            "once centred); 1 / r = one direction\n\n" + _shading_note(table) + sketch_note,
             transform=note_ax.transAxes,
             fontsize=9,
             color="0.25",

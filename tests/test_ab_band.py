@@ -1,0 +1,113 @@
+"""The A/B dynamics' speaker band: the energy-rank shares re-drawn by training speaker."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from serlens.analysis.ab_dynamics import (
+    SPECTRA,
+    ModuleAccumulators,
+    ab_statistics,
+    ab_table_from_statistics,
+    compute_ab_dynamics,
+    gram_singular_values,
+    product_singular_values,
+)
+from serlens.stats import cluster_multiplicities
+
+CFG = {
+    "batch_size": 3,
+    "train_sample": 8,
+    "energy_fraction": 0.9,
+    "untrained_baseline": "matched_scale",
+}
+
+
+def _module(r=3, d_out=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(r, 7, generator=gen), torch.randn(d_out, r, generator=gen)
+    module = ModuleAccumulators.for_weights(A, B, 2.0)
+    module.keep_speakers(out_grad=True)
+    return module
+
+
+def _frames(module, speakers, seed=1):
+    """Random frames for ``speakers`` (one entry per frame), added whole and by speaker."""
+    rng = np.random.default_rng(seed)
+    n, r, d = len(speakers), module.A.shape[0], module.B.shape[0]
+    code = torch.as_tensor(rng.normal(size=(n, r)) + 0.5)
+    code_grad = torch.as_tensor(rng.normal(size=(n, r)))
+    out_grad = torch.as_tensor(rng.normal(size=(n, d)))
+    module.add(code, code_grad, out_grad, torch.zeros_like(module.A), torch.zeros_like(module.B))
+    module.add_by_speaker(np.asarray(speakers), code, code_grad, out_grad)
+
+
+def test_every_speaker_once_gives_the_whole_samples_spectra():
+    module = _module()
+    _frames(module, ["s1"] * 6 + ["s2"] * 4 + ["s3"] * 5)
+    draws = module.speaker_draws(np.ones((1, 3)))
+    for centred, kind in ((False, "sv_draws/"), (True, "sv_centred_draws/")):
+        whole = module.spectra(centred)
+        for q in SPECTRA:
+            np.testing.assert_allclose(draws[kind + q][0], whole[q], rtol=1e-9, atol=1e-9)
+    assert draws["n_frames_draws"].tolist() == [15]
+
+
+def test_a_speaker_drawn_twice_counts_twice():
+    module = _module()
+    _frames(module, ["s1"] * 6 + ["s2"] * 4)
+    draws = module.speaker_draws(np.array([[2.0, 0.0]]))
+    gram = 2 * module.by_speaker["a_out"]["s1"].gram
+    np.testing.assert_allclose(draws["sv_draws/a_out"][0], gram_singular_values(gram))
+    np.testing.assert_allclose(
+        draws["sv_draws/b_out"][0], product_singular_values(gram, module.B), atol=1e-9
+    )
+    assert draws["n_frames_draws"].tolist() == [12]
+
+
+def test_cluster_multiplicities_draw_n_minus_one_speakers():
+    counts = cluster_multiplicities(4, 500, rng_seed=3)
+    assert counts.shape == (500, 4) and np.all(counts.sum(axis=1) == 3)
+    assert np.array_equal(counts, cluster_multiplicities(4, 500, rng_seed=3))
+    assert (counts > 0).mean() == pytest.approx(1 - (3 / 4) ** 3, abs=0.05)
+    with pytest.raises(ValueError, match="at least 2"):
+        cluster_multiplicities(1, 10)
+
+
+def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
+    utt_ids = lora_run.splits["train"].utt_ids
+    run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 4}" for i, u in enumerate(utt_ids)})
+    table = compute_ab_dynamics(run, CFG, seed=0)
+    # ∂L/∂b has no band (a d_out³ eigenproblem per draw)
+    assert not table["quantity"].str.contains("b_out_grad.*_band_").any()
+    for q in ("a_out", "b_out", "a_out_grad"):
+        for suffix in ("_frac", "_centred_frac"):
+            low = table[table["quantity"] == f"{q}{suffix}_band_low"].set_index(["module", "state"])
+            high = table[table["quantity"] == f"{q}{suffix}_band_high"].set_index(
+                ["module", "state"]
+            )
+            assert len(low) == len(high) == 8, (q, suffix)  # 4 layers x trained, untrained
+            assert (low["value"] <= high["value"]).all() and low["value"].between(0, 1).all()
+    # a run without speakers (or one speaker) has no band rows, and its other rows are unchanged
+    plain = compute_ab_dynamics(lora_run, CFG, seed=0)
+    assert not plain["quantity"].str.contains("_band_").any()
+    same = table[~table["quantity"].str.contains("_band_")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(same, plain)
+
+
+def test_band_follows_the_energy_fraction_without_a_new_pass(lora_run):
+    utt_ids = lora_run.splits["train"].utt_ids
+    run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 2}" for i, u in enumerate(utt_ids)})
+    indices = np.arange(len(utt_ids))
+    tensors = ab_statistics(run, indices, 3, "matched_scale", seed=0)
+    assert any("/sv_draws/" in key for key in tensors)
+    wide, narrow = (ab_table_from_statistics(tensors, 4, f) for f in (0.99, 0.5))
+    key = "a_out_grad_centred_frac_band_high"
+    high_wide = wide.loc[wide["quantity"] == key, "value"].to_numpy()
+    high_narrow = narrow.loc[narrow["quantity"] == key, "value"].to_numpy()
+    assert np.all(high_wide >= high_narrow) and np.any(high_wide > high_narrow)
