@@ -210,3 +210,91 @@ def test_claim2_from_the_logit_lens():
     # frozen runs and rows without speakers give no lens row
     frozen = lens_runs(0.1, 0.4).assign(method="frozen")
     assert lens_late_minus_early(frozen).empty
+
+
+def cka_runs(early_change: float, late_change: float, noise: float = 0.0, seed: int = 0):
+    """Diagonal ``cka.tsv`` rows of three folds of a 4-layer LoRA run (layers 0..4): 1 − CKA
+    grows linearly by ``early_change`` over layers 0..2 and ``late_change`` more over 2..4;
+    plus an off-diagonal and a biased-kind row the statistic must ignore."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for fold in (1, 2, 3):
+        jitter = noise * rng.standard_normal()
+        for layer in range(5):
+            early = early_change * min(layer, 2) / 2
+            late = (late_change + jitter) * max(layer - 2, 0) / 2
+            common = {"model": "tiny", "method": "lora_r8", "seed": 0, "fold": fold}
+            rows.append(
+                {
+                    **common,
+                    "layer_frozen": layer,
+                    "layer_lora": layer,
+                    "kind": "debiased",
+                    "value": 1.0 - early - late,
+                }
+            )
+            rows.append(
+                {
+                    **common,
+                    "layer_frozen": layer,
+                    "layer_lora": layer,
+                    "kind": "linear",
+                    "value": 0.0,
+                }
+            )
+            rows.append(
+                {
+                    **common,
+                    "layer_frozen": (layer + 1) % 5,
+                    "layer_lora": layer,
+                    "kind": "debiased",
+                    "value": -5.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_claim2_from_the_representations():
+    from serlens.report.claims import cka_late_minus_early
+
+    per_run = cka_late_minus_early(cka_runs(0.1, 0.4))
+    # change gained late minus gained early: 0.4 − 0.1, in each of the 3 folds
+    assert len(per_run) == 3 and np.allclose(per_run["value"], 0.3)
+    # half of the final change (0.25) is first reached at layer 3 of 4
+    assert np.allclose(per_run["half_depth"], 0.75) and per_run["floor"].isna().all()
+    sig = significance(0.1, 0.05, 0.15, 0.01)
+    late = claims_table(sig, None, None, SETTINGS, cka_runs=cka_runs(0.1, 0.4, 0.02))
+    row = late[late["figure"] == "cka"].iloc[0]
+    assert row["claim"].startswith("2") and row["verdict"] == "supported"
+    assert row["estimate"] == pytest.approx(0.3, abs=0.05) and row["n_runs"] == 3
+    assert "no seed-to-seed floor" in row["compared_with"]
+    early = claims_table(sig, None, None, SETTINGS, cka_runs=cka_runs(0.4, 0.0, 0.02))
+    assert early[early["figure"] == "cka"]["verdict"].iloc[0] == "contradicted"
+    # an unchanged encoder: CKA 1 at every layer, statistic 0, no half-change depth
+    flat = cka_late_minus_early(cka_runs(0.0, 0.0))
+    assert np.allclose(flat["value"], 0.0) and flat["half_depth"].isna().all()
+    # frozen runs give no row
+    assert cka_late_minus_early(cka_runs(0.1, 0.4).assign(method="frozen")).empty
+
+
+def test_claim2_cka_against_the_seed_floor():
+    """Reseeding that moves late layers as much as LoRA does leaves nothing to claim."""
+    runs = cka_runs(0.1, 0.4, 0.02)
+    floor = cka_runs(0.1, 0.4, 0.02, seed=1).rename(columns={"layer_lora": "layer"})
+    floor = floor[(floor["kind"] == "debiased") & (floor["layer_frozen"] == floor["layer"])]
+    floor = floor.assign(measure="cka_debiased", seed=1, reference_seed=0)
+    from serlens.report.claims import cka_late_minus_early
+
+    per_run = cka_late_minus_early(runs, floor)
+    assert np.allclose(per_run["floor"], 0.3, atol=0.05)
+    table = claims_table(
+        significance(0.1, 0.05, 0.15, 0.01),
+        None,
+        None,
+        SETTINGS,
+        cka_runs=runs,
+        floor_runs=floor,
+    )
+    row = table[table["figure"] == "cka"].iloc[0]
+    assert abs(row["estimate"]) < 0.05 and row["verdict"] != "supported"
+    assert "seed_floor.tsv" in row["compared_with"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -134,6 +135,10 @@ def test_causal_tests_and_claims_are_written(workflow):
     claims = pd.read_csv(results / "tables/claims.tsv", sep="\t")
     assert {c.split(":")[0] for c in claims["claim"]} == {"1", "2", "3", "4"}
     assert set(claims["verdict"]) <= {"supported", "contradicted", "inconclusive", "not tested"}
+    claim2 = claims[claims["claim"].str.startswith("2")]
+    assert {"causal", "logit_lens", "cka"} <= set(claim2["figure"])
+    cka_row = claim2[claim2["figure"] == "cka"].iloc[0]
+    assert np.isfinite(cka_row["estimate"]) and cka_row["n_runs"] == 2  # two folds, one seed
 
 
 def test_every_rule_records_a_benchmark(workflow):

@@ -152,6 +152,8 @@ rule claims:
         causal=analysis_table_files(ANALYSES["causal"]),
         ab=analysis_table_files(ANALYSES["ab_dynamics"]),
         lens=analysis_table_files(ANALYSES["logit_lens"]),
+        cka=analysis_table_files(ANALYSES["cka"]),
+        floor=analysis_table_files(ANALYSES["seed_floor"]),
     output:
         report(
             PATHS.table("{corpus}", "claims"),
@@ -169,6 +171,8 @@ rule claims:
         causal_keys=analysis_table_keys(ANALYSES["causal"]),
         ab_keys=analysis_table_keys(ANALYSES["ab_dynamics"]),
         lens_keys=analysis_table_keys(ANALYSES["logit_lens"]),
+        cka_keys=analysis_table_keys(ANALYSES["cka"]),
+        floor_keys=analysis_table_keys(ANALYSES["seed_floor"]),
         settings=config["claims"],
         resamples=config["significance"]["resamples"],
         seed=config["analysis_seed"],

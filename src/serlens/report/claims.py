@@ -18,7 +18,12 @@ The claims (Behind the Scenes, arXiv 2509.08454):
    accuracy; :func:`lens_late_minus_early`): with adv(l) the accuracy of the run's head on
    the adapted encoder's layer l minus on the pre-trained encoder's, the advantage gained in
    the last half of the layers minus that gained in the first, [adv(L) − adv(h)] −
-   [adv(h) − adv(0)], h = ⌈L/2⌉; δ = ``claims.sesoi_uar``, the same speaker band.
+   [adv(h) − adv(0)], h = ⌈L/2⌉; δ = ``claims.sesoi_uar``, the same speaker band. A third,
+   also correlational, reads the representations (``cka.tsv``, debiased linear CKA of frozen
+   layer l against adapted layer l; :func:`cka_late_minus_early`): with D(l) = 1 − CKA(l),
+   [D(L) − D(h)] − [D(h) − D(0)], one value per run, Student t interval over runs, δ =
+   ``claims.sesoi_cka``; with two or more seeds minus the same statistic between two seeds
+   of the method on the fold (``seed_floor.tsv``), with one seed against 0 (the row says so).
 3. **Forward alignment, backward differentiation** of A and B (``ab_dynamics.tsv``,
    :mod:`serlens.analysis.ab_cka`: debiased linear CKA over ≥ 2000 audio frames sampled by
    utterance, per adapted module). Two rows, each one value per run (mean over the adapted
@@ -329,6 +334,121 @@ def claim2_lens_rows(
                 "logit_lens",
                 "correlational: what the head can read at each depth, not what it uses "
                 "(the causal row tests that)",
+            )
+        )
+    return rows
+
+
+def _cka_profile_statistic(frame: pd.DataFrame) -> tuple[float, float]:
+    """(late − early change, half-change depth) of one run's layer-by-layer CKA ``frame``
+    (columns ``layer, value``, layers 0..L): with D(l) = 1 − CKA(l) and h = ⌈L/2⌉,
+    ``[D(L) − D(h)] − [D(h) − D(0)]``, and the smallest l / L with D(l) ≥ D(L) / 2 (NaN
+    when D(L) ≤ 0: nothing changed)."""
+    profile = frame.groupby("layer")["value"].mean().sort_index()
+    last = int(profile.index.max())
+    half = math.ceil(last / 2)
+    if not {0, half, last} <= set(int(i) for i in profile.index):
+        return np.nan, np.nan
+    change = 1.0 - profile
+    value = (change[last] - change[half]) - (change[half] - change[0])
+    depth = np.nan
+    if change[last] > 0:
+        reached = change.index[change.to_numpy() >= change[last] / 2]
+        depth = int(reached.min()) / last
+    return float(value), float(depth)
+
+
+def cka_late_minus_early(
+    cka_runs: pd.DataFrame | None,
+    floor_runs: pd.DataFrame | None = None,
+    kind: str = "debiased",
+) -> pd.DataFrame:
+    """Per LoRA run (``model, method, seed, fold``): how much more the adapted encoder's
+    layers move away from the pre-trained encoder's late than early, from the diagonal of
+    ``cka.tsv`` (``kind`` CKA of frozen layer l against adapted layer l, the fold's test
+    utterances). With D(l) = 1 − CKA(l), h = ⌈L/2⌉ (layer 0 = the conv stem, where both
+    encoders agree; L = the final LayerNorm):
+
+        value = [D(L) − D(h)] − [D(h) − D(0)]
+
+    and ``half_depth``, the relative depth where D first reaches half of D(L). With the
+    seed-to-seed floor (``seed_floor.tsv``, two or more seeds), ``floor`` is the same
+    statistic of 1 − CKA between two seeds of the method on the same fold (mean over the
+    seed pairs of the fold): what reseeding alone changes, layer profile included; NaN
+    without it."""
+    columns = ["model", "method", "seed", "fold", "value", "half_depth", "floor"]
+    if cka_runs is None or cka_runs.empty:
+        return pd.DataFrame(columns=columns)
+    diag = cka_runs[
+        (cka_runs["kind"] == kind)
+        & (cka_runs["layer_frozen"] == cka_runs["layer_lora"])
+        & cka_runs["method"].map(_is_lora)
+    ].rename(columns={"layer_lora": "layer"})
+    floors: dict[tuple, float] = {}
+    if floor_runs is not None and len(floor_runs):
+        sel = floor_runs[floor_runs["measure"] == f"cka_{kind}"]
+        per_pair = {
+            key: _cka_profile_statistic(frame)[0]
+            for key, frame in sel.groupby(["model", "method", "fold", "seed"], sort=False)
+        }
+        by_fold: dict[tuple, list[float]] = {}
+        for (model, method, fold, _), value in per_pair.items():
+            by_fold.setdefault((model, method, int(fold)), []).append(value)
+        floors = {key: float(np.nanmean(values)) for key, values in by_fold.items()}
+    rows = []
+    for (model, method, seed, fold), frame in diag.groupby(
+        ["model", "method", "seed", "fold"], sort=False
+    ):
+        value, depth = _cka_profile_statistic(frame)
+        floor = floors.get((model, method, int(fold)), np.nan)
+        rows.append([model, method, seed, fold, value, depth, floor])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def claim2_cka_rows(
+    cka_runs: pd.DataFrame | None, floor_runs: pd.DataFrame | None, sesoi: float
+) -> list[dict]:
+    """Claim 2 from the representations (:func:`cka_late_minus_early`, debiased linear CKA),
+    in CKA units with δ = ``claims.sesoi_cka``; one value per run, Student t interval over
+    runs (folds × seeds). With two or more seeds the tested effect is the run's value minus
+    its fold's seed-to-seed floor (the change late-minus-early beyond what reseeding makes);
+    with one seed there is no floor and the value is tested against 0, which the row says."""
+    rows = []
+    for (model, method), frame in cka_late_minus_early(cka_runs, floor_runs).groupby(
+        ["model", "method"], sort=False
+    ):
+        floored = frame["floor"].notna().all()
+        values = (frame["value"] - frame["floor"] if floored else frame["value"]).to_numpy(float)
+        lo, hi = t_interval(values)
+        if floored:
+            compared = (
+                "the same statistic between two training seeds (seed_floor.tsv; floor "
+                f"{frame['floor'].mean():+.3f}); t interval over runs"
+            )
+        else:
+            compared = (
+                "0 (the encoder changes as much early as late); one training seed, so no "
+                "seed-to-seed floor (config key seeds): t interval over runs (folds)"
+            )
+        depth = frame["half_depth"].mean()
+        rows.append(
+            _row(
+                2,
+                model,
+                method,
+                "CKA: change 1 − CKA(frozen, adapted) gained in the last half of the layers − "
+                "in the first half (debiased linear CKA, test utterances)"
+                + (" − the seed-to-seed floor" if floored else ""),
+                float(np.mean(values)),
+                lo,
+                hi,
+                compared,
+                sesoi,
+                verdict(lo, hi, sesoi),
+                int(len(values)),
+                "cka",
+                f"half of the last layer's change is reached at relative depth {depth:.2f} "
+                "(mean over runs); correlational, as the logit-lens row",
             )
         )
     return rows
@@ -663,6 +783,8 @@ def claims_table(
     resamples: int = 1000,
     seed: int = 0,
     lens_runs: pd.DataFrame | None = None,
+    cka_runs: pd.DataFrame | None = None,
+    floor_runs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Every claim's rows (module docstring); ``settings``: the config's ``claims``."""
     rows = claim1_rows(significance, settings["sesoi_uar"])
@@ -670,6 +792,8 @@ def claims_table(
         rows += claim2_rows(causal_runs, settings["sesoi_share"], resamples, seed)
     if lens_runs is not None and len(lens_runs):
         rows += claim2_lens_rows(lens_runs, settings["sesoi_uar"], resamples, seed)
+    if cka_runs is not None and len(cka_runs):
+        rows += claim2_cka_rows(cka_runs, floor_runs, settings["sesoi_cka"])
     lora = [
         m
         for m in significance.get("method", pd.Series(dtype=str)).unique()
@@ -691,6 +815,8 @@ def write_claims(
     resamples: int,
     seed: int,
     lens_files: Mapping[tuple, Path] | None = None,
+    cka_files: Mapping[tuple, Path] | None = None,
+    floor_files: Mapping[tuple, Path] | None = None,
 ) -> pd.DataFrame:
     from serlens.io import write_tsv_atomic
     from serlens.report.aggregate import read_runs
@@ -703,6 +829,8 @@ def write_claims(
         resamples,
         seed,
         read_runs(lens_files) if lens_files else None,
+        read_runs(cka_files) if cka_files else None,
+        read_runs(floor_files) if floor_files else None,
     )
     write_tsv_atomic(table, Path(output))
     return table

@@ -176,6 +176,8 @@ def claims(input, output, params, wildcards) -> None:
         resamples=params.resamples,
         seed=params.seed,
         lens_files=keyed(params.lens_keys, input.lens),
+        cka_files=keyed(params.cka_keys, input.cka),
+        floor_files=keyed(params.floor_keys, input.floor),
     )
 
 
