@@ -230,6 +230,21 @@ def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd
             }
             for q in quantities[:8]
         ]
+        # claim 3 (serlens.analysis.ab_cka): the sound estimator in every fold, the
+        # paper's in fold 1 only
+        claim3 = [
+            ("cka_fwd_a", "trained"),
+            ("cka_fwd_a_null", "untrained"),
+            ("cka_fwd_b", "trained"),
+            ("cka_fwd_b_null", "untrained"),
+            ("cka_bwd_ba", "trained"),
+            ("cka_bwd_ba", "untrained"),
+        ]
+        for prefix in ("", "paper_") if fold == 1 else ("",):
+            ab += [
+                {**base, "quantity": prefix + q, "state": state, "value": rng.uniform(0, 1)}
+                for q, state in claim3
+            ]
     tables["ab_dynamics"] = pd.DataFrame(ab)
     tables["cka"] = pd.DataFrame(
         {
@@ -402,6 +417,7 @@ def figure_cases(results: Path) -> dict:
         "ab_dynamics": lambda: figures.ab_dynamics_figure(
             table(results, "ab_dynamics"), MODEL, 0.9
         ),
+        "ab_cka": lambda: figures.ab_cka_figure(table(results, "ab_dynamics"), MODEL),
         "cka": lambda: figures.cka_figure(table(results, "cka"), MODEL),
         "rulegraph": lambda: figures.rulegraph_figure(RULEGRAPH_DOT),
     }
@@ -426,6 +442,24 @@ def test_every_figure_renders(results, tmp_path):
         png, svg = tmp_path / f"{name}.png", tmp_path / f"{name}.svg"
         figures.save(make(), png, svg)
         assert_images(png, svg)
+
+
+def test_claim3_figure_draws_each_estimator_against_its_null(results):
+    """Every forward/backward panel holds a solid and a dashed line per LoRA method; without
+    the paper's estimator's rows (no fold 1) its row says so instead of drawing nothing."""
+    ab = table(results, "ab_dynamics")
+    from serlens.report.figures.style import lora_methods
+
+    n_lora = len(lora_methods(ab["method"]))
+    assert n_lora >= 2
+    fig = figures.ab_cka_figure(ab, MODEL)
+    for ax in fig.axes[:3]:
+        styles = sorted(line.get_linestyle() for line in ax.get_lines() if line.get_marker() == "o")
+        assert styles == ["-"] * n_lora + ["--"] * n_lora, ax.get_title()
+    sound_only = ab[~ab["quantity"].astype(str).str.startswith("paper_cka")]
+    fig = figures.ab_cka_figure(sound_only, MODEL)
+    texts = [t.get_text() for ax in fig.axes[3:6] for t in ax.texts]
+    assert any("no paper_cka_fwd_a rows" in t for t in texts)
 
 
 def test_figures_without_lora_runs(results, tmp_path):
@@ -480,7 +514,13 @@ def test_aggregated_tables_are_tidy_with_fold_counts(tables_by_name):
         ]
         assert list(frame.columns) == [*keys, *summary], name
         assert not frame.duplicated(keys).any(), f"{name}: one observation per row"
-        assert (frame["n_folds"] == len(FOLDS)).all(), name
+        # the paper's claim-3 estimator runs in fold 1 only
+        fold1 = (
+            frame["quantity"].astype(str).str.startswith("paper_cka")
+            if name == "ab_dynamics"
+            else False
+        )
+        assert (frame["n_folds"] == np.where(fold1, 1, len(FOLDS))).all(), name
         assert (frame["n_seeds"] == 1).all() and frame["seed_std"].isna().all(), name
         assert frame["missing_runs"].isna().all(), name
 

@@ -1781,6 +1781,12 @@ def _draw(tables, model, context):
     )
 
 
+def _draw_cka(tables, model, context):
+    from serlens.report.figures import ab_cka_figure
+
+    return ab_cka_figure(tables["ab_dynamics"], model)
+
+
 def _spec():
     from serlens.analysis.registry import AnalysisSpec, FigureSpec, TableSpec
 
@@ -1801,6 +1807,7 @@ def _spec():
                 "A/B dynamics",
                 keys=("energy_fraction", "untrained_baseline"),
             ),
+            FigureSpec("ab_cka", _draw_cka, ("ab_dynamics",), "A/B dynamics"),
         ),
         doc="energy ranks (uncentred, centred, as shares of the possible rank), gradient norms "
         "and ΔW contributions of LoRA's (and DoRA's) A and B, DoRA's magnitude, trained vs a "

@@ -530,7 +530,7 @@ def _not_tested(model, method, paper: bool = False) -> dict:
         note = "no claim-3 CKA rows in ab_dynamics.tsv for this model and method (rerun the pass)"
     return _row(
         3, model, method, statistic, np.nan, np.nan, np.nan, "", np.nan, "not tested", 0,
-        "ab_dynamics", note,
+        "ab_cka", note,
     )  # fmt: skip
 
 
@@ -635,7 +635,7 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
                 sesoi,
                 verdict(lo, hi, sesoi),
                 n,
-                "ab_dynamics",
+                "ab_cka",
                 note,
             )
         )
@@ -699,7 +699,7 @@ def claim3_rows(
                     sesoi,
                     verdict(lo, hi, sesoi),
                     n,
-                    "ab_dynamics",
+                    "ab_cka",
                     f"{note}; {PAPER_VARIANT}",
                 )
             )

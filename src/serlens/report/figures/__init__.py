@@ -15,12 +15,13 @@ PNG and SVG. Conventions, so that the figures read alike:
 
 One module per figure family: :mod:`.performance` (performance, confusion), :mod:`.training`,
 :mod:`.contributions` (per model, across models), :mod:`.lens`, :mod:`.probing`,
-:mod:`.spectra`, :mod:`.ab_dynamics`, :mod:`.cka` and :mod:`.rulegraph` (also the snakemake
+:mod:`.spectra`, :mod:`.ab_dynamics`, :mod:`.ab_cka`, :mod:`.cka` and :mod:`.rulegraph` (also the snakemake
 helpers); shared helpers in :mod:`.style`. Every name is re-exported here.
 """
 
 from __future__ import annotations
 
+from .ab_cka import ab_cka_figure
 from .ab_dynamics import ab_dynamics_figure
 from .cka import CKA_KINDS as CKA_KINDS
 from .cka import cka_figure
@@ -71,6 +72,7 @@ from .training import load_histories, training_curves_figure
 from .training import selected_epoch as selected_epoch
 
 __all__ = [
+    "ab_cka_figure",
     "ab_dynamics_figure",
     "cka_figure",
     "confusion_figure",
