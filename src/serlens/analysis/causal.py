@@ -378,6 +378,7 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                 paired = paired_components(run, pairs[rows], layers, adapted[0].shape[1])
             put("reference", -1, rows, on, "on")
             put("reference", -1, rows, off, "off")
+            same: dict[tuple, torch.Tensor] = {}  # this batch's computations, by what they run
             for li in layers:
                 # (family, adapters on, where it starts: (layer, reference stream), extra)
                 plans = [
@@ -422,13 +423,22 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                             )
                         )
                 for family, on_layers, start, extra in plans:
-                    with run.update_in(on_layers):
-                        put(
-                            family,
-                            li,
-                            rows,
-                            run_variant(encoder, head, batch, start=start, **extra),
-                        )
+                    # variants that run the same layers from the same stream with the same
+                    # adapters above it are one computation (adapters_upto(l) is
+                    # patch_adapted_into_frozen(l); adapters_from(l + 1) is
+                    # patch_frozen_into_adapted(l)): compute it once per batch
+                    key = None
+                    if not extra:
+                        above = frozenset(on_layers) & frozenset(range(start[0], n_layers))
+                        key = (start[0], id(start[1]), above)
+                    if key is not None and key in same:
+                        logits = same[key]
+                    else:
+                        with run.update_in(on_layers):
+                            logits = run_variant(encoder, head, batch, start=start, **extra)
+                        if key is not None:
+                            same[key] = logits
+                    put(family, li, rows, logits)
             for name, replace in swaps.items():
                 with swapped_factors(encoder, replace):
                     put("ab_swap", -1, rows, run_variant(encoder, head, batch), name)

@@ -147,6 +147,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from serlens.analysis.runs import TrainedRun
+from serlens.corpus.manifest import speakers_from_manifest
 from serlens.errors import ConfigError, CorpusError
 from serlens.metrics import uar, war
 from serlens.models.encoder import pooled_layer_states
@@ -754,14 +755,6 @@ def probe_layers(
 
 
 # --------------------------------------------------------------------------- reading the corpus
-
-
-def speakers_from_manifest(manifest_path: Path) -> dict[str, str]:
-    """utt_id -> speaker, from the manifest's ``speaker`` column."""
-    from serlens.corpus.manifest import read_manifest
-
-    manifest = read_manifest(manifest_path)
-    return dict(zip(manifest["utt_id"], manifest["speaker"].astype(str), strict=True))
 
 
 def _manifest_frame(manifest) -> pd.DataFrame:

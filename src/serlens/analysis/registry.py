@@ -246,7 +246,7 @@ class RunData:
 
     @cached_property
     def speakers(self) -> dict[str, str]:
-        from serlens.analysis.probing import speakers_from_manifest
+        from serlens.corpus.manifest import speakers_from_manifest
 
         return speakers_from_manifest(Path(self._input("manifest")))
 

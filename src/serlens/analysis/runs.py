@@ -175,7 +175,7 @@ def load_run(
     fine-tuned parameters (``encoder.safetensors``), and the head (``method = "base"``: the
     pre-trained encoder alone). ``settings`` gives ``classes`` and ``audio``."""
 
-    from serlens.analysis.probing import speakers_from_manifest
+    from serlens.corpus.manifest import speakers_from_manifest
 
     classes = list(settings["classes"])
     if method == "base":  # every utterance of the corpus, in manifest order

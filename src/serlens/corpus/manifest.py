@@ -241,3 +241,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
         else:
             df[column] = ""
     return df
+
+
+def speakers_from_manifest(manifest_path: Path) -> dict[str, str]:
+    """utt_id -> speaker, from the manifest's ``speaker`` column (light: no model or sklearn
+    import, so an encoder pass can read its speakers cheaply)."""
+    manifest = read_manifest(manifest_path)
+    return dict(zip(manifest["utt_id"], manifest["speaker"].astype(str), strict=True))
