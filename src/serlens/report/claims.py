@@ -387,20 +387,19 @@ def cka_late_minus_early(
     floors: dict[tuple, float] = {}
     if floor_runs is not None and len(floor_runs):
         sel = floor_runs[floor_runs["measure"] == f"cka_{kind}"]
-        per_pair = {
-            key: _cka_profile_statistic(frame)[0]
-            for key, frame in sel.groupby(["model", "method", "fold", "seed"], sort=False)
-        }
-        by_fold: dict[tuple, list[float]] = {}
-        for (model, method, fold, _), value in per_pair.items():
-            by_fold.setdefault((model, method, int(fold)), []).append(value)
-        floors = {key: float(np.nanmean(values)) for key, values in by_fold.items()}
+        per_pair = pd.Series(
+            {
+                key: _cka_profile_statistic(frame)[0]
+                for key, frame in sel.groupby(["model", "method", "fold", "seed"], sort=False)
+            }
+        )
+        floors = per_pair.groupby(level=[0, 1, 2]).mean().to_dict()
     rows = []
     for (model, method, seed, fold), frame in diag.groupby(
         ["model", "method", "seed", "fold"], sort=False
     ):
         value, depth = _cka_profile_statistic(frame)
-        floor = floors.get((model, method, int(fold)), np.nan)
+        floor = floors.get((model, method, fold), np.nan)
         rows.append([model, method, seed, fold, value, depth, floor])
     return pd.DataFrame(rows, columns=columns)
 
