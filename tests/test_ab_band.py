@@ -93,10 +93,17 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
             )
             assert len(low) == len(high) == 8, (q, suffix)  # 4 layers x trained, untrained
             assert (low["value"] <= high["value"]).all() and low["value"].between(0, 1).all()
+    # claim 3's CKA quantities get the speaker-jackknife interval around their estimate
+    v = table.set_index(["module", "quantity", "state"])["value"]
+    for q, state in (("cka_fwd_a", "trained"), ("cka_fwd_b_null", "untrained")):
+        for module in table["module"].unique():
+            low, high = v[(module, f"{q}_band_low", state)], v[(module, f"{q}_band_high", state)]
+            assert low < v[(module, q, state)] < high, (module, q)
+            assert v[(module, "cka_n_speakers", "trained")] == 4
     # a run without speakers (or one speaker) has no band rows, and its other rows are unchanged
     plain = compute_ab_dynamics(lora_run, CFG, seed=0)
-    assert not plain["quantity"].str.contains("_band_").any()
-    same = table[~table["quantity"].str.contains("_band_")].reset_index(drop=True)
+    assert not plain["quantity"].str.contains("_band_|cka_n_speakers").any()
+    same = table[~table["quantity"].str.contains("_band_|cka_n_speakers")].reset_index(drop=True)
     pd.testing.assert_frame_equal(same, plain)
 
 

@@ -157,6 +157,74 @@ def test_claim3_cka_identical_codes_give_one_and_independent_near_zero():
     assert values["trained"]["cka_n_frames"] == n and values["trained"]["cka_n_utterances"] == 20
 
 
+def test_leave_one_speaker_out_cka_equals_the_estimator_on_the_rows_left():
+    from serlens.analysis.ab_cka import leave_one_group_out_cka
+
+    rng = np.random.default_rng(4)
+    n = 300
+    X = rng.standard_normal((n, 5)) + 7.0  # an offset the sums must not feel
+    Y = np.hstack([X @ rng.standard_normal((5, 3)), rng.standard_normal((n, 20))]) * 1e-5
+    groups = rng.choice(["s1", "s2", "s3", "s4"], n)
+    out = leave_one_group_out_cka({"x": X, "y": Y}, {"q": ("x", "y"), "self": ("y", "y")}, groups)
+    estimate, held_out = out["q"]
+    assert estimate == pytest.approx(debiased_cka(X, Y), abs=1e-10)
+    for value, g in zip(held_out, ["s1", "s2", "s3", "s4"], strict=True):
+        keep = groups != g
+        assert value == pytest.approx(debiased_cka(X[keep], Y[keep]), abs=1e-10)
+    assert out["self"][0] == pytest.approx(1.0) and np.allclose(out["self"][1], 1.0)
+    assert leave_one_group_out_cka({"x": X, "y": Y}, {"q": ("x", "y")}, None)["q"][1].size == 0
+
+
+def test_speaker_band_is_wide_where_speakers_disagree_and_narrow_where_they_agree():
+    """Six speakers whose A codes follow the trained ones in the same way (agree) or, for
+    half of them, not at all (disagree): the interval holds the estimate and is far wider
+    when speakers disagree; fewer than 3 speakers give no band."""
+    rng = np.random.default_rng(5)
+    r, d, per = 4, 12, 60
+    speakers = {u: f"spk{u % 6}" for u in range(30)}
+
+    def sample_for(disagree: bool):
+        codes = {"trained": [], "untrained": [], "untrained_pair": []}
+        grads = {"trained": ([], []), "untrained": ([], [])}
+        for u in range(30):
+            a_t = rng.standard_normal((per, r))
+            unrelated = disagree and u % 6 < 3
+            a_u = (
+                rng.standard_normal((per, r))
+                if unrelated
+                else a_t + 0.3 * rng.standard_normal((per, r))
+            )
+            codes["trained"].append(a_t)
+            codes["untrained"].append(a_u)
+            codes["untrained_pair"].append(rng.standard_normal((per, r)))
+            for state in grads:
+                g_b = rng.standard_normal((per, d))
+                grads[state][0].append(g_b[:, :r])
+                grads[state][1].append(g_b)
+        sample = UtteranceFrameSample(range(30), target_frames=30 * per, seed=0)
+        for u in range(30):
+            blocks = {(s, "m", "a_code"): torch.from_numpy(codes[s][u])[None] for s in codes}
+            for s, (ga, gb) in grads.items():
+                blocks[(s, "m", "a_out_grad")] = torch.from_numpy(ga[u])[None]
+                blocks[(s, "m", "b_out_grad")] = torch.from_numpy(gb[u])[None]
+            sample.offer([u], torch.ones(1, per, dtype=torch.bool), blocks)
+        return sample
+
+    B = {
+        s: torch.from_numpy(rng.standard_normal((d, r)))
+        for s in ("trained", "untrained", "untrained_pair")
+    }
+    width = {}
+    for disagree in (False, True):
+        values = claim3_cka(sample_for(disagree), "m", B, speakers=speakers)["trained"]
+        assert values["cka_n_speakers"] == 6
+        assert values["cka_fwd_a_band_low"] < values["cka_fwd_a"] < values["cka_fwd_a_band_high"]
+        width[disagree] = values["cka_fwd_a_band_high"] - values["cka_fwd_a_band_low"]
+    assert width[True] > 5 * width[False]
+    two = claim3_cka(sample_for(False), "m", B, speakers={u: f"spk{u % 2}" for u in range(30)})
+    assert "cka_fwd_a_band_low" not in two["trained"] and "cka_n_speakers" not in two["trained"]
+
+
 # --------------------------------------------------------------------------- claims rows
 
 

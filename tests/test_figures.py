@@ -241,10 +241,14 @@ def run_tables(method: str, fold: int, rng: np.random.Generator) -> dict[str, pd
             ("cka_bwd_ba", "untrained"),
         ]
         for prefix in ("", "paper_") if fold == 1 else ("",):
-            ab += [
-                {**base, "quantity": prefix + q, "state": state, "value": rng.uniform(0, 1)}
-                for q, state in claim3
-            ]
+            for q, state in claim3:
+                value = rng.uniform(0.1, 0.9)
+                ab.append({**base, "quantity": prefix + q, "state": state, "value": value})
+                if not prefix:  # the sound estimator's speaker-jackknife interval
+                    ab += [
+                        {**base, "quantity": f"{q}{bound}", "state": state, "value": value + d}
+                        for bound, d in (("_band_low", -0.05), ("_band_high", 0.05))
+                    ]
     tables["ab_dynamics"] = pd.DataFrame(ab)
     tables["cka"] = pd.DataFrame(
         {
@@ -456,7 +460,24 @@ def test_claim3_figure_draws_each_estimator_against_its_null(results):
     for ax in fig.axes[:3]:
         styles = sorted(line.get_linestyle() for line in ax.get_lines() if line.get_marker() == "o")
         assert styles == ["-"] * n_lora + ["--"] * n_lora, ax.get_title()
-    sound_only = ab[~ab["quantity"].astype(str).str.startswith("paper_cka")]
+    # row 1 shades the speaker interval (the table's ±0.05 around each run's value): its
+    # height is 0.1 at every layer, where ± std over runs would vary
+    quantities = ab["quantity"].astype(str)
+    for ax in fig.axes[:3]:
+        shades = [c for c in ax.collections if len(c.get_paths())]
+        assert len(shades) == 2 * n_lora, ax.get_title()
+        for shade in shades:
+            xy = shade.get_paths()[0].vertices
+            for x in np.unique(np.round(xy[:, 0], 9)):
+                at = xy[np.isclose(xy[:, 0], x), 1]
+                assert at.max() - at.min() == pytest.approx(0.1), ax.get_title()
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "speaker-jackknife" in legend
+    no_band = ab[~quantities.str.contains("_band_")]
+    fig = figures.ab_cka_figure(no_band, MODEL)
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "speaker-jackknife" not in legend and "± std over runs" in legend
+    sound_only = ab[~quantities.str.startswith("paper_cka")]
     fig = figures.ab_cka_figure(sound_only, MODEL)
     texts = [t.get_text() for ax in fig.axes[3:6] for t in ax.texts]
     assert any("no paper_cka_fwd_a rows" in t for t in texts)

@@ -37,6 +37,31 @@ least ``target_frames`` frames are held (fewer only when the sample has no more)
 default cap is ``ceil(target_frames / n_utterances)``, which spreads the frames over every
 utterance of the sample when they are long enough.
 
+Speaker band
+------------
+Every sound quantity ``q`` also gets a 95 % interval over the *training speakers* of the
+sample (``q_band_low``, ``q_band_high``; :func:`claim3_cka`), where the sample holds at least
+3 of them: the speaker jackknife (Efron 1982, ch. 3; clusters left out whole, as in the
+cluster bootstrap of the other bands)::
+
+    θ_(s) = CKA_u on the frames of every speaker but s      (s = 1..G)
+    SE    = sqrt((G-1)/G Σ_s (θ_(s) - θ̄)²)
+    band  = θ ± t_{G-1, 0.975} · SE
+
+A bootstrap over speakers would repeat a speaker's frames, and the debiased estimator
+counts a frame paired with its own copy as two distinct frames (the self-similarity moves
+off the diagonal), so its draws are biased away from the estimate; leaving speakers out
+changes only which real frames are used. Each leave-one-out HSIC comes from sums over
+frames, without an ``n x n`` Gram (:func:`_hsic_from_sums`): with ``k_i = ‖x_i‖²``,
+``l_i = ‖y_i‖²``, ``s_x = Σ x_i``, ``s_y = Σ y_i`` and ``C = Σ x_i y_iᵀ``,
+``tr(K̃L̃) = ‖C‖²_F - Σ k_i l_i``, ``1ᵀK̃1 = ‖s_x‖² - Σ k_i`` and
+``1ᵀK̃L̃1 = s_xᵀ C s_y - s_x·Σ l_i x_i - s_y·Σ k_i y_i + Σ k_i l_i`` in Song et al.'s formula,
+each a sum over frames, so a speaker's share is subtracted from the whole sample's. The
+band is one run's (how much the value moves with which training speakers were sampled);
+the aggregated table averages its limits over folds and seeds, as for the energy ranks.
+With G speakers its resolution is coarse (t_{G-1} is 2.57 at G = 6): read it as a floor on
+the uncertainty, not a test.
+
 The paper's estimator
 ---------------------
 Beside the sound quantities, :func:`paper_cka` computes claim 3 the way the paper's
@@ -134,7 +159,9 @@ __all__ = [
     "b_features",
     "claim3_cka",
     "debiased_cka",
+    "jackknife_interval",
     "jackknife_se",
+    "leave_one_group_out_cka",
     "kernel_cka",
     "pair_seed",
     "paper_cka",
@@ -211,6 +238,114 @@ def b_features(codes: np.ndarray, B) -> np.ndarray:
     B = torch.as_tensor(B).detach().to("cpu", torch.float64)
     R = torch.linalg.qr(B, mode="reduced").R
     return (torch.as_tensor(np.asarray(codes)).to(torch.float64) @ R.T).numpy()
+
+
+#: Level of the speaker jackknife interval of the claim-3 quantities (``{q}_band_low/high``).
+BAND_LEVEL = 0.95
+
+
+def _feature_sums(X: torch.Tensor, Y: torch.Tensor) -> dict:
+    """Sums over rows that determine the unbiased linear HSIC of ``X`` and ``Y`` (module
+    docstring, "Speaker band"): ``n``, ``C = XᵀY``, ``sx = Σ x_i``, ``sy``, ``k = Σ ‖x_i‖²``,
+    ``l = Σ ‖y_i‖²``, ``kl = Σ ‖x_i‖² ‖y_i‖²``, ``ux = Σ ‖y_i‖² x_i``, ``uy = Σ ‖x_i‖² y_i``."""
+    kx, ly = (X * X).sum(dim=1), (Y * Y).sum(dim=1)
+    return {
+        "n": float(X.shape[0]),
+        "C": X.T @ Y,
+        "sx": X.sum(dim=0),
+        "sy": Y.sum(dim=0),
+        "k": float(kx.sum()),
+        "l": float(ly.sum()),
+        "kl": float((kx * ly).sum()),
+        "ux": (X * ly[:, None]).sum(dim=0),
+        "uy": (Y * kx[:, None]).sum(dim=0),
+    }
+
+
+def _hsic_from_sums(t: dict) -> float:
+    """Song et al.'s unbiased HSIC (:func:`serlens.analysis.cka.hsic_unbiased`) of linear
+    kernels from :func:`_feature_sums` (``K̃``, ``L̃``: the Grams with zeroed diagonal)::
+
+        tr(K̃L̃) = ‖C‖²_F - kl        1ᵀK̃1 = ‖sx‖² - k        1ᵀL̃1 = ‖sy‖² - l
+        1ᵀK̃L̃1 = sxᵀ C sy - sx·ux - sy·uy + kl
+
+    ``nan`` below 4 rows."""
+    n = t["n"]
+    if n < 4:
+        return math.nan
+    C, sx, sy = t["C"], t["sx"], t["sy"]
+    tr = float((C * C).sum()) - t["kl"]
+    ok, ol = float(sx @ sx) - t["k"], float(sy @ sy) - t["l"]
+    okl = float(sx @ (C @ sy)) - float(sx @ t["ux"]) - float(sy @ t["uy"]) + t["kl"]
+    return (tr + ok * ol / ((n - 1) * (n - 2)) - 2.0 * okl / (n - 2)) / (n * (n - 3))
+
+
+def _minus(total: dict, part: dict) -> dict:
+    return {key: total[key] - part[key] for key in total}
+
+
+def _prepared(X) -> torch.Tensor:
+    """``X`` in float64, its column means removed and scaled to unit Frobenius norm: neither
+    changes a debiased linear CKA (``HSIC_u`` is invariant to ``K → K + a1ᵀ + 1aᵀ + c``, and
+    CKA to scale), and both keep the sums of :func:`_feature_sums` well conditioned."""
+    X = torch.as_tensor(np.asarray(X)).to(torch.float64)
+    X = X - X.mean(dim=0, keepdim=True)
+    norm = torch.linalg.norm(X)
+    return X / norm if norm > 0 else X
+
+
+def leave_one_group_out_cka(reps: dict, pairs: dict, groups) -> dict[str, tuple[float, np.ndarray]]:
+    """Debiased linear CKA of each named pair on all rows and with each group left out.
+
+    ``reps``: name -> ``n x d`` rows (paired across names); ``pairs``: quantity ->
+    ``(name, name)``; ``groups``: the group (speaker) of each row, or None (no group left
+    out). Returns quantity -> ``(CKA on all rows, CKA without group g for each g in sorted
+    order)``. Each HSIC comes
+    from the sums of :func:`_feature_sums` (the whole sample's minus the group's), so no
+    ``n x n`` Gram is formed: ``O(n d_x d_y)`` per pair for every group together. The
+    values equal :func:`debiased_cka` of the same rows (``tests/test_claim3.py``).
+    """
+    rows = {}
+    if groups is not None:
+        groups = np.asarray(groups)
+        rows = {
+            g: torch.as_tensor(np.flatnonzero(groups == g)) for g in sorted(set(groups.tolist()))
+        }
+    prepared = {name: _prepared(X) for name, X in reps.items()}
+    cache: dict[tuple[str, str], tuple[float, np.ndarray]] = {}
+
+    def hsic(x: str, y: str) -> tuple[float, np.ndarray]:
+        if (x, y) not in cache:
+            X, Y = prepared[x], prepared[y]
+            total = _feature_sums(X, Y)
+            held = [
+                _hsic_from_sums(_minus(total, _feature_sums(X[r], Y[r]))) for r in rows.values()
+            ]
+            cache[(x, y)] = (_hsic_from_sums(total), np.array(held))
+        return cache[(x, y)]
+
+    def cosine(xy, xx, yy):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            den = np.sqrt(np.asarray(xx) * np.asarray(yy))
+            return np.where(den > 0, np.asarray(xy) / np.where(den > 0, den, 1.0), np.nan)
+
+    out = {}
+    for quantity, (x, y) in pairs.items():
+        (v_xy, l_xy), (v_xx, l_xx), (v_yy, l_yy) = hsic(x, y), hsic(x, x), hsic(y, y)
+        out[quantity] = (float(cosine(v_xy, v_xx, v_yy)), cosine(l_xy, l_xx, l_yy))
+    return out
+
+
+def jackknife_interval(estimate: float, leave_one_out, level: float = BAND_LEVEL):
+    """``estimate ± t_{G-1, (1+level)/2} · SE_jack`` over ``G`` leave-one-group-out values
+    (:func:`jackknife_se`); ``(nan, nan)`` with fewer than 3 groups."""
+    from scipy.special import stdtrit
+
+    se = jackknife_se(leave_one_out)
+    if not math.isfinite(se) or not math.isfinite(estimate):
+        return math.nan, math.nan
+    half = float(stdtrit(len(leave_one_out) - 1, 0.5 + level / 2)) * se
+    return estimate - half, estimate + half
 
 
 class UtteranceFrameSample:
@@ -307,7 +442,11 @@ class UtteranceFrameSample:
 
 
 def claim3_cka(
-    sample: UtteranceFrameSample, name: str, B: dict[str, torch.Tensor], states: tuple = ()
+    sample: UtteranceFrameSample,
+    name: str,
+    B: dict[str, torch.Tensor],
+    states: tuple = (),
+    speakers: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """The module docstring's quantities of module ``name``: ``{state: {quantity: value}}``.
 
@@ -317,24 +456,50 @@ def claim3_cka(
     Trained rows: ``cka_fwd_a``, ``cka_fwd_b``, ``cka_bwd_ba``, ``cka_n_frames``,
     ``cka_n_utterances``; untrained rows: ``cka_fwd_a_null``, ``cka_fwd_b_null``,
     ``cka_bwd_ba``. ``states``: the states with a backward (default: trained, untrained).
+
+    ``speakers``: utterance id -> speaker. With at least 3 speakers among the sampled
+    utterances, every quantity ``q`` also gets ``q_band_low``/``q_band_high``, the 95 %
+    speaker-jackknife interval (:func:`leave_one_group_out_cka`, :func:`jackknife_interval`;
+    module docstring, "Speaker band"), and the trained rows ``cka_n_speakers``.
     """
     states = tuple(states) or ("trained", "untrained")
-    codes = {s: sample.sample((s, name, "a_code")) for s in B}
-    ua = {s: u_gram(codes[s]) for s in B}
-    ub = {s: u_gram(b_features(codes[s], B[s])) for s in B}
-    values: dict[str, dict[str, float]] = {"trained": {}, "untrained": {}}
-    values["trained"]["cka_fwd_a"] = u_cosine(ua["trained"], ua["untrained"])
-    values["trained"]["cka_fwd_b"] = u_cosine(ub["trained"], ub["untrained"])
-    if "untrained_pair" in B:
-        pair = "untrained_pair"
-        values["untrained"]["cka_fwd_a_null"] = u_cosine(ua["untrained"], ua[pair])
-        values["untrained"]["cka_fwd_b_null"] = u_cosine(ub["untrained"], ub[pair])
+    reps = {}
+    for s in B:
+        codes = sample.sample((s, name, "a_code"))
+        reps[f"a_{s}"], reps[f"b_{s}"] = codes, b_features(codes, B[s])
     for s in states:
-        values[s]["cka_bwd_ba"] = debiased_cka(
-            sample.sample((s, name, "b_out_grad")), sample.sample((s, name, "a_out_grad"))
-        )
+        reps[f"ga_{s}"] = sample.sample((s, name, "a_out_grad"))
+        reps[f"gb_{s}"] = sample.sample((s, name, "b_out_grad"))
+    pairs = {
+        ("trained", "cka_fwd_a"): ("a_trained", "a_untrained"),
+        ("trained", "cka_fwd_b"): ("b_trained", "b_untrained"),
+    }
+    if "untrained_pair" in B:
+        pairs[("untrained", "cka_fwd_a_null")] = ("a_untrained", "a_untrained_pair")
+        pairs[("untrained", "cka_fwd_b_null")] = ("b_untrained", "b_untrained_pair")
+    for s in states:
+        pairs[(s, "cka_bwd_ba")] = (f"gb_{s}", f"ga_{s}")
+    selected = sample.selected()
+    who = [None if speakers is None else speakers.get(u) for u in selected]
+    groups = np.repeat(
+        np.array(["" if w is None else str(w) for w in who], dtype=object),
+        [sample.counts[u] for u in selected],
+    )
+    n_speakers = len({w for w in who if w is not None}) if None not in who else 0
+    computed = leave_one_group_out_cka(reps, pairs, groups if n_speakers >= 3 else None)
+    values: dict[str, dict[str, float]] = {"trained": {}, "untrained": {}}
+    for (state, quantity), (estimate, held_out) in computed.items():
+        values[state][quantity] = estimate
+        if n_speakers >= 3:
+            low, high = jackknife_interval(estimate, held_out)
+            values[state][f"{quantity}_band_low"], values[state][f"{quantity}_band_high"] = (
+                low,
+                high,
+            )
     values["trained"]["cka_n_frames"] = float(sample.n_frames)
-    values["trained"]["cka_n_utterances"] = float(len(sample.selected()))
+    values["trained"]["cka_n_utterances"] = float(len(selected))
+    if n_speakers >= 3:
+        values["trained"]["cka_n_speakers"] = float(n_speakers)
     return values
 
 

@@ -85,7 +85,9 @@ the same frames in every state: ``cka_fwd_a``, ``cka_fwd_b`` (state trained: tra
 untrained A codes and B outputs), ``cka_fwd_a_null``, ``cka_fwd_b_null`` (state untrained:
 the untrained baseline vs a second, independent draw of it, ``untrained_pair``, seeded by
 :func:`serlens.analysis.ab_cka.pair_seed`), ``cka_bwd_ba`` (per state: ∂L/∂b vs ∂L/∂a),
-``cka_n_frames`` and ``cka_n_utterances``. The codes, ∂L/∂a and ∂L/∂b are the trained and
+``cka_n_frames`` and ``cka_n_utterances``, and where the sample holds at least 3 speakers
+each quantity's 95 % speaker-jackknife interval (:data:`CLAIM3_BANDS`, ``{q}_band_low/high``;
+:mod:`serlens.analysis.ab_cka`, "Speaker band") and ``cka_n_speakers``. The codes, ∂L/∂a and ∂L/∂b are the trained and
 untrained passes' own (no extra backward); the second draw costs one forward without
 gradients per batch (about a sixth more encoder work than the two forward + backward
 passes). Its B outputs come from the codes (``b bᵀ = a BᵀB aᵀ``), so no d_out-wide
@@ -247,6 +249,7 @@ from serlens.train.heads import EmotionHead
 
 __all__ = [
     "BASELINES",
+    "CLAIM3_BANDS",
     "CLAIM3_SCALARS",
     "DORA_SCALARS",
     "PAPER_SCALARS",
@@ -323,6 +326,16 @@ CLAIM3_SCALARS = (
     "cka_bwd_ba",
     "cka_n_frames",
     "cka_n_utterances",
+)
+#: Their speaker-jackknife bands (:func:`serlens.analysis.ab_cka.claim3_cka`), where the
+#: sample holds at least 3 speakers, and the number of speakers.
+CLAIM3_BANDS = (
+    *(
+        f"{q}{bound}"
+        for q in ("cka_fwd_a", "cka_fwd_b", "cka_fwd_a_null", "cka_fwd_b_null", "cka_bwd_ba")
+        for bound in ("_band_low", "_band_high")
+    ),
+    "cka_n_speakers",
 )
 #: Claim 3 by the paper's own estimator (:func:`serlens.analysis.ab_cka.paper_cka`), fold-1
 #: runs only: the forward ones and the jackknife SEs under state trained, the null under
@@ -1418,9 +1431,15 @@ def ab_statistics(
                 for key, value in named.items():
                     out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     if sample is not None:
+        speakers = _sample_speakers(run, indices)
+        by_utt = (
+            None
+            if speakers is None
+            else dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
+        )
         for name in acc["trained"].modules:
             factors = {s.name: s.weights[name][1] for s in (*states, *pair)}
-            for state, values in claim3_cka(sample, name, factors).items():
+            for state, values in claim3_cka(sample, name, factors, speakers=by_utt).items():
                 for key, value in values.items():
                     out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     for state, state_acc in acc.items():
@@ -1647,7 +1666,13 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
             out.update(
                 {
                     q: named[q]
-                    for q in (*SCALARS, *DORA_SCALARS, *CLAIM3_SCALARS, *PAPER_SCALARS)
+                    for q in (
+                        *SCALARS,
+                        *DORA_SCALARS,
+                        *CLAIM3_SCALARS,
+                        *CLAIM3_BANDS,
+                        *PAPER_SCALARS,
+                    )
                     if q in named
                 }
             )
@@ -1660,6 +1685,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
         *SCALARS,
         *DORA_SCALARS,
         *CLAIM3_SCALARS,
+        *CLAIM3_BANDS,
         *PAPER_SCALARS,
         *(
             f"{q}{suffix}{bound}"

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
+from .ab_dynamics import with_speaker_band
 from .contributions import legend_under
 from .style import (
     DEPTH_LABEL,
@@ -64,7 +66,25 @@ ROW_LABELS = {
 
 
 def _curve(table: pd.DataFrame, method: str, quantity: str, state: str) -> pd.DataFrame:
-    return by_layer(rows(table, method=method, quantity=quantity, state=state))
+    """The mean curve over runs, with the speaker-jackknife band (``{quantity}_band_low/high``,
+    mean over runs) where the table has it."""
+    own = rows(table, method=method)
+    return with_speaker_band(
+        by_layer(rows(own, quantity=quantity, state=state)), own, quantity, state
+    )
+
+
+def _shading_note(table: pd.DataFrame) -> str:
+    """What the shaded areas are (row 1: the speaker band where the table has it)."""
+    sound = any(
+        not rows(table, quantity=f"{q}_band_low").empty for q in ("cka_fwd_a", "cka_bwd_ba")
+    )
+    if sound:
+        return (
+            "shaded, row 1: 95 % speaker-jackknife interval over the training sample's speakers "
+            "(one run's, averaged over runs); row 2: ± std over runs"
+        )
+    return "shaded: ± std over runs"
 
 
 def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
@@ -73,7 +93,8 @@ def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
     Forward panels: solid = CKA of the trained run's codes with the untrained baseline's,
     dashed = the same CKA between two independent untrained draws (the null: what two
     random adapters on the same inputs share). Backward panels: solid = CKA(∂L/∂b, ∂L/∂a)
-    of the trained model, dashed = of the untrained one. Shaded: ± std over runs. A row
+    of the trained model, dashed = of the untrained one. Shaded: row 1 the 95 % speaker
+    jackknife interval where the table has it (else ± std over runs), row 2 ± std. A row
     without rows in the table (an older pass, or no fold 1) says so.
     """
     table = rows(ab_dynamics, model=model)
@@ -109,11 +130,16 @@ def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
             empty_panel(axes[0, 0], "no LoRA or DoRA runs")
         handles = [Line2D([], [], color=colors[m], marker="o") for m in methods]
         labels = [method_label(m) for m in methods]
-        handles += [Line2D([], [], color="0.3", ls="-"), Line2D([], [], color="0.3", ls="--")]
+        handles += [
+            Line2D([], [], color="0.3", ls="-"),
+            Line2D([], [], color="0.3", ls="--"),
+            Patch(color="0.3", alpha=0.15, lw=0),
+        ]
         labels += [
             "solid: trained vs untrained codes (forward); trained model's gradients (backward)",
             "dashed: untrained vs a second untrained draw, the null (forward); untrained "
             "model's gradients (backward)",
+            _shading_note(table),
         ]
         legend_under(fig, handles, labels, ncols=2)
         fig.suptitle(
