@@ -26,6 +26,7 @@ from .style import (
     by_layer,
     empty_panel,
     figure_style,
+    fold_note,
     lora_methods,
     method_colors,
     method_label,
@@ -148,6 +149,7 @@ def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
                 table,
                 "claim 3, forward alignment and backward differentiation of A and B",
                 offset=1,
+                spread=f"mean over {fold_note(table)}; shading: see the legend",
             )
         )
     return fig

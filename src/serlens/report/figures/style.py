@@ -232,11 +232,13 @@ def model_title(
     layer: str = "layer",
     depth: str = "depth",
     offset: int = 0,
+    spread: str | None = None,
 ) -> str:
-    """'model, L = n layers: what (mean ± std over k folds)'. ``offset``: 1 where layers count from 0 and depth = (layer + 1) / L."""
+    """'model, L = n layers: what (mean ± std over k folds)'. ``offset``: 1 where layers count
+    from 0 and depth = (layer + 1) / L; ``spread``: the parenthesis, when not :func:`spread_note`."""
     L = n_layers(table, layer, depth, offset) if len(table) else None
     size = f", L = {L} layers" if L else ""
-    return f"{model}{size}: {what} ({spread_note(table)})"
+    return f"{model}{size}: {what} ({spread_note(table) if spread is None else spread})"
 
 
 def chance_line(ax, n_classes: int | None) -> None:
