@@ -390,6 +390,31 @@ def test_pass_paper_rows_use_the_paper_baseline_whatever_is_configured(lora_run,
     assert not table.duplicated(["module", "quantity", "state"]).any()
 
 
+def test_pad30_input_of_a_crop_run_gives_the_rows_of_a_pad30_pass(lora_run):
+    """analysis.paper_estimator_input: pad30 on a crop run runs the estimator in a pass of its
+    own on 30-s padded input: the same rows as the pass of the run under pad30 (every frame
+    flattened), marked paper_cka_pad30 = 1; the crop rows differ and are marked 0."""
+    from serlens.analysis.ab_dynamics import ab_statistics
+
+    args = (np.arange(8), 4, "matched_scale", 0)
+    own = _paper_values(ab_statistics(lora_run, *args, claim3_frames=0, paper_input="pad30"))
+    padded_run = dataclasses.replace(lora_run, policy="pad30")
+    reference = _paper_values(ab_statistics(padded_run, *args, claim3_frames=0))
+    crop = _paper_values(ab_statistics(lora_run, *args, claim3_frames=0))
+    assert own.keys() == reference.keys() == crop.keys()
+    for key in own:
+        if key.endswith("paper_cka_n_frames"):
+            assert own[key] == reference[key] == 1500 and crop[key] < 1500
+        if key.endswith("paper_cka_pad30"):
+            assert own[key] == reference[key] == 1.0 and crop[key] == 0.0
+        tol = 2e-2 if key.endswith("_f32") else 1e-4
+        assert own[key] == pytest.approx(reference[key], abs=tol, rel=1e-3, nan_ok=True), key
+    fwd = [k for k in own if k.endswith("/paper_cka_fwd_a_null")]
+    assert any(abs(own[k] - crop[k]) > 1e-3 for k in fwd)  # padding frames' codes count
+    with pytest.raises(ValueError, match="paper_estimator_input"):
+        ab_statistics(lora_run, *args, paper_input="pad_30")
+
+
 def test_pass_paper_rows_only_in_fold_1(lora_run):
     from serlens.analysis.ab_dynamics import ab_statistics
 

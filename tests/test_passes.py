@@ -25,7 +25,7 @@ from serlens.analysis.passes import (
 from serlens.analysis.representations import cka_table, compute_cka
 from serlens.models.encoder import pooled_layer_states
 
-SETTINGS = {**CFG, "seed": 0}
+SETTINGS = {**CFG, "seed": 0, "paper_estimator_input": "run"}
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,9 @@ def test_pass_settings_pass_the_paper_std_only_with_the_paper_baseline():
     assert "untrained_init_std" not in default
     paper = pass_settings(validate_config({"analysis": {"untrained_baseline": "paper"}}))
     assert paper["untrained_baseline"] == "paper" and paper["untrained_init_std"] == 0.02
+    assert default["paper_estimator_input"] == "run"
     base = pass_settings(validate_config({}), ab=False)
-    assert not {"untrained_baseline", "untrained_init_std"} & set(base)
+    assert not {"untrained_baseline", "untrained_init_std", "paper_estimator_input"} & set(base)
     assert {"batch_size", "train_sample", "seed", "classes", "audio"} <= set(base)
 
 
@@ -173,7 +174,13 @@ def test_adapted_pass_reads_every_setting_it_is_passed(lora_run, tmp_path):
         {"untrained_baseline": "matched_scale"},
         {"untrained_baseline": "paper", "untrained_init_std": 0.02},
     ):
-        plain = {"batch_size": 4, "train_sample": 4, "seed": 0, **extra}
+        plain = {
+            "batch_size": 4,
+            "train_sample": 4,
+            "seed": 0,
+            "paper_estimator_input": "run",
+            **extra,
+        }
         settings = Settings("pass_run", plain)
         adapted_pass(lora_run, settings, tmp_path / "s.safetensors", tmp_path / "ab.safetensors")
         assert settings.accessed == set(plain), (extra, settings.accessed)

@@ -98,7 +98,9 @@ In runs of fold 1 the pass also computes claim 3 by **the paper's own estimator*
 does and where is in that module's docstring): on at most 10 utterances per class of the
 analysis sample (:func:`serlens.analysis.ab_cka.paper_utterances`), each utterance's A
 code, B output, ∂L/∂a and ∂L/∂b flattened to one vector (every frame under ``pad30``; the
-clip's own frames, zero-padded to the longest, under ``crop``), linear CKA of the codes and
+clip's own frames, zero-padded to the longest, under ``crop``, unless
+``analysis.paper_estimator_input: pad30`` pads them to 30 s in a pass of their own,
+:func:`_paper_own_pass`; ``paper_cka_pad30`` = 1 marks 30-s rows), linear CKA of the codes and
 RBF CKA (``γ = 1 / n_features``) of the rest, between the trained adapters and **the
 paper's baseline** (``A, B ~ N(0, 0.02²)``, fresh head: :func:`paper_state` at std 0.02,
 whatever ``untrained_baseline`` is), with a second draw of it as the estimator's null. The
@@ -356,7 +358,10 @@ PAPER_SCALARS = (
     "paper_cka_n_utterances",
     "paper_cka_n_frames",
     "paper_cka_sketch_buckets",
+    "paper_cka_pad30",
 )
+#: ``analysis.paper_estimator_input``: the pass's own batches (``run``) or 30-s padding.
+PAPER_INPUTS = ("run", "pad30")
 #: DoRA's magnitude vector, per DoRA module and state (see the module docstring).
 DORA_SCALARS = ("magnitude_norm", "magnitude_rel_change", "magnitude_gain_rms", "grad_norm_m")
 TABLE_COLUMNS = ["module", "layer", "depth", "quantity", "state", "value"]
@@ -1102,7 +1107,10 @@ class PaperPass:
     baseline and its second draw where no state of the pass is them: run on each batch's
     paper utterances only, one forward and backward (loss ``Σ_u CE_u``) or one forward.
     ``scale``: the pass's loss divisor ``N`` (its gradient rows times ``N`` are the paper's
-    per-utterance ``∂CE_u/∂·``).
+    per-utterance ``∂CE_u/∂·``). ``own``: the (trained, paper, paper_pair) states when the
+    estimator runs in a pass of its own on its utterances padded to 30 s
+    (``analysis.paper_estimator_input: pad30`` for a ``crop`` run; :func:`_paper_own_pass`),
+    in which case the main pass offers it nothing.
     """
 
     sample: FlatGramSample
@@ -1110,6 +1118,7 @@ class PaperPass:
     backward: AdapterState | None = None
     forward: AdapterState | None = None
     scale: float = 1.0
+    own: tuple[AdapterState, AdapterState, AdapterState] | None = None
 
     def heads(self) -> list[nn.Module]:
         return [] if self.backward is None else [self.backward.head]
@@ -1177,6 +1186,48 @@ def _paper_extra(run, modules, taps, paper: PaperPass, batch, targets, idx, chos
         codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
         paper.offer("paper_pair", sub_idx, local, lengths, codes, 1.0)
         taps.clear()
+
+
+def _paper_own_pass(run: TrainedRun, paper: PaperPass, batch_size: int) -> None:
+    """The paper's estimator on its own utterances padded to 30 s (module docstring, "Claim
+    3's CKA quantities"): per batch, the trained state and the paper's baseline one forward
+    and backward each (loss ``Σ_u CE_u``: each utterance's rows are its ``∂CE_u/∂·``), its
+    second draw one forward; every one of the 1500 frames of each utterance is offered
+    (padding included, as the paper's code flattens them). The head reads the run's own
+    pooling (the audio frames' mean): only the statistics see the padding."""
+    trained, base, second = paper.own
+    modules = dict(sorted(run.lora_modules().items()))
+    names = list(modules)
+    train = run.splits["train"]
+    device = next(run.encoder.parameters()).device
+    labels = torch.as_tensor(train.labels)
+    chosen = np.array(sorted(paper.sample.members), dtype=np.int64)
+    with (
+        _adapters_restored(run),
+        _gradients_through_adapters(run, [trained.head, base.head]),
+        AdapterTaps(modules) as taps,
+    ):
+        for idx, batch in run.batches(train, batch_size, chosen, policy="pad30"):
+            batch = batch.to(device)
+            targets = labels[torch.as_tensor(idx)].to(device)
+            rows = torch.arange(len(idx), device=batch.mel.device)
+            lengths = torch.full((len(idx),), batch.n_frames)
+            for role, state in (("trained", trained), ("paper", base)):
+                _load_adapters(modules, state)
+                taps.clear()
+                out = run_encoder(run.encoder, batch)
+                logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
+                loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+                paper.offer(role, idx, rows, lengths, taps.gradients(loss), 1.0)
+                del out, logits, loss
+                taps.clear()
+            _load_adapters(modules, second)
+            taps.clear()
+            with torch.no_grad():
+                run_encoder(run.encoder, batch)
+            codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
+            paper.offer("paper_pair", idx, rows, lengths, codes, 1.0)
+            taps.clear()
 
 
 def _module_accumulators(
@@ -1378,6 +1429,7 @@ def ab_statistics(
     sketch_rows: int = WIDE_SKETCH_ROWS,
     claim3_frames: int = CLAIM3_TARGET_FRAMES,
     paper_per_class: int = PAPER_PER_CLASS,
+    paper_input: str = "run",
 ) -> dict[str, torch.Tensor]:
     """Everything the ``ab_dynamics`` table needs, with no post-hoc setting applied.
 
@@ -1395,8 +1447,16 @@ def ab_statistics(
     keys ``{state}/{module}/{quantity}``); 0 leaves them out (and the second untrained draw).
     ``paper_per_class``: utterances per class of the paper's estimator (:data:`PAPER_SCALARS`;
     runs of fold :data:`~serlens.analysis.ab_cka.PAPER_FOLD` only; 0 leaves it out;
-    :func:`paper_plan`).
+    :func:`paper_plan`). ``paper_input`` (``analysis.paper_estimator_input``): ``run`` = the
+    estimator reads the pass's own batches (the run's input policy); ``pad30`` = its
+    utterances padded to 30 s, every frame flattened (a pass of its own for a ``crop`` run:
+    :func:`_paper_own_pass`). ``paper_cka_pad30`` says which the rows are (1 = 30-s padding).
     """
+    if paper_input not in PAPER_INPUTS:
+        raise ValueError(
+            f"analysis.paper_estimator_input must be one of {', '.join(PAPER_INPUTS)}, "
+            f"not {paper_input!r}"
+        )
     _check_run(run, indices)
     states = [trained_state(run), untrained_state(run, baseline, seed, init_std)]
     pair: tuple[AdapterState, ...] = ()
@@ -1405,7 +1465,10 @@ def ab_statistics(
         second = untrained_state(run, baseline, pair_seed(seed), init_std)
         pair = (AdapterState("untrained_pair", second.head, second.weights, second.magnitudes),)
         sample = UtteranceFrameSample(indices, claim3_frames, seed)
-    paper = paper_plan(run, indices, states, pair, baseline, init_std, seed, paper_per_class)
+    own_pass = paper_input == "pad30" and run.policy != "pad30"
+    paper = paper_plan(
+        run, indices, states, pair, baseline, init_std, seed, paper_per_class, own_pass
+    )
     acc = stream_ab_statistics(
         run,
         states,
@@ -1419,9 +1482,13 @@ def ab_statistics(
         forward_only=pair,
         paper=paper,
     )
+    if paper is not None and paper.own is not None:
+        _paper_own_pass(run, paper, batch_size)
     out = {}
     if paper is not None and paper.sample.selected():
+        padded = float(run.policy == "pad30" or paper.own is not None)
         for name in acc["trained"].modules:
+            out[f"trained/{name}/paper_cka_pad30"] = torch.tensor(padded, dtype=torch.float64)
             r, d_out = (
                 acc["trained"].modules[name].A.shape[0],
                 acc["trained"].modules[name].B.shape[0],
@@ -1476,6 +1543,7 @@ def paper_plan(
     init_std: float | None,
     seed: int,
     per_class: int = PAPER_PER_CLASS,
+    own_pass: bool = False,
 ) -> PaperPass | None:
     """The paper's estimator for ``run`` (:class:`PaperPass`), or None: only in fold
     :data:`~serlens.analysis.ab_cka.PAPER_FOLD` (the paper's protocol) and with ``per_class > 0``.
@@ -1487,7 +1555,8 @@ def paper_plan(
     with ``untrained_baseline: paper`` at that std they are the pass's own untrained state
     and second draw (their rows are reused: no extra encoder work); otherwise they run on
     the paper's utterances only (one forward and backward, one forward). B outputs come
-    from the codes (``b_feat = a Rᵀ``, ``B = QR``).
+    from the codes (``b_feat = a Rᵀ``, ``B = QR``). ``own_pass``: all three roles run in
+    :func:`_paper_own_pass` on 30-s padded input instead (nothing reused from the pass).
     """
     if per_class <= 0 or int(run.fold) != PAPER_FOLD:
         return None
@@ -1513,6 +1582,8 @@ def paper_plan(
             R = torch.linalg.qr(B.detach().to("cpu", torch.float64), mode="reduced").R
             derived[(role, name, "b_feat")] = ((role, name, "a_code"), R.T)
     sample = FlatGramSample(chosen, derived=derived, seed=seed)
+    if own_pass:
+        return PaperPass(sample, {}, own=(states[0], paper, second))
     return PaperPass(sample, sources, backward, forward, float(len(indices)))
 
 
@@ -1530,10 +1601,12 @@ def write_ab_statistics(
     init_std: float | None = None,
     exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
     sketch_rows: int = WIDE_SKETCH_ROWS,
+    paper_input: str = "run",
 ) -> None:
     """:func:`ab_statistics` of any run with a peft adapter (LoRA or DoRA, any targets and
     layers) written to ``path`` (safetensors, atomically); metadata: ``n_layers``, the
-    baseline, the reservoir size, ``exact_max_dims`` and ``sketch_rows``."""
+    baseline, the reservoir size, ``exact_max_dims``, ``sketch_rows`` and the paper
+    estimator's input (``paper_input``, :func:`ab_statistics`)."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -1547,6 +1620,7 @@ def write_ab_statistics(
         init_std,
         exact_max_dims=exact_max_dims,
         sketch_rows=sketch_rows,
+        paper_input=paper_input,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1559,6 +1633,7 @@ def write_ab_statistics(
         "claim3_frames": str(CLAIM3_TARGET_FRAMES),
         "paper_fold": str(PAPER_FOLD),
         "paper_per_class": str(PAPER_PER_CLASS),
+        "paper_estimator_input": paper_input,
         "exact_gram_max_dims": str(int(exact_max_dims)),
         "wide_sketch_rows": str(int(sketch_rows)),
     }

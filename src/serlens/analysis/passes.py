@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 #: Keys of ``config["analysis"]`` the passes read: changing one reruns the passes.
 PASS_KEYS = ("batch_size", "train_sample")
 #: Keys only the A/B statistics of a run's pass read (:func:`pass_settings` with ``ab``).
-AB_KEYS = ("untrained_baseline",)
+AB_KEYS = ("untrained_baseline", "paper_estimator_input")
 #: Keys only the causal tests of a run's pass read (:mod:`serlens.analysis.causal`).
 CAUSAL_KEYS = ("causal_stride", "causal_ablation")
 #: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
@@ -362,7 +362,14 @@ def adapted_pass(
 
         baseline, init_std = baseline_settings(settings)
         write_ab_statistics(
-            run, sample, settings["batch_size"], baseline, settings["seed"], ab_out, init_std
+            run,
+            sample,
+            settings["batch_size"],
+            baseline,
+            settings["seed"],
+            ab_out,
+            init_std,
+            paper_input=settings["paper_estimator_input"],
         )
     if causal_out is not None:
         from serlens.analysis.causal import causal_logits, write_causal

@@ -115,9 +115,15 @@ class TrainedRun:
                 m._disable_adapters = False
 
     def batches(
-        self, split: Split, batch_size: int = 8, indices: np.ndarray | None = None
+        self,
+        split: Split,
+        batch_size: int = 8,
+        indices: np.ndarray | None = None,
+        policy: str | None = None,
     ) -> Iterator[tuple[np.ndarray, MelBatch]]:
-        """(indices into ``split``, mel batch) in duration order, over ``indices`` or the whole split."""
+        """(indices into ``split``, mel batch) in duration order, over ``indices`` or the whole
+        split; ``policy``: the input policy when not the run's (``pad30`` for the paper's
+        estimator of a ``crop`` run)."""
         idx = np.arange(len(split)) if indices is None else np.asarray(indices)
         # Load only the clips asked for: an analysis on a training sample need not read the
         # whole training split (thousands of files on IEMOCAP).
@@ -131,9 +137,9 @@ class TrainedRun:
             chunk = idx[i : i + batch_size]
             yield (
                 chunk,
-                self.logmel([split.waves[j] for j in chunk], self.policy, self.max_seconds).to(
-                    self.device
-                ),
+                self.logmel(
+                    [split.waves[j] for j in chunk], policy or self.policy, self.max_seconds
+                ).to(self.device),
             )
 
     def lora_modules(self) -> dict[str, nn.Module]:

@@ -475,6 +475,7 @@ PAPER_COLUMNS = {
     ("paper_cka_n_utterances", "trained"): "n_utts",
     ("paper_cka_n_frames", "trained"): "n_frames",
     ("paper_cka_sketch_buckets", "trained"): "sketch",
+    ("paper_cka_pad30", "trained"): "pad30",
 }
 
 
@@ -578,10 +579,22 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
     from its runs' :func:`paper_forward_backward_cka`."""
     n = int(frame["excess"].notna().sum())
     m = {c: float(frame[c].mean()) for c in frame.columns[4:]}
-    sample = f"{m['n_utts']:.0f} training utterances of fold 1 × {m['n_frames']:.0f} frames" + (
-        f" (∂L/∂b Grams from a {m['sketch']:.0f}-bucket CountSketch)"
-        if m["sketch"] > 0
-        else " (exact Grams)"
+    padding = (
+        ", each padded to 30 s and every frame flattened, padding included (the paper's input)"
+        if m["pad30"] == 1
+        else ", each its own frames zero-padded to the longest (analysis.paper_estimator_input: "
+        "pad30 gives the paper's 30-s padding)"
+        if m["pad30"] == 0
+        else ""
+    )
+    sample = (
+        f"{m['n_utts']:.0f} training utterances of fold 1 × {m['n_frames']:.0f} frames"
+        + padding
+        + (
+            f" (∂L/∂b Grams from a {m['sketch']:.0f}-bucket CountSketch)"
+            if m["sketch"] > 0
+            else " (exact Grams)"
+        )
     )
     interval = (
         "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard errors "
