@@ -15,8 +15,13 @@ from serlens.analysis.ab_dynamics import (
     ab_statistics,
     ab_table_from_statistics,
     compute_ab_dynamics,
+    delta_w_comparison,
+    gradient_draws,
     gram_singular_values,
     product_singular_values,
+    stream_ab_statistics,
+    trained_state,
+    untrained_state,
 )
 from serlens.stats import cluster_multiplicities
 
@@ -79,12 +84,49 @@ def test_cluster_multiplicities_draw_n_minus_one_speakers():
         cluster_multiplicities(1, 10)
 
 
+def test_gradient_draws_of_unit_weights_are_the_whole_samples_values():
+    """Speakers' shares summed with weight 1 give the ratio and dW_cos of the summed
+    gradients (:func:`delta_w_comparison`); a speaker drawn twice counts twice."""
+    rng = np.random.default_rng(2)
+    r, d_in, d_out, S = 3, 7, 5, 4
+    gA, gB = rng.standard_normal((S, r, d_in)), rng.standard_normal((S, d_out, r))
+    A, B = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+    weights = np.array([[1.0] * S, [2.0, 0.0, 1.0, 0.0]])
+    draws = gradient_draws(gA, gB, A, B, weights)
+    for d, w in enumerate(weights):
+        sum_a, sum_b = np.tensordot(w, gA, 1), np.tensordot(w, gB, 1)
+        expected = delta_w_comparison(torch.tensor(sum_a), torch.tensor(sum_b), A, B, 2.0)
+        assert draws["dW_cos"][d] == pytest.approx(expected["dW_cos"], rel=1e-10)
+        ratio = np.linalg.norm(sum_b) / np.linalg.norm(sum_a)
+        assert draws["grad_norm_ratio_B_A"][d] == pytest.approx(ratio, rel=1e-10)
+
+
+def test_speakers_shares_of_the_factor_gradients_sum_to_autograds(lora_run):
+    """Each speaker's ∂L/∂A and ∂L/∂B, built from its utterances' rows at every frame
+    position, sum to the gradients autograd gives the whole sample."""
+    utt_ids = lora_run.splits["train"].utt_ids
+    run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 3}" for i, u in enumerate(utt_ids)})
+    states = [trained_state(run), untrained_state(run, "matched_scale", 0)]
+    acc = stream_ab_statistics(run, states, np.arange(len(utt_ids)), 3, 50, 0)
+    for state_acc in acc.values():
+        for m_acc in state_acc.modules.values():
+            shares = m_acc.grads_by_speaker
+            assert sorted(shares) == ["spk0", "spk1", "spk2"]
+            total_A = sum(v[0] for v in shares.values())
+            total_B = sum(v[1] for v in shares.values())
+            scale = float(m_acc.grad_A.abs().max())
+            torch.testing.assert_close(total_A, m_acc.grad_A, atol=1e-5 * scale, rtol=1e-4)
+            torch.testing.assert_close(
+                total_B, m_acc.grad_B, atol=1e-5 * float(m_acc.grad_B.abs().max()), rtol=1e-4
+            )
+
+
 def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
     utt_ids = lora_run.splits["train"].utt_ids
     run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 4}" for i, u in enumerate(utt_ids)})
     table = compute_ab_dynamics(run, CFG, seed=0)
     # ∂L/∂b has no band (a d_out³ eigenproblem per draw)
-    assert not table["quantity"].str.contains("b_out_grad.*_band_").any()
+    assert not table["quantity"].str.contains("^b_out_grad.*_band_").any()
     for q in ("a_out", "b_out", "a_out_grad"):
         for suffix in ("_frac", "_centred_frac"):
             low = table[table["quantity"] == f"{q}{suffix}_band_low"].set_index(["module", "state"])
@@ -93,6 +135,21 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
             )
             assert len(low) == len(high) == 8, (q, suffix)  # 4 layers x trained, untrained
             assert (low["value"] <= high["value"]).all() and low["value"].between(0, 1).all()
+    # row 3's scalars get a band too: bootstrap percentiles (ratio, dW_cos), the jackknife
+    # interval around the estimate (the reservoir's CKA)
+    v = table.set_index(["module", "quantity", "state"])["value"]
+    for module in table["module"].unique():
+        for state in ("trained", "untrained"):
+            for q in ("grad_norm_ratio_B_A", "dW_cos", "cka_a_code_vs_b_out_grad"):
+                low, high = (
+                    v[(module, f"{q}_band_low", state)],
+                    v[(module, f"{q}_band_high", state)],
+                )
+                assert low < high, (module, q, state)
+            cka = v[(module, "cka_a_code_vs_b_out_grad", state)]
+            assert v[(module, "cka_a_code_vs_b_out_grad_band_low", state)] < cka
+            assert cka < v[(module, "cka_a_code_vs_b_out_grad_band_high", state)]
+            assert -1 <= v[(module, "dW_cos_band_low", state)] <= 1
     # claim 3's CKA quantities get the speaker-jackknife interval around their estimate
     v = table.set_index(["module", "quantity", "state"])["value"]
     for q, state in (("cka_fwd_a", "trained"), ("cka_fwd_b_null", "untrained")):

@@ -222,7 +222,9 @@ def test_dora_gradients_by_autograd_equal_the_hand_written_dora_forward():
     with AdapterTaps({"layers.0.fc1": fc1}) as taps:
         loss = (toy(x) - target).pow(2).sum()
         got = taps.gradients(loss)["layers.0.fc1"]
-        assert len(taps.captured) == 2  # the frames' call only, not lora_B(lora_A(I))
+        # the frames' call only (a, B a and lora_A's input x), not lora_B(lora_A(I))
+        assert set(taps.captured) == {("layers.0.fc1", k) for k in ("a", "b", "x")}
+        torch.testing.assert_close(got["x"], x)
 
     # The same function by hand, every factor a fresh leaf.
     A_, B_, m_ = (t.detach().clone().requires_grad_(True) for t in (A, B, m))

@@ -483,6 +483,33 @@ def test_claim3_figure_draws_each_estimator_against_its_null(results):
     assert any("no paper_cka_fwd_a rows" in t for t in texts)
 
 
+def test_ab_figure_shades_row_3_with_the_speaker_band_where_the_table_has_it(results):
+    """dW_cos with band rows ±0.05 around each run's value: its panel shades exactly 0.1
+    around the mean at every layer, and the note says row 3 has the speaker band."""
+    ab = table(results, "ab_dynamics")
+    cos = ab[ab["quantity"] == "dW_cos"]
+    bands = [cos.assign(quantity=f"dW_cos{b}", mean=cos["mean"] + d) for b, d in (("_band_low", -0.05), ("_band_high", 0.05))]  # fmt: skip
+    ratio = ab[ab["quantity"] == "grad_norm_ratio_B_A"].assign(
+        quantity="grad_norm_ratio_B_A_band_low"
+    )
+    with_band = pd.concat([ab, *bands, ratio], ignore_index=True)
+    fig = figures.ab_dynamics_figure(with_band, MODEL, 0.9)
+    ax = next(a for a in fig.axes if a.get_ylabel().startswith("cos(s²"))
+    shades = [c for c in ax.collections if len(c.get_paths())]
+    assert shades
+    for shade in shades:
+        xy = shade.get_paths()[0].vertices
+        for x in np.unique(np.round(xy[:, 0], 9)):
+            at = xy[np.isclose(xy[:, 0], x), 1]
+            assert at.max() - at.min() == pytest.approx(0.1)
+    notes = " ".join(t.get_text() for a in fig.axes for t in a.texts)
+    assert "(a, b, ∂L/∂a) and row 3" in notes
+    plain = figures.ab_dynamics_figure(ab, MODEL, 0.9)
+    assert "(a, b, ∂L/∂a) and row 3" not in " ".join(
+        t.get_text() for a in plain.axes for t in a.texts
+    )
+
+
 def test_figures_without_lora_runs(results, tmp_path):
     """A frozen-only grid (lora.ranks: []) still gives its figures, with no LoRA lines."""
     frozen_only = {}

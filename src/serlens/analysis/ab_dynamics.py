@@ -76,6 +76,19 @@ over runs. The band says how much the share moves with *which training speakers*
 sampled; it is of one run, so the aggregated table averages the per-run limits over folds and
 seeds (a typical run's band, as for probing).
 
+The scalars of row 3 get bands from the same draws. The loss is a sum over utterances, so
+∂L/∂A and ∂L/∂B are sums of each speaker's share, ``∂L/∂A_s = Σ g_a xᵀ`` and
+``∂L/∂B_s = Σ g_b aᵀ`` over that speaker's utterances at every frame position (``x`` is
+``lora_A``'s input; :meth:`ModuleAccumulators.add_speaker_gradients`; r x d_in and
+d_out x r per speaker, kept while they take at most :data:`GRAD_BAND_MAX_BYTES` per module
+and state). A draw's gradients are ``Σ_s w_s ∂L/∂A_s`` and ``Σ_s w_s ∂L/∂B_s``, and the
+stored ``scalar_draws/{q}`` give ``grad_norm_ratio_B_A_band_low/high`` and
+``dW_cos_band_low/high`` (percentiles; both quantities are scale-free, so a draw of n − 1
+speakers needs no rescaling; :func:`gradient_draws`). The reservoir's CKA of a with ∂L/∂b
+gets the speaker jackknife of :mod:`serlens.analysis.ab_cka` instead
+(``cka_a_code_vs_b_out_grad_band_low/high``: each speaker's sampled frames left out in turn),
+since a bootstrap repeats frames, which a kernel statistic does not take as new data.
+
 Claim 3's CKA quantities
 ------------------------
 The same pass also stores, per adapted module, the debiased linear CKA quantities of
@@ -220,6 +233,7 @@ utterances, counting only frames that hold audio.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -237,6 +251,7 @@ from serlens.analysis.ab_cka import (
     FlatGramSample,
     UtteranceFrameSample,
     claim3_cka,
+    jackknife_interval,
     pair_seed,
     paper_cka,
     paper_utterances,
@@ -248,6 +263,8 @@ from serlens.audio import MelBatch
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.stats import cluster_multiplicities
 from serlens.train.heads import EmotionHead
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINES",
@@ -295,6 +312,10 @@ BASELINES = ("matched_scale", "paper")
 #: Activation and gradient matrices whose singular values are stored (and energy ranks taken).
 #: Bootstrap draws of the energy-rank shares' speaker band (module docstring, "Speaker band").
 BAND_RESAMPLES = 100
+#: Most bytes per module and state of the speakers' shares of ∂L/∂A and ∂L/∂B (float64) for
+#: the band of the gradient-norm ratio and dW_cos; beyond it (many speakers in a wide module)
+#: those quantities have no band and the pass logs so.
+GRAD_BAND_MAX_BYTES = 16 * 2**20
 SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
 ACTIVATIONS = SPECTRA
 #: Quantities with a trained ÷ untrained row (counts: the shares have the same ratio).
@@ -318,6 +339,13 @@ SCALARS = (
     "cka_a_code_vs_b_out_grad",
     "n_frames",
     "b_out_grad_sketch_rows",
+)
+#: Speaker bands of row 3's scalars (module docstring, "Speaker band"): bootstrap
+#: percentiles of the gradient-norm ratio and dW_cos, the jackknife interval of the CKA.
+SCALAR_BANDS = tuple(
+    f"{q}{bound}"
+    for q in ("grad_norm_ratio_B_A", "dW_cos", "cka_a_code_vs_b_out_grad")
+    for bound in ("_band_low", "_band_high")
 )
 #: Claim 3's CKA quantities (:mod:`serlens.analysis.ab_cka`; module docstring).
 CLAIM3_SCALARS = (
@@ -406,6 +434,32 @@ def delta_w_comparison(grad_A, grad_B, A, B, scaling: float) -> dict[str, float]
     den = norm_A * norm_B
     cos = float((from_A * from_B).sum()) / den if den > 0 else math.nan
     return {"dW_from_A_norm": norm_A, "dW_from_B_norm": norm_B, "dW_cos": cos}
+
+
+def gradient_draws(grad_A, grad_B, A, B, weights) -> dict[str, np.ndarray]:
+    """``grad_norm_ratio_B_A`` and ``dW_cos`` of the speaker-weighted factor gradients.
+
+    ``grad_A`` (``S x r x d_in``) and ``grad_B`` (``S x d_out x r``): each speaker's share of
+    ∂L/∂A and ∂L/∂B (they sum to the sample's: the loss is a sum over utterances);
+    ``weights`` ``(draws x S)``. Per draw ``g_A = Σ_s w_s grad_A[s]`` (likewise ``g_B``),
+    ``ratio = ‖g_B‖_F / ‖g_A‖_F`` and, as :func:`delta_w_comparison` (the factor ``s²``
+    cancels), ``cos = <B g_A, g_B A>_F / (‖B g_A‖_F ‖g_B A‖_F)`` from ``r x r`` products
+    only: ``‖B g_A‖² = <BᵀB, g_A g_Aᵀ>``, ``‖g_B A‖² = <AAᵀ, g_Bᵀ g_B>``,
+    ``<B g_A, g_B A> = <Bᵀ g_B, g_A Aᵀ>``. Both are scale-free, so a draw of n − 1 speakers
+    needs no rescaling."""
+    f64 = torch.float64
+    w = torch.as_tensor(np.asarray(weights), dtype=f64)
+    gA = torch.einsum("ds,sij->dij", w, torch.as_tensor(grad_A, dtype=f64))
+    gB = torch.einsum("ds,sij->dij", w, torch.as_tensor(grad_B, dtype=f64))
+    A, B = torch.as_tensor(A).to(f64), torch.as_tensor(B).to(f64)
+    norm_a, norm_b = gA.square().sum(dim=(1, 2)), gB.square().sum(dim=(1, 2))
+    from_a = torch.einsum("ik,dij,dkj->d", B.T @ B, gA, gA)
+    from_b = torch.einsum("jk,dij,dik->d", A @ A.T, gB, gB)
+    inner = (torch.einsum("oi,doj->dij", B, gB) * torch.einsum("dik,jk->dij", gA, A)).sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.sqrt(norm_b.numpy() / norm_a.numpy())
+        cos = inner.numpy() / np.sqrt(from_a.numpy() * from_b.numpy())
+    return {"grad_norm_ratio_B_A": ratio, "dW_cos": cos}
 
 
 def gram_singular_values(gram) -> np.ndarray:
@@ -855,6 +909,8 @@ class AdapterTaps:
                     f"{key[0]}: lora_{key[1].upper()} ran twice on frames in one forward"
                 )
             self.captured[key] = output
+            if key[1] == "a":  # lora_A's input x (after LoRA dropout: x itself in eval)
+                self.captured[(key[0], "x")] = inputs[0]
 
         return hook
 
@@ -877,7 +933,8 @@ class AdapterTaps:
     def gradients(self, loss: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per module: ``code`` (detached ``A x``) and, by ``torch.autograd.grad`` of ``loss``,
         ``code_grad`` = ∂L/∂a, ``out_grad`` = ∂L/∂(B a), ``grad_A``, ``grad_B`` and (DoRA)
-        ``grad_m`` = ∂L/∂m. Activations keep their batch x frames shape."""
+        ``grad_m`` = ∂L/∂m, and ``x`` (detached ``lora_A``'s input). Activations keep their
+        batch x frames shape."""
         names = list(self.modules)
         missing = [f"{n}/{p}" for n in names for p in "ab" if (n, p) not in self.captured]
         if missing:
@@ -890,6 +947,7 @@ class AdapterTaps:
         for i, name in enumerate(names):
             values = {
                 "code": outputs[2 * i].detach(),
+                "x": self.captured[(name, "x")].detach(),
                 "code_grad": grads[2 * i],
                 "out_grad": grads[2 * i + 1],
                 "grad_A": grads[k],
@@ -934,10 +992,49 @@ class ModuleAccumulators:
     #: quantity (``a_out``, ``a_out_grad``, ``b_out_grad``) -> speaker -> Gram of that
     #: speaker's frames, for the speaker band (None: no band; :meth:`keep_speakers`)
     by_speaker: dict[str, dict[str, GramAccumulator]] | None = None
+    #: speaker -> that speaker's share of (∂L/∂A, ∂L/∂B), for the band of the gradient-norm
+    #: ratio and dW_cos (None: no band; :meth:`keep_speakers`)
+    grads_by_speaker: dict[str, list[torch.Tensor]] | None = None
 
-    def keep_speakers(self, out_grad: bool) -> None:
-        """Also accumulate per speaker (``out_grad``: ∂L/∂b too, else a and ∂L/∂a only)."""
+    def keep_speakers(self, out_grad: bool, gradients: bool = False) -> None:
+        """Also accumulate per speaker (``out_grad``: ∂L/∂b too, else a and ∂L/∂a only;
+        ``gradients``: each speaker's share of ∂L/∂A and ∂L/∂B)."""
         self.by_speaker = {"a_out": {}, "a_out_grad": {}} | ({"b_out_grad": {}} if out_grad else {})
+        self.grads_by_speaker = {} if gradients else None
+
+    def add_speaker_gradients(self, row_speakers, x, code, code_grad, out_grad) -> None:
+        """Each speaker's share of a batch's factor gradients, from its rows (utterances) at
+        every frame position (the weight gradient sums over all of them, as autograd's):
+        ``∂L/∂A_s = Σ_{rows of s, t} g_a xᵀ`` and ``∂L/∂B_s = Σ g_b aᵀ`` (``a = A x``,
+        ``b = B a``; ``lora_A`` and ``lora_B`` are linear maps without bias)."""
+        if self.grads_by_speaker is None:
+            return
+        row_speakers = np.asarray(row_speakers)
+        for speaker in np.unique(row_speakers):
+            rows = torch.as_tensor(np.flatnonzero(row_speakers == speaker), device=code.device)
+            g_a, g_b = code_grad[rows].double(), out_grad[rows].double()
+            shares = (
+                torch.einsum("btr,btd->rd", g_a, x[rows].double()).cpu(),
+                torch.einsum("bto,btr->or", g_b, code[rows].double()).cpu(),
+            )
+            kept = self.grads_by_speaker.setdefault(str(speaker), [0.0, 0.0])
+            kept[0], kept[1] = kept[0] + shares[0], kept[1] + shares[1]
+
+    def gradient_draws(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """``scalar_draws/{q}`` for ``q`` in ``grad_norm_ratio_B_A``, ``dW_cos``: the values
+        of the sample re-drawn by speaker (:func:`gradient_draws`; speakers in sorted order,
+        as :meth:`speaker_draws`)."""
+        if not self.grads_by_speaker:
+            return {}
+        speakers = sorted(self.grads_by_speaker)
+        if len(speakers) != np.asarray(weights).shape[1]:
+            raise ValueError(
+                f"{len(speakers)} speakers have gradients, the draws weigh {np.shape(weights)[1]}"
+            )
+        grad_A = torch.stack([self.grads_by_speaker[k][0] for k in speakers])
+        grad_B = torch.stack([self.grads_by_speaker[k][1] for k in speakers])
+        draws = gradient_draws(grad_A, grad_B, self.A, self.B, weights)
+        return {f"scalar_draws/{q}": v for q, v in draws.items()}
 
     def add_by_speaker(self, frame_speakers: np.ndarray, code, code_grad, out_grad) -> None:
         """One batch's audio frames (rows of ``code`` etc.), split by ``frame_speakers``."""
@@ -1188,6 +1285,23 @@ def _paper_extra(run, modules, taps, paper: PaperPass, batch, targets, idx, chos
         taps.clear()
 
 
+def reservoir_cka_band(code, grad, speakers, estimate: float) -> dict[str, float]:
+    """``cka_a_code_vs_b_out_grad_band_low/high``: the 95 % speaker-jackknife interval of the
+    reservoir's linear CKA (:func:`serlens.analysis.ab_cka.jackknife_interval`; each speaker's
+    sampled frames left out in turn); nothing with fewer than 3 speakers in the reservoir."""
+    labels = np.unique(speakers)
+    if len(labels) < 3:
+        return {}
+    held = [
+        linear_cka(code[speakers != k], grad[speakers != k])
+        if int((speakers != k).sum()) >= 2
+        else math.nan
+        for k in labels
+    ]
+    low, high = jackknife_interval(estimate, held)
+    return {"cka_a_code_vs_b_out_grad_band_low": low, "cka_a_code_vs_b_out_grad_band_high": high}
+
+
 def _paper_own_pass(run: TrainedRun, paper: PaperPass, batch_size: int) -> None:
     """The paper's estimator on its own utterances padded to 30 s (module docstring, "Claim
     3's CKA quantities"): per batch, the trained state and the paper's baseline one forward
@@ -1312,9 +1426,21 @@ def stream_ab_statistics(
     labels = torch.as_tensor(train.labels)
     speakers = _sample_speakers(run, indices)
     if speakers is not None:  # ∂L/∂b: no band (module docstring, "Speaker band")
+        n_speakers = len(set(speakers.tolist()))
         for state_acc in acc.values():
-            for m_acc in state_acc.modules.values():
-                m_acc.keep_speakers(out_grad=False)
+            for name, m_acc in state_acc.modules.items():
+                size = 8 * n_speakers * (m_acc.A.numel() + m_acc.B.numel())
+                m_acc.keep_speakers(out_grad=False, gradients=size <= GRAD_BAND_MAX_BYTES)
+                if size > GRAD_BAND_MAX_BYTES:
+                    log.warning(
+                        "%s: %d speakers' shares of ∂L/∂A and ∂L/∂B would take %.0f MiB "
+                        "(more than %.0f): no speaker band for its gradient-norm ratio and dW_cos",
+                        name,
+                        n_speakers,
+                        size / 2**20,
+                        GRAD_BAND_MAX_BYTES / 2**20,
+                    )
+        speaker_index = {k: i for i, k in enumerate(sorted(set(speakers.tolist())))}
     with (
         _adapters_restored(run),
         _gradients_through_adapters(
@@ -1327,11 +1453,12 @@ def stream_ab_statistics(
             targets = labels[torch.as_tensor(idx)].to(device)
             mask = batch.frame_mask
             chosen = _paper_rows(paper, idx, batch)
-            frame_speakers = None
+            frame_speakers = row_speakers = None
             if speakers is not None:  # the speaker of every audio frame, in ``x[mask]`` order
                 by_utt = dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
                 rows_of = mask.nonzero(as_tuple=True)[0].cpu().numpy()
-                frame_speakers = np.array([by_utt[int(i)] for i in np.asarray(idx)])[rows_of]
+                row_speakers = np.array([by_utt[int(i)] for i in np.asarray(idx)])
+                frame_speakers = row_speakers[rows_of]
             for state in states:
                 _load_adapters(modules, state)
                 taps.clear()
@@ -1359,8 +1486,15 @@ def stream_ab_statistics(
                         state_acc.modules[name].add_by_speaker(
                             frame_speakers, code, g["code_grad"][mask], out_grad
                         )
+                        state_acc.modules[name].add_speaker_gradients(
+                            row_speakers, g["x"], g["code"], g["code_grad"], g["out_grad"]
+                        )
                     offered[(name, "a_code")] = code
                     offered[(name, "b_out_grad")] = out_grad
+                if frame_speakers is not None:  # a key of its own: the sampled frames' speakers
+                    offered[("speaker",)] = torch.as_tensor(
+                        [[float(speaker_index[k])] for k in frame_speakers], device=mask.device
+                    )
                 state_acc.reservoir.offer(offered)
                 if chosen is not None and state.name in paper.sources:
                     paper.offer(paper.sources[state.name], idx, *chosen, grads, paper.scale)
@@ -1519,9 +1653,10 @@ def ab_statistics(
             if m_acc.by_speaker:
                 n_speakers = len(m_acc.by_speaker["a_out"])
                 weights = cluster_multiplicities(n_speakers, BAND_RESAMPLES, seed)
-                for key, draws in m_acc.speaker_draws(weights).items():
+                draws = m_acc.speaker_draws(weights) | m_acc.gradient_draws(weights)
+                for key, values in draws.items():
                     out[f"{state}/{name}/{key}"] = torch.from_numpy(
-                        np.ascontiguousarray(draws, dtype=np.float64)
+                        np.ascontiguousarray(values, dtype=np.float64)
                     )
             scalars = m_acc.scalars()
             code = state_acc.reservoir.sample((name, "a_code"))
@@ -1529,6 +1664,9 @@ def ab_statistics(
             scalars["cka_a_code_vs_b_out_grad"] = (
                 linear_cka(code, grad) if code.shape[0] >= 2 else math.nan
             )
+            if ("speaker",) in state_acc.reservoir.buffers:
+                who = state_acc.reservoir.sample(("speaker",))[:, 0]
+                scalars |= reservoir_cka_band(code, grad, who, scalars["cka_a_code_vs_b_out_grad"])
             for key, value in scalars.items():
                 out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     return out
@@ -1651,7 +1789,7 @@ def _energy_values(sv: np.ndarray, n_frames: float, fraction: float, centred: bo
 
 
 #: Keys of the speaker band's stored draws (``{state}/{module}/{kind}...``).
-DRAW_KINDS = ("sv_draws/", "sv_centred_draws/", "n_frames_draws")
+DRAW_KINDS = ("sv_draws/", "sv_centred_draws/", "n_frames_draws", "scalar_draws/")
 #: Suffixes of the band rows: ``{q}_frac_band_low`` etc.
 BAND_SUFFIXES = ("_band_low", "_band_high")
 
@@ -1659,10 +1797,15 @@ BAND_SUFFIXES = ("_band_low", "_band_high")
 def _share_bands(stored: dict[str, np.ndarray], fraction: float) -> dict[str, float]:
     """``{q}_frac_band_low/high`` and ``{q}_centred_frac_band_low/high``: the 2.5 and 97.5
     percentiles of the energy-rank share over the speaker draws (module docstring)."""
+    out = {}
+    for key, values in stored.items():  # scalars re-drawn by speaker: their percentiles
+        if key.startswith("scalar_draws/") and np.isfinite(values).any():
+            low, high = np.nanpercentile(values, [2.5, 97.5])
+            q = key.removeprefix("scalar_draws/")
+            out[f"{q}_band_low"], out[f"{q}_band_high"] = float(low), float(high)
     n_frames = stored.get("n_frames_draws")
     if n_frames is None:
-        return {}
-    out = {}
+        return out
     for q in SPECTRA:
         for kind, suffix, centred in (
             ("sv_draws/", "_frac", False),
@@ -1743,6 +1886,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
                     q: named[q]
                     for q in (
                         *SCALARS,
+                        *SCALAR_BANDS,
                         *DORA_SCALARS,
                         *CLAIM3_SCALARS,
                         *CLAIM3_BANDS,
@@ -1758,6 +1902,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
         *(f"{q}_frac" for q in SPECTRA),
         *(f"{q}_centred_frac" for q in SPECTRA),
         *SCALARS,
+        *SCALAR_BANDS,
         *DORA_SCALARS,
         *CLAIM3_SCALARS,
         *CLAIM3_BANDS,

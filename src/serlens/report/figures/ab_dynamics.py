@@ -158,14 +158,18 @@ def _sketched(table: pd.DataFrame) -> bool:
 
 def _shading_note(table: pd.DataFrame) -> str:
     """What the shaded areas are: the training-speaker band where the table has it."""
-    if table["quantity"].astype(str).str.endswith("_band_low").any():
-        return (
-            "shaded, rows 1-2 (a, b, ∂L/∂a): 95 % band\n"
-            "from re-drawing the training sample's\n"
-            "speakers (one run's, averaged over runs);\n"
-            "∂L/∂b and row 3: ± std over runs"
-        )
-    return "shaded: ± std over runs"
+    quantities = set(table["quantity"].astype(str))
+    if not any(q.endswith("_band_low") for q in quantities):
+        return "shaded: ± std over runs"
+    row3 = "grad_norm_ratio_B_A_band_low" in quantities
+    return (
+        "shaded, rows 1-2 (a, b, ∂L/∂a)"
+        + (" and row 3" if row3 else "")
+        + ": 95 % band\nfrom re-drawing the training sample's\n"
+        "speakers (one run's, averaged over runs;\n"
+        + ("row 3's CKA: speaker jackknife);\n∂L/∂b" if row3 else "∂L/∂b and row 3")
+        + ": ± std over runs"
+    )
 
 
 def ab_dynamics_figure(
