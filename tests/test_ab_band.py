@@ -164,6 +164,35 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
     pd.testing.assert_frame_equal(same, plain)
 
 
+def test_out_grad_band_on_request_equals_the_draws_one_by_one(lora_run):
+    """analysis.out_grad_band: ∂L/∂b's shares get band rows too; the batched eigenproblems
+    give each draw's spectrum as the one-draw function does."""
+    utt_ids = lora_run.splits["train"].utt_ids
+    run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 4}" for i, u in enumerate(utt_ids)})
+    indices = np.arange(len(utt_ids))
+    tensors = ab_statistics(
+        run, indices, 3, "matched_scale", 0, claim3_frames=0, out_grad_band=True
+    )
+    table = ab_table_from_statistics(tensors, 4, 0.9)
+    for suffix in ("_frac", "_centred_frac"):
+        low = table[table["quantity"] == f"b_out_grad{suffix}_band_low"]
+        high = table[table["quantity"] == f"b_out_grad{suffix}_band_high"]
+        assert len(low) == len(high) == 8
+        assert (low["value"].to_numpy() <= high["value"].to_numpy()).all()
+    module = _module(d_out=6)
+    _frames(module, ["s1"] * 5 + ["s2"] * 4 + ["s3"] * 3)
+    weights = cluster_multiplicities(3, 7, rng_seed=1)
+    draws = module.speaker_draws(weights)
+    for d, row in enumerate(weights):
+        accs = module.by_speaker["b_out_grad"]
+        gram = sum(w * accs[k].gram for w, k in zip(row, sorted(accs), strict=True))
+        np.testing.assert_allclose(
+            draws["sv_draws/b_out_grad"][d], gram_singular_values(gram), rtol=1e-9, atol=1e-9
+        )
+    plain = ab_statistics(run, indices, 3, "matched_scale", 0, claim3_frames=0)
+    assert not any("sv_draws/b_out_grad" in k for k in plain)
+
+
 def test_band_follows_the_energy_fraction_without_a_new_pass(lora_run):
     utt_ids = lora_run.splits["train"].utt_ids
     run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 2}" for i, u in enumerate(utt_ids)})

@@ -25,7 +25,7 @@ from serlens.analysis.passes import (
 from serlens.analysis.representations import cka_table, compute_cka
 from serlens.models.encoder import pooled_layer_states
 
-SETTINGS = {**CFG, "seed": 0, "paper_estimator_input": "run"}
+SETTINGS = {**CFG, "seed": 0, "paper_estimator_input": "run", "out_grad_band": False}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,13 @@ def test_pass_settings_pass_the_paper_std_only_with_the_paper_baseline():
     assert paper["untrained_baseline"] == "paper" and paper["untrained_init_std"] == 0.02
     assert default["paper_estimator_input"] == "run"
     base = pass_settings(validate_config({}), ab=False)
-    assert not {"untrained_baseline", "untrained_init_std", "paper_estimator_input"} & set(base)
+    assert default["out_grad_band"] is False
+    assert not {
+        "untrained_baseline",
+        "untrained_init_std",
+        "paper_estimator_input",
+        "out_grad_band",
+    } & set(base)
     assert {"batch_size", "train_sample", "seed", "classes", "audio"} <= set(base)
 
 
@@ -179,6 +185,7 @@ def test_adapted_pass_reads_every_setting_it_is_passed(lora_run, tmp_path):
             "train_sample": 4,
             "seed": 0,
             "paper_estimator_input": "run",
+            "out_grad_band": False,
             **extra,
         }
         settings = Settings("pass_run", plain)

@@ -69,10 +69,12 @@ draw are stored (``{state}/{module}/sv_draws/{q}``, ``sv_centred_draws/{q}``,
 ``n_frames_draws``), so the table takes the band at any ``energy_fraction``: rows
 ``{q}_frac_band_low/high`` and ``{q}_centred_frac_band_low/high`` are the 2.5 and 97.5
 percentiles of the energy-rank share over the draws, for ``a_out``, ``b_out`` (from the
-A code's Grams, as for the whole sample) and ``a_out_grad``. ∂L/∂b has no band: its Gram is
-d_out x d_out, and a d_out³ eigenproblem per draw, module and state (about 26 s per tiny.en
-run at 100 draws) would cost more than the rest of the analysis; its curve keeps the spread
-over runs. The band says how much the share moves with *which training speakers* were
+A code's Grams, as for the whole sample) and ``a_out_grad``. ∂L/∂b's band is optional
+(``analysis.out_grad_band``, off in the embedded default, on in ``config/paper.yaml``): its
+Gram is d_out x d_out, so the pass keeps one per speaker and solves two d_out³ eigenproblems
+per draw, module and state (batched, :func:`_batched_singular_values`; about 3.6 s per module
+and state at d_out = 384 on 2 CPU cores, more than the rest of the analysis); without it its
+curve keeps the spread over runs. The band says how much the share moves with *which training speakers* were
 sampled; it is of one run, so the aggregated table averages the per-run limits over folds and
 seeds (a typical run's band, as for probing).
 
@@ -316,6 +318,10 @@ BAND_RESAMPLES = 100
 #: the band of the gradient-norm ratio and dW_cos; beyond it (many speakers in a wide module)
 #: those quantities have no band and the pass logs so.
 GRAD_BAND_MAX_BYTES = 16 * 2**20
+#: Most bytes of the per-speaker ∂L/∂b Grams of one pass (every module and state, float64)
+#: for ∂L/∂b's speaker band (``analysis.out_grad_band``): large-v2's 32 ``v_proj`` at 8
+#: speakers take 6.7 GB.
+OUT_GRAD_BAND_MAX_BYTES = 8 * 2**30
 SPECTRA = ("a_out", "b_out", "a_out_grad", "b_out_grad")
 ACTIVATIONS = SPECTRA
 #: Quantities with a trained ÷ untrained row (counts: the shares have the same ratio).
@@ -471,6 +477,12 @@ def gram_singular_values(gram) -> np.ndarray:
     gram = torch.as_tensor(gram).detach().to("cpu", torch.float64)
     eig = torch.linalg.eigvalsh((gram + gram.T) / 2.0)
     return np.sqrt(np.clip(eig.numpy(), 0.0, None))[::-1].copy()
+
+
+def _batched_singular_values(grams: torch.Tensor) -> np.ndarray:
+    """:func:`gram_singular_values` of a stack of Grams ``(draws, d, d)`` in one call."""
+    eig = torch.linalg.eigvalsh((grams + grams.transpose(1, 2)) / 2.0)
+    return np.sqrt(np.clip(eig.numpy(), 0.0, None))[:, ::-1].copy()
 
 
 def product_singular_values(gram_a, B) -> np.ndarray:
@@ -1070,6 +1082,13 @@ class ModuleAccumulators:
             names = [quantity] + (["b_out"] if quantity == "a_out" else [])
             sv = {q: [] for q in names}
             svc = {q: [] for q in names}
+            if quantity == "b_out_grad":  # d_out x d_out: every draw's eigenproblem at once
+                gram = torch.einsum("ds,sij->dij", w, grams)
+                total, n = w @ totals, w @ counts
+                centred = gram - torch.einsum("di,dj->dij", total, total) / n[:, None, None]
+                out["sv_draws/b_out_grad"] = _batched_singular_values(gram)
+                out["sv_centred_draws/b_out_grad"] = _batched_singular_values(centred)
+                continue
             for row in w:
                 gram = torch.einsum("s,sij->ij", row, grams)
                 total, n = row @ totals, float(row @ counts)
@@ -1388,8 +1407,13 @@ def stream_ab_statistics(
     frame_sample: UtteranceFrameSample | None = None,
     forward_only: tuple[AdapterState, ...] = (),
     paper: PaperPass | None = None,
+    out_grad_band: bool = False,
 ) -> dict[str, StateAccumulators]:
     """One log-mel per batch, then per state one forward + backward; per-module accumulators.
+
+    ``out_grad_band`` (``analysis.out_grad_band``): ∂L/∂b's speaker band too (per-speaker
+    d_out x d_out Grams, while they take at most :data:`OUT_GRAD_BAND_MAX_BYTES` in all;
+    modules with a sketched ∂L/∂b have none). Module docstring, "Speaker band".
 
     Loss = mean cross-entropy of ``head(masked_mean(last_hidden_state))`` over the sample
     (the forward of ``LoraEmotionModel``; no class weights: the sample is balanced).
@@ -1425,12 +1449,31 @@ def stream_ab_statistics(
     }
     labels = torch.as_tensor(train.labels)
     speakers = _sample_speakers(run, indices)
-    if speakers is not None:  # ∂L/∂b: no band (module docstring, "Speaker band")
+    if speakers is not None:  # module docstring, "Speaker band"
         n_speakers = len(set(speakers.tolist()))
+        exact = [
+            m.B.shape[0]
+            for state_acc in acc.values()
+            for m in state_acc.modules.values()
+            if isinstance(m.b_out_grad, GramAccumulator)
+        ]
+        out_grad_bytes = 8 * n_speakers * sum(d * d for d in exact)
+        if out_grad_band and out_grad_bytes > OUT_GRAD_BAND_MAX_BYTES:
+            log.warning(
+                "analysis.out_grad_band: %d speakers' ∂L/∂b Grams would take %.1f GiB (more "
+                "than %.1f): no speaker band for ∂L/∂b's energy ranks",
+                n_speakers,
+                out_grad_bytes / 2**30,
+                OUT_GRAD_BAND_MAX_BYTES / 2**30,
+            )
+        keep_out_grad = out_grad_band and out_grad_bytes <= OUT_GRAD_BAND_MAX_BYTES
         for state_acc in acc.values():
             for name, m_acc in state_acc.modules.items():
                 size = 8 * n_speakers * (m_acc.A.numel() + m_acc.B.numel())
-                m_acc.keep_speakers(out_grad=False, gradients=size <= GRAD_BAND_MAX_BYTES)
+                m_acc.keep_speakers(
+                    out_grad=keep_out_grad and isinstance(m_acc.b_out_grad, GramAccumulator),
+                    gradients=size <= GRAD_BAND_MAX_BYTES,
+                )
                 if size > GRAD_BAND_MAX_BYTES:
                     log.warning(
                         "%s: %d speakers' shares of ∂L/∂A and ∂L/∂B would take %.0f MiB "
@@ -1564,6 +1607,7 @@ def ab_statistics(
     claim3_frames: int = CLAIM3_TARGET_FRAMES,
     paper_per_class: int = PAPER_PER_CLASS,
     paper_input: str = "run",
+    out_grad_band: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Everything the ``ab_dynamics`` table needs, with no post-hoc setting applied.
 
@@ -1615,6 +1659,7 @@ def ab_statistics(
         frame_sample=sample,
         forward_only=pair,
         paper=paper,
+        out_grad_band=out_grad_band,
     )
     if paper is not None and paper.own is not None:
         _paper_own_pass(run, paper, batch_size)
@@ -1740,6 +1785,7 @@ def write_ab_statistics(
     exact_max_dims: int = EXACT_GRAM_MAX_DIMS,
     sketch_rows: int = WIDE_SKETCH_ROWS,
     paper_input: str = "run",
+    out_grad_band: bool = False,
 ) -> None:
     """:func:`ab_statistics` of any run with a peft adapter (LoRA or DoRA, any targets and
     layers) written to ``path`` (safetensors, atomically); metadata: ``n_layers``, the
@@ -1759,6 +1805,7 @@ def write_ab_statistics(
         exact_max_dims=exact_max_dims,
         sketch_rows=sketch_rows,
         paper_input=paper_input,
+        out_grad_band=out_grad_band,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1772,6 +1819,7 @@ def write_ab_statistics(
         "paper_fold": str(PAPER_FOLD),
         "paper_per_class": str(PAPER_PER_CLASS),
         "paper_estimator_input": paper_input,
+        "out_grad_band": str(bool(out_grad_band)).lower(),
         "exact_gram_max_dims": str(int(exact_max_dims)),
         "wide_sketch_rows": str(int(sketch_rows)),
     }

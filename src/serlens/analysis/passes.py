@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 #: Keys of ``config["analysis"]`` the passes read: changing one reruns the passes.
 PASS_KEYS = ("batch_size", "train_sample")
 #: Keys only the A/B statistics of a run's pass read (:func:`pass_settings` with ``ab``).
-AB_KEYS = ("untrained_baseline", "paper_estimator_input")
+AB_KEYS = ("untrained_baseline", "paper_estimator_input", "out_grad_band")
 #: Keys only the causal tests of a run's pass read (:mod:`serlens.analysis.causal`).
 CAUSAL_KEYS = ("causal_stride", "causal_ablation")
 #: Read by the A/B statistics only when ``untrained_baseline`` is ``paper`` (its std).
@@ -370,6 +370,7 @@ def adapted_pass(
             ab_out,
             init_std,
             paper_input=settings["paper_estimator_input"],
+            out_grad_band=settings["out_grad_band"],
         )
     if causal_out is not None:
         from serlens.analysis.causal import causal_logits, write_causal

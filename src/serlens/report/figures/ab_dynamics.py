@@ -162,13 +162,17 @@ def _shading_note(table: pd.DataFrame) -> str:
     if not any(q.endswith("_band_low") for q in quantities):
         return "shaded: ± std over runs"
     row3 = "grad_norm_ratio_B_A_band_low" in quantities
+    out_grad = "b_out_grad_frac_band_low" in quantities
+    rest = [part for part, banded in (("∂L/∂b", out_grad), ("row 3", row3)) if not banded]
     return (
-        "shaded, rows 1-2 (a, b, ∂L/∂a)"
+        "shaded, rows 1-2 (a, b"
+        + (", ∂L/∂a, ∂L/∂b)" if out_grad else ", ∂L/∂a)")
         + (" and row 3" if row3 else "")
         + ": 95 % band\nfrom re-drawing the training sample's\n"
-        "speakers (one run's, averaged over runs;\n"
-        + ("row 3's CKA: speaker jackknife);\n∂L/∂b" if row3 else "∂L/∂b and row 3")
-        + ": ± std over runs"
+        "speakers (one run's, averaged over runs"
+        + ("; row 3's CKA: speaker jackknife" if row3 else "")
+        + ")"
+        + (f";\n{' and '.join(rest)}: ± std over runs" if rest else "")
     )
 
 
