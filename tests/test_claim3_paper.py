@@ -373,7 +373,7 @@ def test_pass_paper_rows_use_the_paper_baseline_whatever_is_configured(lora_run,
     a, b = _paper_values(matched), _paper_values(paper)
     assert a.keys() == b.keys() and {k.split("/")[-1] for k in a} == set(PAPER_SCALARS)
     # three of them under both states (the gradients' CKA, its float32 value, its exponent)
-    assert len(a) == (len(PAPER_SCALARS) + 3) * len(lora_run.lora_modules())
+    assert len(a) == (len(PAPER_SCALARS) + 3) * len(lora_run.lora_modules())  # no speakers
     for key in a:
         # float32 kernels of gradient-sized values are rounding: compare those loosely
         tol = 2e-2 if key.endswith("_f32") else 1e-5
@@ -487,6 +487,52 @@ def test_claim3_paper_rows_supported_by_a_jackknife_interval_above_zero():
     assert "A (linear) 0.950" in fwd["note"] and "two untrained draws" in fwd["note"]
     assert "float32" in bwd["note"] and "trained 0.000" in bwd["note"]
     assert "CountSketch" in fwd["note"]
+
+
+def test_claim3_paper_rows_use_the_speaker_jackknife_where_the_pass_stored_it():
+    """With speaker SEs the interval is t_{G−1} over the G speakers, not t_{n−1} over the
+    utterances: wider for the same SE."""
+    runs = ab_runs_paper(0.95, 0.75, 0.6, 0.05)
+    extra = runs[runs["quantity"] == "paper_cka_excess_se"].copy()
+    speaker_rows = pd.concat(
+        [
+            extra.assign(quantity="paper_cka_excess_speaker_se", value=0.05),
+            extra.assign(quantity="paper_cka_fwd_minus_bwd_speaker_se", value=0.05),
+            extra.assign(quantity="paper_cka_n_speakers", value=6.0),
+        ]
+    )
+    rows = _paper_rows(claim3_rows(pd.concat([runs, speaker_rows]), ["m"], ["lora_r8"], 0.1))
+    fwd = rows.iloc[0]
+    half = 2.5705818 * 0.05  # t_{5, 0.975}: 6 speakers
+    assert (fwd["ci_low"], fwd["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert "jackknife over the sample's 6 training speakers" in fwd["compared_with"]
+
+
+def test_pass_paper_rows_get_a_speaker_jackknife_band(lora_run):
+    """A run that knows its speakers gets, per paper quantity, an interval around it and
+    the statistics' speaker SEs; leaving a speaker out equals the estimator on the rest."""
+    from serlens.analysis.ab_cka import jackknife_interval as interval
+    from serlens.analysis.ab_cka import kernel_cka
+    from serlens.analysis.ab_dynamics import ab_statistics
+
+    utt_ids = lora_run.splits["train"].utt_ids
+    run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 4}" for i, u in enumerate(utt_ids)})
+    values = _paper_values(ab_statistics(run, np.arange(8), 4, "matched_scale", 0, claim3_frames=0))
+    name = sorted(run.lora_modules())[0]
+    t = {k.split("/")[-1]: v for k, v in values.items() if k.startswith(f"trained/{name}/")}
+    assert t["paper_cka_n_speakers"] == 4
+    assert t["paper_cka_fwd_a_band_low"] < t["paper_cka_fwd_a"] < t["paper_cka_fwd_a_band_high"]
+    assert np.isfinite(t["paper_cka_excess_speaker_se"])
+    # by hand: the trained codes' Grams with each speaker's two utterances left out
+    plan = _stream_sample(run, np.arange(8), batch_size=4)
+    G_t, G_p = (plan.sample.gram((role, name, "a_code")) for role in ("trained", "paper"))
+    who = np.array([i % 4 for i in plan.sample.selected()])
+    held = [kernel_cka(G_t[np.ix_(who != g, who != g)], G_p[np.ix_(who != g, who != g)]) for g in range(4)]  # fmt: skip
+    low, high = interval(kernel_cka(G_t, G_p), held)
+    assert t["paper_cka_fwd_a_band_low"] == pytest.approx(low, abs=1e-6)
+    assert t["paper_cka_fwd_a_band_high"] == pytest.approx(high, abs=1e-6)
+    plain = _paper_values(ab_statistics(lora_run, np.arange(8), 4, "matched_scale", 0, claim3_frames=0))  # fmt: skip
+    assert not any(k.endswith(("_band_low", "_speaker_se", "n_speakers")) for k in plain)
 
 
 def test_claim3_paper_rows_contradicted_when_at_the_null_and_inconclusive_without_interval():

@@ -472,7 +472,7 @@ def test_claim3_figure_draws_each_estimator_against_its_null(results):
                 at = xy[np.isclose(xy[:, 0], x), 1]
                 assert at.max() - at.min() == pytest.approx(0.1), ax.get_title()
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
-    assert "speaker-jackknife" in legend
+    assert "speaker-jackknife" in legend and "row 2: ± std over runs" in legend
     no_band = ab[~quantities.str.contains("_band_")]
     fig = figures.ab_cka_figure(no_band, MODEL)
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())

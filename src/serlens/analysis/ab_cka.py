@@ -779,6 +779,7 @@ def paper_cka(
     sample: FlatGramSample,
     name: str,
     dims: dict[str, int],
+    speakers: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """The paper's estimator of module ``name`` (module docstring): ``{state: {quantity: value}}``.
 
@@ -807,6 +808,12 @@ def paper_cka(
     the CKA, so a percentile interval can miss its own estimate.) Also
     ``paper_cka_n_utterances``, ``paper_cka_n_frames`` (``T``) and
     ``paper_cka_sketch_buckets`` (0: every Gram exact).
+
+    ``speakers`` (utterance id -> speaker): with at least 3 speakers among the utterances,
+    the same jackknife with each *speaker's* utterances left out in turn (utterances of one
+    speaker are not independent): ``paper_cka_excess_speaker_se``,
+    ``paper_cka_fwd_minus_bwd_speaker_se``, ``paper_cka_n_speakers``, and for every CKA
+    value ``q`` its 95 % interval ``q_band_low``/``q_band_high`` (:func:`jackknife_interval`).
     """
     T = sample.n_frames
     n_a, n_b = T * int(dims["a"]), T * int(dims["b"])
@@ -879,6 +886,32 @@ def paper_cka(
         for role in ("trained", "paper")
         for g in ("a_out_grad", "b_out_grad")
     )
+    order = sample.selected()
+    who = [None if speakers is None else speakers.get(u) for u in order]
+    groups = sorted({w for w in who if w is not None}) if None not in who else []
+    if len(groups) >= 3:
+        held: dict[str, list[float]] = {k: [] for k in pairs}
+        for g in groups:
+            keep = np.array([i for i, w in enumerate(who) if w != g])
+            cut = {k: K[np.ix_(keep, keep)] for k, K in kernels.items()}
+            for k, (x, y) in pairs.items():
+                held[k].append(kernel_cka(cut[x], cut[y]) if len(keep) >= 2 else math.nan)
+        loo = statistics({k: np.asarray(v) for k, v in held.items()})
+        for stat, values in loo.items():
+            trained[f"paper_cka_{stat}_speaker_se"] = jackknife_se(values)
+        named = {
+            "fwd_a": (trained, "paper_cka_fwd_a"),
+            "fwd_b": (trained, "paper_cka_fwd_b"),
+            "bwd": (trained, "paper_cka_bwd_ba"),
+            "fwd_a_null": (untrained, "paper_cka_fwd_a_null"),
+            "fwd_b_null": (untrained, "paper_cka_fwd_b_null"),
+            "bwd_untrained": (untrained, "paper_cka_bwd_ba"),
+        }
+        for k, (values, q) in named.items():
+            values[f"{q}_band_low"], values[f"{q}_band_high"] = jackknife_interval(
+                float(v[k]), held[k]
+            )
+        trained["paper_cka_n_speakers"] = float(len(groups))
     trained["paper_cka_n_utterances"] = float(n)
     trained["paper_cka_n_frames"] = float(T)
     trained["paper_cka_sketch_buckets"] = float(sample.buckets if sketched else 0)

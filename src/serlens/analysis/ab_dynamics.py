@@ -394,6 +394,18 @@ PAPER_SCALARS = (
     "paper_cka_sketch_buckets",
     "paper_cka_pad30",
 )
+#: The paper's estimator's speaker jackknife (:func:`serlens.analysis.ab_cka.paper_cka`),
+#: where its utterances come from at least 3 speakers.
+PAPER_BANDS = (
+    "paper_cka_excess_speaker_se",
+    "paper_cka_fwd_minus_bwd_speaker_se",
+    "paper_cka_n_speakers",
+    *(
+        f"paper_cka_{q}{bound}"
+        for q in ("fwd_a", "fwd_b", "fwd_a_null", "fwd_b_null", "bwd_ba")
+        for bound in ("_band_low", "_band_high")
+    ),
+)
 #: ``analysis.paper_estimator_input``: the pass's own batches (``run``) or 30-s padding.
 PAPER_INPUTS = ("run", "pad30")
 #: DoRA's magnitude vector, per DoRA module and state (see the module docstring).
@@ -1663,6 +1675,12 @@ def ab_statistics(
     )
     if paper is not None and paper.own is not None:
         _paper_own_pass(run, paper, batch_size)
+    speakers = _sample_speakers(run, indices)
+    by_utt = (
+        None
+        if speakers is None
+        else dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
+    )
     out = {}
     if paper is not None and paper.sample.selected():
         padded = float(run.policy == "pad30" or paper.own is not None)
@@ -1672,17 +1690,11 @@ def ab_statistics(
                 acc["trained"].modules[name].A.shape[0],
                 acc["trained"].modules[name].B.shape[0],
             )
-            values = paper_cka(paper.sample, name, {"a": r, "b": d_out})
+            values = paper_cka(paper.sample, name, {"a": r, "b": d_out}, speakers=by_utt)
             for state, named in values.items():
                 for key, value in named.items():
                     out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     if sample is not None:
-        speakers = _sample_speakers(run, indices)
-        by_utt = (
-            None
-            if speakers is None
-            else dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
-        )
         for name in acc["trained"].modules:
             factors = {s.name: s.weights[name][1] for s in (*states, *pair)}
             for state, values in claim3_cka(sample, name, factors, speakers=by_utt).items():
@@ -1939,6 +1951,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
                         *CLAIM3_SCALARS,
                         *CLAIM3_BANDS,
                         *PAPER_SCALARS,
+                        *PAPER_BANDS,
                     )
                     if q in named
                 }
@@ -1955,6 +1968,7 @@ def ab_table_from_statistics(tensors: dict, n_layers: int, energy_fraction: floa
         *CLAIM3_SCALARS,
         *CLAIM3_BANDS,
         *PAPER_SCALARS,
+        *PAPER_BANDS,
         *(
             f"{q}{suffix}{bound}"
             for q in SPECTRA

@@ -54,10 +54,12 @@ The claims (Behind the Scenes, arXiv 2509.08454):
      CKA_rbf(b_T, b_U)] − CKA_rbf(∂L/∂b, ∂L/∂a) of the trained model.
 
    There is one sample of one fold, so no interval over folds: the interval is a
-   jackknife over the utterances (leave one out; a bootstrap is biased for kernels, whose
-   repeated utterances bring self-similarities off the diagonal): per layer the pass stores
-   the jackknife standard error, with the same utterance left out of every kernel; the
-   interval is the estimate ± t_{n−1} times those standard errors averaged over the layers
+   jackknife over the sample's training speakers (each speaker's utterances left out in
+   turn: utterances of one speaker are not independent; a bootstrap is biased for kernels,
+   whose repeated utterances bring self-similarities off the diagonal), over the utterances
+   for a run without speakers: per layer the pass stores the jackknife standard error, with
+   the same speaker (utterance) left out of every kernel; the interval is the estimate ±
+   t_{G−1} (t_{n−1}) times those standard errors averaged over the layers
    and, with several seeds of fold 1 (the same utterances), over those runs. The mean of
    the per-layer standard errors is at least the layer mean's own jackknife standard error
    (Minkowski's inequality over the leave-one-out deviations), so the interval is
@@ -476,6 +478,9 @@ PAPER_COLUMNS = {
     ("paper_cka_n_frames", "trained"): "n_frames",
     ("paper_cka_sketch_buckets", "trained"): "sketch",
     ("paper_cka_pad30", "trained"): "pad30",
+    ("paper_cka_excess_speaker_se", "trained"): "excess_speaker_se",
+    ("paper_cka_fwd_minus_bwd_speaker_se", "trained"): "fwd_minus_bwd_speaker_se",
+    ("paper_cka_n_speakers", "trained"): "n_speakers",
 }
 
 
@@ -596,11 +601,15 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
             else " (exact Grams)"
         )
     )
+    by_speaker = bool(np.isfinite(frame["excess_speaker_se"].to_numpy(float)).any())
     interval = (
-        "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard errors "
-        "averaged over layers and runs: conservative); one sample of one fold, no interval "
-        "over folds"
-    )
+        f"jackknife over the sample's {m['n_speakers']:.0f} training speakers (each "
+        "speaker's utterances left out in turn; estimate ± t_{G−1} × the per-layer "
+        "standard errors averaged over layers and runs: conservative)"
+        if by_speaker
+        else "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard "
+        "errors averaged over layers and runs: conservative; the run has no speakers)"
+    ) + "; one sample of one fold, no interval over folds"
     forward_note = (
         f"as the paper reads it, CKA(trained, untrained): A (linear) {m['fwd_a']:.3f}, "
         f"B (RBF) {m['fwd_b']:.3f} (high = alignment, no null); two untrained draws under "
@@ -633,7 +642,11 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
     ):
         values = frame[column].to_numpy(float)
         estimate = float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
-        lo, hi = jackknife_interval(estimate, frame[f"{column}_se"].to_numpy(float), m["n_utts"])
+        if by_speaker:
+            se, n_units = frame[f"{column}_speaker_se"].to_numpy(float), m["n_speakers"]
+        else:
+            se, n_units = frame[f"{column}_se"].to_numpy(float), m["n_utts"]
+        lo, hi = jackknife_interval(estimate, se, n_units)
         rows.append(
             _row(
                 3,

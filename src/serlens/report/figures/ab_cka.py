@@ -76,16 +76,24 @@ def _curve(table: pd.DataFrame, method: str, quantity: str, state: str) -> pd.Da
 
 
 def _shading_note(table: pd.DataFrame) -> str:
-    """What the shaded areas are (row 1: the speaker band where the table has it)."""
-    sound = any(
-        not rows(table, quantity=f"{q}_band_low").empty for q in ("cka_fwd_a", "cka_bwd_ba")
-    )
-    if sound:
-        return (
-            "shaded, row 1: 95 % speaker-jackknife interval over the training sample's speakers "
-            "(one run's, averaged over runs); row 2: ± std over runs"
+    """What the shaded areas are: per row, the speaker jackknife where the table has it."""
+
+    def banded(prefix: str) -> bool:
+        return any(
+            not rows(table, quantity=f"{prefix}{q}_band_low").empty
+            for q in ("cka_fwd_a", "cka_bwd_ba")
         )
-    return "shaded: ± std over runs"
+
+    sound, paper = banded(""), banded("paper_")
+    if not (sound or paper):
+        return "shaded: ± std over runs"
+    with_band = " and ".join(r for r, b in (("row 1", sound), ("row 2", paper)) if b)
+    without = [r for r, b in (("row 1", sound), ("row 2", paper)) if not b]
+    return (
+        f"shaded, {with_band}: 95 % speaker-jackknife interval over the training sample's "
+        "speakers (one run's, averaged over runs)"
+        + (f"; {without[0]}: ± std over runs" if without else "")
+    )
 
 
 def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
@@ -95,7 +103,8 @@ def ab_cka_figure(ab_dynamics: pd.DataFrame, model: str):
     dashed = the same CKA between two independent untrained draws (the null: what two
     random adapters on the same inputs share). Backward panels: solid = CKA(∂L/∂b, ∂L/∂a)
     of the trained model, dashed = of the untrained one. Shaded: row 1 the 95 % speaker
-    jackknife interval where the table has it (else ± std over runs), row 2 ± std. A row
+    jackknife interval where the table has it (row 2: of the paper's sample's speakers),
+    else ± std over runs. A row
     without rows in the table (an older pass, or no fold 1) says so.
     """
     table = rows(ab_dynamics, model=model)
