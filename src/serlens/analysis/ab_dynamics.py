@@ -1286,34 +1286,79 @@ def _sub_batch(batch: MelBatch, rows: torch.Tensor) -> MelBatch:
     return MelBatch(batch.mel[rows], batch.frame_mask[rows], batch.policy, key)
 
 
+def _paper_backward(run, modules, taps, paper: PaperPass, state, role, batch, targets, idx) -> None:
+    """One forward and backward of ``state`` on ``batch`` (every row one of the paper's
+    utterances ``idx``), its rows offered under ``role``. Loss ``Σ_u CE_u``: each
+    utterance's rows are its own ``∂CE_u/∂·``, the paper's batch of one."""
+    _load_adapters(modules, state)
+    taps.clear()
+    out = run_encoder(run.encoder, batch)
+    logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
+    loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    rows = torch.arange(len(idx), device=batch.mel.device)
+    paper.offer(role, idx, rows, _paper_lengths(batch), taps.gradients(loss), 1.0)
+    del out, logits, loss
+    taps.clear()
+
+
+def _paper_forward(run, modules, taps, paper: PaperPass, state, batch, idx) -> None:
+    """One forward of ``state`` (the paper's second draw) on ``batch``, its codes offered."""
+    _load_adapters(modules, state)
+    taps.clear()
+    with torch.no_grad():
+        run_encoder(run.encoder, batch)
+    codes = {name: {"code": taps.captured[(name, "a")]} for name in modules}
+    rows = torch.arange(len(idx), device=batch.mel.device)
+    paper.offer("paper_pair", idx, rows, _paper_lengths(batch), codes, 1.0)
+    taps.clear()
+
+
+def _paper_lengths(batch: MelBatch) -> torch.Tensor:
+    """Frames kept of each row (:func:`_paper_rows`): all 1500 under ``pad30``, else the
+    frames each clip occupies."""
+    if batch.policy == "pad30":
+        return torch.full((batch.mel.shape[0],), batch.n_frames)
+    return batch.attended.sum(dim=1).cpu()
+
+
 def _paper_extra(run, modules, taps, paper: PaperPass, batch, targets, idx, chosen) -> None:
     """The paper's baseline (and its second draw) on the batch's paper utterances, where
     no state of the pass is them."""
-    rows, lengths = chosen
+    rows, _ = chosen
     sub = _sub_batch(batch, rows)
-    local = torch.arange(len(rows), device=rows.device)
-    names = list(modules)
     sub_idx = np.asarray(idx)[rows.cpu().numpy()]
     if paper.backward is not None:
-        state = paper.backward
-        _load_adapters(modules, state)
-        taps.clear()
-        out = run_encoder(run.encoder, sub)
-        logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
-        # Σ_u CE_u: each utterance's rows are its own ∂CE_u/∂·, the paper's batch of one
-        loss = nn.functional.cross_entropy(logits.float(), targets[rows], reduction="sum")
-        grads = taps.gradients(loss)
-        paper.offer("paper", sub_idx, local, lengths, grads, 1.0)
-        del out, logits, loss, grads
-        taps.clear()
+        _paper_backward(
+            run, modules, taps, paper, paper.backward, "paper", sub, targets[rows], sub_idx
+        )
     if paper.forward is not None:
-        _load_adapters(modules, paper.forward)
-        taps.clear()
-        with torch.no_grad():
-            run_encoder(run.encoder, sub)
-        codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
-        paper.offer("paper_pair", sub_idx, local, lengths, codes, 1.0)
-        taps.clear()
+        _paper_forward(run, modules, taps, paper, paper.forward, sub, sub_idx)
+
+
+def _paper_own_pass(run: TrainedRun, paper: PaperPass, batch_size: int) -> None:
+    """The paper's estimator on its own utterances padded to 30 s (module docstring, "Claim
+    3's CKA quantities"): per batch, the trained state and the paper's baseline one forward
+    and backward each (:func:`_paper_backward`), its second draw one forward; every one of
+    the 1500 frames of each utterance is offered (padding included, as the paper's code
+    flattens them). The head reads the run's own pooling (the audio frames' mean): only the
+    statistics see the padding."""
+    trained, base, second = paper.own
+    modules = dict(sorted(run.lora_modules().items()))
+    train = run.splits["train"]
+    device = next(run.encoder.parameters()).device
+    labels = torch.as_tensor(train.labels)
+    chosen = np.array(sorted(paper.sample.members), dtype=np.int64)
+    with (
+        _adapters_restored(run),
+        _gradients_through_adapters(run, [trained.head, base.head]),
+        AdapterTaps(modules) as taps,
+    ):
+        for idx, batch in run.batches(train, batch_size, chosen, policy="pad30"):
+            batch = batch.to(device)
+            targets = labels[torch.as_tensor(idx)].to(device)
+            for role, state in (("trained", trained), ("paper", base)):
+                _paper_backward(run, modules, taps, paper, state, role, batch, targets, idx)
+            _paper_forward(run, modules, taps, paper, second, batch, idx)
 
 
 def reservoir_cka_band(code, grad, speakers, estimate: float) -> dict[str, float]:
@@ -1331,48 +1376,6 @@ def reservoir_cka_band(code, grad, speakers, estimate: float) -> dict[str, float
     ]
     low, high = jackknife_interval(estimate, held)
     return {"cka_a_code_vs_b_out_grad_band_low": low, "cka_a_code_vs_b_out_grad_band_high": high}
-
-
-def _paper_own_pass(run: TrainedRun, paper: PaperPass, batch_size: int) -> None:
-    """The paper's estimator on its own utterances padded to 30 s (module docstring, "Claim
-    3's CKA quantities"): per batch, the trained state and the paper's baseline one forward
-    and backward each (loss ``Σ_u CE_u``: each utterance's rows are its ``∂CE_u/∂·``), its
-    second draw one forward; every one of the 1500 frames of each utterance is offered
-    (padding included, as the paper's code flattens them). The head reads the run's own
-    pooling (the audio frames' mean): only the statistics see the padding."""
-    trained, base, second = paper.own
-    modules = dict(sorted(run.lora_modules().items()))
-    names = list(modules)
-    train = run.splits["train"]
-    device = next(run.encoder.parameters()).device
-    labels = torch.as_tensor(train.labels)
-    chosen = np.array(sorted(paper.sample.members), dtype=np.int64)
-    with (
-        _adapters_restored(run),
-        _gradients_through_adapters(run, [trained.head, base.head]),
-        AdapterTaps(modules) as taps,
-    ):
-        for idx, batch in run.batches(train, batch_size, chosen, policy="pad30"):
-            batch = batch.to(device)
-            targets = labels[torch.as_tensor(idx)].to(device)
-            rows = torch.arange(len(idx), device=batch.mel.device)
-            lengths = torch.full((len(idx),), batch.n_frames)
-            for role, state in (("trained", trained), ("paper", base)):
-                _load_adapters(modules, state)
-                taps.clear()
-                out = run_encoder(run.encoder, batch)
-                logits = state.head(masked_mean(out.last_hidden_state, out.frame_mask))
-                loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-                paper.offer(role, idx, rows, lengths, taps.gradients(loss), 1.0)
-                del out, logits, loss
-                taps.clear()
-            _load_adapters(modules, second)
-            taps.clear()
-            with torch.no_grad():
-                run_encoder(run.encoder, batch)
-            codes = {name: {"code": taps.captured[(name, "a")]} for name in names}
-            paper.offer("paper_pair", idx, rows, lengths, codes, 1.0)
-            taps.clear()
 
 
 def _module_accumulators(
