@@ -503,9 +503,9 @@ def test_ab_figure_shades_row_3_with_the_speaker_band_where_the_table_has_it(res
             at = xy[np.isclose(xy[:, 0], x), 1]
             assert at.max() - at.min() == pytest.approx(0.1)
     notes = " ".join(t.get_text() for a in fig.axes for t in a.texts)
-    assert "(a, b, ∂L/∂a) and row 3" in notes and "∂L/∂b: ± std" in notes
+    assert "(a, b, ∂L/∂a)\nand row 3" in notes and "∂L/∂b: ± std" in notes
     plain = figures.ab_dynamics_figure(ab, MODEL, 0.9)
-    assert "(a, b, ∂L/∂a) and row 3" not in " ".join(
+    assert "(a, b, ∂L/∂a)\nand row 3" not in " ".join(
         t.get_text() for a in plain.axes for t in a.texts
     )
 

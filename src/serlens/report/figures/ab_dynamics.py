@@ -12,6 +12,7 @@ from .style import (
     by_layer,
     empty_panel,
     figure_style,
+    fold_note,
     lora_methods,
     method_colors,
     method_label,
@@ -167,10 +168,10 @@ def _shading_note(table: pd.DataFrame) -> str:
     return (
         "shaded, rows 1-2 (a, b"
         + (", ∂L/∂a, ∂L/∂b)" if out_grad else ", ∂L/∂a)")
-        + (" and row 3" if row3 else "")
-        + ": 95 % band\nfrom re-drawing the training sample's\n"
-        "speakers (one run's, averaged over runs"
-        + ("; row 3's CKA: speaker jackknife" if row3 else "")
+        + ("\nand row 3" if row3 else "")
+        + ": 95 % band from re-drawing\nthe training sample's speakers\n"
+        "(one run's, averaged over runs"
+        + (";\nrow 3's CKA: speaker jackknife" if row3 else "")
         + ")"
         + (f";\n{' and '.join(rest)}: ± std over runs" if rest else "")
     )
@@ -290,12 +291,15 @@ def ab_dynamics_figure(
             color="0.25",
             va="center",
         )
+        # the paper estimator's rows (fold 1 only) are the claim-3 figure's, not drawn here
+        drawn_rows = table[~table["quantity"].astype(str).str.startswith("paper_cka")]
         fig.suptitle(
             model_title(
                 model,
-                table,
+                drawn_rows,
                 "LoRA/DoRA A/B activations and gradients on the training sample",
                 offset=1,
+                spread=f"mean over {fold_note(drawn_rows)}; shading: see the note",
             )
         )
     return fig
