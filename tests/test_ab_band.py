@@ -159,8 +159,10 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
             assert v[(module, "cka_n_speakers", "trained")] == 4
     # a run without speakers (or one speaker) has no band rows, and its other rows are unchanged
     plain = compute_ab_dynamics(lora_run, CFG, seed=0)
-    assert not plain["quantity"].str.contains("_band_|cka_n_speakers").any()
-    same = table[~table["quantity"].str.contains("_band_|cka_n_speakers")].reset_index(drop=True)
+    assert not plain["quantity"].str.contains("_band_|cka_n_speakers|_speaker_se").any()
+    same = table[~table["quantity"].str.contains("_band_|cka_n_speakers|_speaker_se")].reset_index(
+        drop=True
+    )
     pd.testing.assert_frame_equal(same, plain)
 
 

@@ -492,7 +492,8 @@ def test_ab_figure_shades_row_3_with_the_speaker_band_where_the_table_has_it(res
     ratio = ab[ab["quantity"] == "grad_norm_ratio_B_A"].assign(
         quantity="grad_norm_ratio_B_A_band_low"
     )
-    with_band = pd.concat([ab, *bands, ratio], ignore_index=True)
+    a_out = cos.assign(quantity="a_out_frac_band_low")  # a rows-1-2 band row
+    with_band = pd.concat([ab, *bands, ratio, a_out], ignore_index=True)
     fig = figures.ab_dynamics_figure(with_band, MODEL, 0.9)
     ax = next(a for a in fig.axes if a.get_ylabel().startswith("cos(s²"))
     shades = [c for c in ax.collections if len(c.get_paths())]

@@ -469,7 +469,7 @@ def gradient_draws(grad_A, grad_B, A, B, weights) -> dict[str, np.ndarray]:
     w = torch.as_tensor(np.asarray(weights), dtype=f64)
     gA = torch.einsum("ds,sij->dij", w, torch.as_tensor(grad_A, dtype=f64))
     gB = torch.einsum("ds,sij->dij", w, torch.as_tensor(grad_B, dtype=f64))
-    A, B = torch.as_tensor(A).to(f64), torch.as_tensor(B).to(f64)
+    A, B = (torch.as_tensor(t).detach().to("cpu", f64) for t in (A, B))
     norm_a, norm_b = gA.square().sum(dim=(1, 2)), gB.square().sum(dim=(1, 2))
     from_a = torch.einsum("ik,dij,dkj->d", B.T @ B, gA, gA)
     from_b = torch.einsum("jk,dij,dik->d", A @ A.T, gB, gB)
@@ -493,6 +493,7 @@ def gram_singular_values(gram) -> np.ndarray:
 
 def _batched_singular_values(grams: torch.Tensor) -> np.ndarray:
     """:func:`gram_singular_values` of a stack of Grams ``(draws, d, d)`` in one call."""
+    grams = grams.detach().to("cpu", torch.float64)
     eig = torch.linalg.eigvalsh((grams + grams.transpose(1, 2)) / 2.0)
     return np.sqrt(np.clip(eig.numpy(), 0.0, None))[:, ::-1].copy()
 
@@ -933,7 +934,9 @@ class AdapterTaps:
                     f"{key[0]}: lora_{key[1].upper()} ran twice on frames in one forward"
                 )
             self.captured[key] = output
-            if key[1] == "a":  # lora_A's input x (after LoRA dropout: x itself in eval)
+            if key[1] == "a" and torch.is_grad_enabled():
+                # lora_A's input x (after LoRA dropout: x itself in eval), for the speakers'
+                # shares of ∂L/∂A; not kept in forwards without gradients
                 self.captured[(key[0], "x")] = inputs[0]
 
         return hook
@@ -971,7 +974,7 @@ class AdapterTaps:
         for i, name in enumerate(names):
             values = {
                 "code": outputs[2 * i].detach(),
-                "x": self.captured[(name, "x")].detach(),
+                "x": self.captured[(name, "x")].detach() if (name, "x") in self.captured else None,
                 "code_grad": grads[2 * i],
                 "out_grad": grads[2 * i + 1],
                 "grad_A": grads[k],
@@ -1088,8 +1091,9 @@ class ModuleAccumulators:
                 raise ValueError(
                     f"{quantity}: {len(speakers)} speakers have frames, the draws weigh {w.shape[1]}"
                 )
-            grams = torch.stack([accs[k].gram for k in speakers])
-            totals = torch.stack([accs[k].total for k in speakers])
+            # on the CPU, where the draws' weights are (the accumulators live on the device)
+            grams = torch.stack([accs[k].gram for k in speakers]).cpu()
+            totals = torch.stack([accs[k].total for k in speakers]).cpu()
             counts = torch.as_tensor([float(accs[k].n_rows) for k in speakers], dtype=torch.float64)
             names = [quantity] + (["b_out"] if quantity == "a_out" else [])
             sv = {q: [] for q in names}

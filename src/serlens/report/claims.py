@@ -601,15 +601,20 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
             else " (exact Grams)"
         )
     )
-    by_speaker = bool(np.isfinite(frame["excess_speaker_se"].to_numpy(float)).any())
-    interval = (
-        f"jackknife over the sample's {m['n_speakers']:.0f} training speakers (each "
-        "speaker's utterances left out in turn; estimate ± t_{G−1} × the per-layer "
-        "standard errors averaged over layers and runs: conservative)"
-        if by_speaker
-        else "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard "
-        "errors averaged over layers and runs: conservative; the run has no speakers)"
-    ) + "; one sample of one fold, no interval over folds"
+
+    def speaker_se(column: str) -> bool:
+        return bool(np.isfinite(frame[f"{column}_speaker_se"].to_numpy(float)).any())
+
+    def interval(column: str) -> str:
+        return (
+            f"jackknife over the sample's {m['n_speakers']:.0f} training speakers (each "
+            "speaker's utterances left out in turn; estimate ± t_{G−1} × the per-layer "
+            "standard errors averaged over layers and runs: conservative)"
+            if speaker_se(column)
+            else "jackknife over the utterances (estimate ± t_{n−1} × the per-layer standard "
+            "errors averaged over layers and runs: conservative; no speaker standard error)"
+        ) + "; one sample of one fold, no interval over folds"
+
     forward_note = (
         f"as the paper reads it, CKA(trained, untrained): A (linear) {m['fwd_a']:.3f}, "
         f"B (RBF) {m['fwd_b']:.3f} (high = alignment, no null); two untrained draws under "
@@ -629,20 +634,20 @@ def claim3_paper_rows(frame: pd.DataFrame, model, method, sesoi: float) -> list[
             "untrained'), linear CKA of A codes and RBF CKA of B outputs averaged (flattened "
             "utterances, paper baseline N(0, 0.02²))",
             "excess",
-            f"0 (trained as aligned with untrained as two untrained draws); {interval}",
+            f"0 (trained as aligned with untrained as two untrained draws); {interval('excess')}",
             forward_note,
         ),
         (
             "paper's estimator: mean over layers of forward CKA(trained, untrained) − "
             "RBF CKA(∂L/∂b, ∂L/∂a) trained",
             "fwd_minus_bwd",
-            f"0 (gradients as alike as the forward codes); {interval}",
+            f"0 (gradients as alike as the forward codes); {interval('fwd_minus_bwd')}",
             backward_note,
         ),
     ):
         values = frame[column].to_numpy(float)
         estimate = float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
-        if by_speaker:
+        if speaker_se(column):
             se, n_units = frame[f"{column}_speaker_se"].to_numpy(float), m["n_speakers"]
         else:
             se, n_units = frame[f"{column}_se"].to_numpy(float), m["n_utts"]

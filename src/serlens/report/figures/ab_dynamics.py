@@ -160,15 +160,31 @@ def _sketched(table: pd.DataFrame) -> bool:
 def _shading_note(table: pd.DataFrame) -> str:
     """What the shaded areas are: the training-speaker band where the table has it."""
     quantities = set(table["quantity"].astype(str))
-    if not any(q.endswith("_band_low") for q in quantities):
-        return "shaded: ± std over runs"
-    row3 = "grad_norm_ratio_B_A_band_low" in quantities
+    rows12 = "a_out_frac_band_low" in quantities
+    row3 = bool({"grad_norm_ratio_B_A_band_low", "cka_a_code_vs_b_out_grad_band_low"} & quantities)
     out_grad = "b_out_grad_frac_band_low" in quantities
-    rest = [part for part, banded in (("∂L/∂b", out_grad), ("row 3", row3)) if not banded]
+    if not (rows12 or row3):
+        return "shaded: ± std over runs"
+    banded = [
+        part
+        for part, has in (
+            ("rows 1-2 (a, b, ∂L/∂a" + (", ∂L/∂b)" if out_grad else ")"), rows12),
+            ("row 3", row3),
+        )
+        if has
+    ]
+    rest = [
+        part
+        for part, missing in (
+            ("∂L/∂b", rows12 and not out_grad),
+            ("rows 1-2", not rows12),
+            ("row 3", not row3),
+        )
+        if missing
+    ]
     return (
-        "shaded, rows 1-2 (a, b"
-        + (", ∂L/∂a, ∂L/∂b)" if out_grad else ", ∂L/∂a)")
-        + ("\nand row 3" if row3 else "")
+        "shaded, "
+        + "\nand ".join(banded)
         + ": 95 % band from re-drawing\nthe training sample's speakers\n"
         "(one run's, averaged over runs"
         + (";\nrow 3's CKA: speaker jackknife" if row3 else "")
