@@ -166,9 +166,12 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
     pd.testing.assert_frame_equal(same, plain)
 
 
-def test_out_grad_band_on_request_equals_the_draws_one_by_one(lora_run):
+def test_out_grad_band_on_request_equals_the_draws_one_by_one(lora_run, monkeypatch):
     """analysis.out_grad_band: ∂L/∂b's shares get band rows too; the batched eigenproblems
     give each draw's spectrum as the one-draw function does."""
+    import serlens.analysis.ab_dynamics as ab
+
+    monkeypatch.setattr(ab, "BAND_RESAMPLES", 12)  # 384 x 384 eigenproblems: few draws suffice
     utt_ids = lora_run.splits["train"].utt_ids
     run = dataclasses.replace(lora_run, speakers={u: f"spk{i % 4}" for i, u in enumerate(utt_ids)})
     indices = np.arange(len(utt_ids))
