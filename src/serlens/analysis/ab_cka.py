@@ -890,13 +890,13 @@ def paper_cka(
     who = [None if speakers is None else speakers.get(u) for u in order]
     groups = sorted({w for w in who if w is not None}) if None not in who else []
     if len(groups) >= 3:
-        held: dict[str, list[float]] = {k: [] for k in pairs}
-        for g in groups:
-            keep = np.array([i for i, w in enumerate(who) if w != g])
-            cut = {k: K[np.ix_(keep, keep)] for k, K in kernels.items()}
-            for k, (x, y) in pairs.items():
-                held[k].append(kernel_cka(cut[x], cut[y]) if len(keep) >= 2 else math.nan)
-        loo = statistics({k: np.asarray(v) for k, v in held.items()})
+        # each speaker's utterances left out: one subset each (they differ in size)
+        per_speaker = [
+            _subsample_cka(kernels, pairs, np.array([[i for i, w in enumerate(who) if w != g]]))
+            for g in groups
+        ]
+        held = {k: np.concatenate([d[k] for d in per_speaker]) for k in pairs}
+        loo = statistics(held)
         for stat, values in loo.items():
             trained[f"paper_cka_{stat}_speaker_se"] = jackknife_se(values)
         named = {

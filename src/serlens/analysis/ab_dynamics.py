@@ -1278,11 +1278,7 @@ def _paper_rows(paper: PaperPass | None, idx, batch: MelBatch):
     if not keep:
         return None
     rows = torch.as_tensor(keep, dtype=torch.long, device=batch.mel.device)
-    if batch.policy == "pad30":
-        lengths = torch.full((len(keep),), batch.n_frames)
-    else:
-        lengths = batch.attended[rows].sum(dim=1).cpu()
-    return rows, lengths
+    return rows, _paper_lengths(batch)[rows.cpu()]
 
 
 def _sub_batch(batch: MelBatch, rows: torch.Tensor) -> MelBatch:
@@ -1403,6 +1399,14 @@ def _module_accumulators(
     )
 
 
+def _speaker_of(run: TrainedRun, indices) -> dict[int, str] | None:
+    """:func:`_sample_speakers` as training index -> speaker (None: no band)."""
+    speakers = _sample_speakers(run, indices)
+    if speakers is None:
+        return None
+    return dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
+
+
 def _sample_speakers(run: TrainedRun, indices) -> np.ndarray | None:
     """The speaker of each sample utterance (training split positions ``indices``), or None
     when the run has no speakers or the sample fewer than 2 (no band)."""
@@ -1467,9 +1471,9 @@ def stream_ab_statistics(
         for state in states
     }
     labels = torch.as_tensor(train.labels)
-    speakers = _sample_speakers(run, indices)
-    if speakers is not None:  # module docstring, "Speaker band"
-        n_speakers = len(set(speakers.tolist()))
+    by_utt = _speaker_of(run, indices)
+    if by_utt is not None:  # module docstring, "Speaker band"
+        n_speakers = len(set(by_utt.values()))
         exact = [
             m.B.shape[0]
             for state_acc in acc.values()
@@ -1502,7 +1506,7 @@ def stream_ab_statistics(
                         size / 2**20,
                         GRAD_BAND_MAX_BYTES / 2**20,
                     )
-        speaker_index = {k: i for i, k in enumerate(sorted(set(speakers.tolist())))}
+        speaker_index = {k: i for i, k in enumerate(sorted(set(by_utt.values())))}
     with (
         _adapters_restored(run),
         _gradients_through_adapters(
@@ -1516,8 +1520,7 @@ def stream_ab_statistics(
             mask = batch.frame_mask
             chosen = _paper_rows(paper, idx, batch)
             frame_speakers = row_speakers = None
-            if speakers is not None:  # the speaker of every audio frame, in ``x[mask]`` order
-                by_utt = dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
+            if by_utt is not None:  # the speaker of every audio frame, in ``x[mask]`` order
                 rows_of = mask.nonzero(as_tuple=True)[0].cpu().numpy()
                 row_speakers = np.array([by_utt[int(i)] for i in np.asarray(idx)])
                 frame_speakers = row_speakers[rows_of]
@@ -1554,9 +1557,10 @@ def stream_ab_statistics(
                     offered[(name, "a_code")] = code
                     offered[(name, "b_out_grad")] = out_grad
                 if frame_speakers is not None:  # a key of its own: the sampled frames' speakers
-                    offered[("speaker",)] = torch.as_tensor(
-                        [[float(speaker_index[k])] for k in frame_speakers], device=mask.device
-                    )
+                    row_index = [float(speaker_index[k]) for k in row_speakers]
+                    offered[("speaker",)] = torch.as_tensor(row_index, device=mask.device)[
+                        torch.as_tensor(rows_of, device=mask.device)
+                    ][:, None]
                 state_acc.reservoir.offer(offered)
                 if chosen is not None and state.name in paper.sources:
                     paper.offer(paper.sources[state.name], idx, *chosen, grads, paper.scale)
@@ -1682,12 +1686,7 @@ def ab_statistics(
     )
     if paper is not None and paper.own is not None:
         _paper_own_pass(run, paper, batch_size)
-    speakers = _sample_speakers(run, indices)
-    by_utt = (
-        None
-        if speakers is None
-        else dict(zip(np.asarray(indices).tolist(), speakers.tolist(), strict=True))
-    )
+    by_utt = _speaker_of(run, indices)
     out = {}
     if paper is not None and paper.sample.selected():
         padded = float(run.policy == "pad30" or paper.own is not None)
