@@ -8,7 +8,11 @@ Every rule declares `benchmark:` (results/benchmarks/{rule}/<output path>.tsv: w
 steps; the rest of their wall time is overhead: interpreter start-up, imports, model loads,
 writing files. Light jobs run in Snakemake's own process (`run:` rules): all of their time
 counts as compute (reading stored states, fitting probes, drawing), they pay no start-up.
-Prints one line per rule and the totals, with the overhead share of all job-seconds.
+Prints one line per rule and the totals, with the overhead share of all job-seconds. A run's
+encoder pass also logs `part compute: NAME X s` for its parts (states, A/B statistics, causal
+tests; serlens.analysis.passes.PART_LINE): they are summed over the passes, and the causal
+tests' job-seconds are set against the rest of the same run's (their issue's budget is 25 %
+of the run without them; measured in one run, so the machine's speed cancels).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 COMPUTE = re.compile(r"job compute: ([0-9.]+) s")
+PART = re.compile(r"part compute: (\w+) ([0-9.]+) s")
 
 
 def job_seconds(results: Path) -> pd.DataFrame:
@@ -39,12 +44,17 @@ def job_seconds(results: Path) -> pd.DataFrame:
             if below
             else results / "logs" / f"{rule}.log"
         )
-        compute = None
+        compute, parts = None, {}
         if log.is_file():
-            found = COMPUTE.findall(log.read_text(errors="replace"))
+            text = log.read_text(errors="replace")
+            found = COMPUTE.findall(text)
             if found:
                 compute = float(found[-1])
-        rows.append({"rule": rule, "wall_s": wall, "compute_s": compute})
+            # the parts of the last job in the log (a rerun appends to it): the text
+            # between the last two compute lines
+            last_job = text.rsplit("job compute:", 2)[-2] if found else text
+            parts = {name: float(seconds) for name, seconds in PART.findall(last_job)}
+        rows.append({"rule": rule, "wall_s": wall, "compute_s": compute, "parts": parts})
     return pd.DataFrame(rows)
 
 
@@ -77,6 +87,19 @@ def main(results: Path) -> None:
         f" + overhead {total['overhead_s']:.0f} s (start-up, imports, model loads); "
         f"overhead share {share:.0%}"
     )
+    parts: dict[str, float] = defaultdict(float)
+    for found in jobs["parts"]:
+        for name, seconds in found.items():
+            parts[name] += seconds
+    if parts:
+        listed = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in sorted(parts.items()))
+        print(f"parts of the encoder passes: {listed}")
+    if parts.get("causal"):
+        rest = total["wall_s"] - parts["causal"]
+        print(
+            f"causal tests: {parts['causal']:.0f} job-s, {parts['causal'] / rest:.0%} of the "
+            f"other {rest:.0f} job-seconds of this run"
+        )
 
 
 if __name__ == "__main__":

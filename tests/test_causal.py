@@ -330,3 +330,39 @@ def test_the_paper_protocol_rows_are_the_erasures_on_its_subset(causal, lora_run
     row = paper.query("family == 'paper_skip_adapted' and layer == 1 and quantity == 'paper_score'")
     k = at[("skip_adapted", 1, "skip_adapted")]
     assert float(row["value"].iloc[0]) == pytest.approx(values["paper_score"][k].mean(), abs=1e-12)
+
+
+def test_shortcuts_change_no_logit(lora_run, causal):
+    """Starting past layers that repeat a reference run and sharing equal computations is
+    exact: every variant's logits equal those computed as asked, bit for bit."""
+    logits, variants, _ = causal
+    plain, plain_variants = causal_logits(lora_run, SETTINGS, shortcuts=False)
+    assert plain_variants == variants
+    np.testing.assert_array_equal(logits, plain)
+
+
+def test_shortcuts_start_past_the_layers_a_reference_run_computed(lora_run):
+    """Layer 0 reads the same input in both encoders: switching its adapter off in the
+    adapted encoder is the frozen run's layer 0, so the variant starts at layer 1 from the
+    frozen stream; an ablation or another layer's adapter state stops the shortcut."""
+    from serlens.analysis.causal import ReferenceStreams, update_only_in_v_proj
+
+    _, batch = next(lora_run.batches(lora_run.splits["test"], 4))
+    encoder, head = lora_run.encoder, lora_run.head
+    L = len(encoder.layers)
+    every = set(range(L))
+    with torch.inference_mode():
+        _, adapted = run_variant(encoder, head, batch, capture=True)
+        with lora_run.update_in(set()):
+            _, frozen = run_variant(encoder, head, batch, capture=True)
+    assert update_only_in_v_proj(lora_run) == every
+    streams = ReferenceStreams(adapted, frozen, {}, {}, every)
+    assert streams.frozen[0] is streams.adapted[0] and streams.frozen[1] is not streams.adapted[1]
+    (i, x), _ = streams.advance((0, streams.adapted[0]), every - {0}, {})
+    assert i == 1 and x is streams.frozen[1]
+    (i, x), _ = streams.advance((0, streams.frozen[0]), every, {})  # adapters_from(0): the run
+    assert i == L and x is streams.adapted[L]
+    (i, _), extra = streams.advance((0, streams.adapted[0]), every, {"ablate": (0, "mlp", None)})
+    assert i == 0 and "ablate" in extra
+    (i, _), _ = streams.advance((1, streams.adapted[1]), every - {1}, {})
+    assert i == 1

@@ -110,13 +110,17 @@ def mlp_out(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def layer_forward(layer, x, mask, ablate: tuple[str, torch.Tensor] | None = None):
     """The layer as :class:`WhisperEncoderLayer` computes it in eval mode; ``ablate``
     ``(component, mean)`` replaces that component's update by ``mean`` (a D-vector)."""
-    a = attn_out(layer, x, mask)
-    if ablate is not None and ablate[0] == "attn":
-        a = ablate[1].to(a.dtype).expand_as(a)
+    component = None if ablate is None else ablate[0]
+    # the replaced component is not computed at all (its output would be discarded)
+    if component == "attn":
+        a = ablate[1].to(x.dtype).expand_as(x)
+    else:
+        a = attn_out(layer, x, mask)
     h = x + a
-    m = mlp_out(layer, h)
-    if ablate is not None and ablate[0] == "mlp":
-        m = ablate[1].to(m.dtype).expand_as(m)
+    if component == "mlp":
+        m = ablate[1].to(h.dtype).expand_as(h)
+    else:
+        m = mlp_out(layer, h)
     return h + m
 
 
@@ -319,13 +323,86 @@ def ab_swaps(encoder, epoch0: Path | None, seed: int) -> dict[str, dict]:
     return swaps
 
 
+def update_only_in_v_proj(run) -> set[int]:
+    """The layers whose update is all in ``self_attn.v_proj`` (adapters on v_proj only; never
+    for full fine-tuning, which changes every parameter of a layer)."""
+    if getattr(run, "base_state", None) is not None:
+        return set()
+    where: dict[int, set[str]] = {}
+    for name, module in run.encoder.named_modules():
+        if _is_lora(module) and name.startswith("layers."):
+            parts = name.split(".")
+            where.setdefault(int(parts[1]), set()).add(".".join(parts[2:]))
+    return {li for li, names in where.items() if names == {"self_attn.v_proj"}}
+
+
+class ReferenceStreams:
+    """One batch's two reference runs (every update on: ``adapted``; every update off:
+    ``frozen``), and which interventions reproduce them.
+
+    A variant that starts at layer i from a stream equal to reference S's input to layer i,
+    with layer i in S's state (its update on for the adapted run, off for the frozen one),
+    computes S's output of layer i, so it starts at layer i + 1 from S's stream instead
+    (:meth:`advance`). The same holds when layer i's ``v_proj`` output is replaced by S's at
+    that layer and the layer's whole update is in ``v_proj`` (``v_only``). Streams equal in
+    both runs (below the first updated layer, e.g. layer 0's input, which the convolutional
+    stem computes before any adapter) are one object, so such variants also share the
+    causal pass's computations by key. Every shortcut is exact: the skipped layer would run
+    on the same input with the same weights and give the stored output bit for bit.
+    """
+
+    def __init__(self, adapted, frozen, v_adapted, v_frozen, v_only: set[int], on: bool = True):
+        self.adapted, self.frozen = list(adapted), list(frozen)
+        self.on = on  # off: every variant computed as asked (what the tests compare with)
+        for i, (a, f) in enumerate(zip(self.adapted, self.frozen, strict=True)):
+            if on and a is not f and torch.equal(a, f):
+                self.frozen[i] = a
+        self.v = {"adapted": v_adapted, "frozen": v_frozen}
+        self.v_only = set(v_only)
+        self.n_layers = len(self.adapted) - 1
+
+    def _references_at(self, i: int, x: torch.Tensor) -> list[str]:
+        return [name for name in ("adapted", "frozen") if getattr(self, name)[i] is x]
+
+    def advance(self, start, on_layers, extra: dict):
+        """``(start, extra)`` of the same computation, moved past every layer it would
+        recompute exactly (class docstring)."""
+        i, x = start
+        extra = dict(extra)
+        while self.on and i < self.n_layers:
+            refs = self._references_at(i, x)
+            if not refs or "ablate" in extra:
+                break
+            patch = extra.get("patch_v")
+            nxt = None
+            for name in refs:
+                state = name == "adapted"
+                if patch is not None and patch[0] == i:
+                    same_v = self.v[name].get(i) is patch[1]
+                    if same_v and (i in self.v_only or (i in on_layers) == state):
+                        nxt = name
+                elif patch is None or patch[0] > i:
+                    if (i in on_layers) == state:
+                        nxt = name
+                if nxt is not None:
+                    break
+            if nxt is None:
+                break
+            if patch is not None and patch[0] == i:
+                del extra["patch_v"]
+            i, x = i + 1, getattr(self, nxt)[i + 1]
+        return (i, x), extra
+
+
 def _is_lora(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer) and "default" in module.lora_A
 
 
-def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.ndarray, list[dict]]:
+def causal_logits(
+    run, settings: dict, epoch0: Path | None = None, shortcuts: bool = True
+) -> tuple[np.ndarray, list[dict]]:
     """``(V, N, C)`` head logits of every variant (module docstring) on the test split, in
     its order, and the variants' ``{family, variant, layer}``.
 
@@ -333,9 +410,13 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
     streams; every per-layer variant starts from the reference stream at the first layer it
     changes (:func:`run_variant`'s ``start``), so a variant at layer l costs L − l layers,
     about 15 · L/2 + 4 encoder passes per batch in all (+ 2 for the paired training
-    utterances of resample-ablation). ``settings["causal_stride"]``
-    visits every k-th layer only (:func:`tested_layers`; for 32-layer models). Memory: one
-    batch of frame states per reference plus the logits."""
+    utterances of resample-ablation). Variants that repeat a reference run's layer start
+    past it, and variants that are one computation are computed once
+    (:class:`ReferenceStreams`; ``shortcuts=False`` computes each as asked, for the tests):
+    on tiny.en that is 20 of the 120 layer computations of a batch at stride 1, and an
+    ablated component is never computed. ``settings["causal_stride"]`` visits every k-th
+    layer only (:func:`tested_layers`; for 32-layer models). Memory: one batch of frame
+    states per reference plus the logits."""
     from serlens.analysis.passes import analysis_sample
 
     encoder, head, test = run.encoder, run.head, run.splits["test"]
@@ -360,6 +441,7 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
     ]
     variants += [{"family": "ab_swap", "variant": name, "layer": -1} for name in swaps]
     index = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
+    v_only = update_only_in_v_proj(run)
     out = np.zeros((len(variants), len(test), head.classifier.out_features), dtype=np.float32)
     every = set(range(n_layers))
 
@@ -374,6 +456,8 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                 on, adapted = run_variant(encoder, head, batch, capture=True)
             with run.update_in(set()), captured_v(encoder, layers) as v_frozen:
                 off, frozen = run_variant(encoder, head, batch, capture=True)
+            streams = ReferenceStreams(adapted, frozen, v_adapted, v_frozen, v_only, shortcuts)
+            adapted, frozen = streams.adapted, streams.frozen
             if resample:
                 paired = paired_components(run, pairs[rows], layers, adapted[0].shape[1])
             put("reference", -1, rows, on, "on")
@@ -423,14 +507,17 @@ def causal_logits(run, settings: dict, epoch0: Path | None = None) -> tuple[np.n
                             )
                         )
                 for family, on_layers, start, extra in plans:
+                    start, extra = streams.advance(start, on_layers, extra)
                     # variants that run the same layers from the same stream with the same
-                    # adapters above it are one computation (adapters_upto(l) is
+                    # update above it are one computation (adapters_upto(l) is
                     # patch_adapted_into_frozen(l); adapters_from(l + 1) is
                     # patch_frozen_into_adapted(l)): compute it once per batch
                     key = None
-                    if not extra:
+                    if shortcuts and not extra:
                         above = frozenset(on_layers) & frozenset(range(start[0], n_layers))
-                        key = (start[0], id(start[1]), above)
+                        # the last layer's state also decides the final LayerNorm (full
+                        # fine-tuning), so it is part of the key even below the start
+                        key = (start[0], id(start[1]), above, n_layers - 1 in on_layers)
                     if key is not None and key in same:
                         logits = same[key]
                     else:

@@ -45,8 +45,10 @@ Memory is bounded by one batch of frame-level states plus the pooled arrays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,19 @@ PAPER_BASELINE_KEYS = ("untrained_init_std",)
 #: What a states file holds; 2 added ``resid_last`` (the pooled pre-LayerNorm last layer).
 #: A pass setting (:func:`pass_settings`), so raising it reruns the passes.
 STATES_FORMAT = 2
+#: What a run's pass logs for each of its parts (``states``, ``ab_statistics``, ``causal``);
+#: bench/job_seconds.py splits the passes' compute by it.
+PART_LINE = "part compute: %s %.3f s"
+
+
+@contextlib.contextmanager
+def part_time(name: str):
+    """Time one part of a pass and log it as :data:`PART_LINE`."""
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        log.info(PART_LINE, name, time.perf_counter() - tic)
 
 
 def pass_settings(config: dict, ab: bool = True, causal: bool | None = None) -> dict:
@@ -338,14 +353,15 @@ def adapted_pass(
     """
     test, train, dev = run.splits["test"], run.splits["train"], run.splits["dev"]
     sample = analysis_sample(run, settings)
-    train_states = split_states(run, train, settings["batch_size"], contributions=False)
-    dev_states = split_states(run, dev, settings["batch_size"], contributions=False)
-    arrays = {
-        "test": split_states(run, test, settings["batch_size"]),
-        "train": {"pooled": train_states["pooled"], "normalised": train_states["normalised"]},
-        "dev": {"normalised": dev_states["normalised"]},
-        "train_sample": {"normalised": train_states["normalised"][sample]},
-    }
+    with part_time("states"):
+        train_states = split_states(run, train, settings["batch_size"], contributions=False)
+        dev_states = split_states(run, dev, settings["batch_size"], contributions=False)
+        arrays = {
+            "test": split_states(run, test, settings["batch_size"]),
+            "train": {"pooled": train_states["pooled"], "normalised": train_states["normalised"]},
+            "dev": {"normalised": dev_states["normalised"]},
+            "train_sample": {"normalised": train_states["normalised"][sample]},
+        }
     write_states(
         out,
         arrays,
@@ -361,19 +377,21 @@ def adapted_pass(
         from serlens.analysis.ab_dynamics import baseline_settings, write_ab_statistics
 
         baseline, init_std = baseline_settings(settings)
-        write_ab_statistics(
-            run,
-            sample,
-            settings["batch_size"],
-            baseline,
-            settings["seed"],
-            ab_out,
-            init_std,
-            paper_input=settings["paper_estimator_input"],
-            out_grad_band=settings["out_grad_band"],
-        )
+        with part_time("ab_statistics"):
+            write_ab_statistics(
+                run,
+                sample,
+                settings["batch_size"],
+                baseline,
+                settings["seed"],
+                ab_out,
+                init_std,
+                paper_input=settings["paper_estimator_input"],
+                out_grad_band=settings["out_grad_band"],
+            )
     if causal_out is not None:
         from serlens.analysis.causal import causal_logits, write_causal
 
-        logits, variants = causal_logits(run, settings, epoch0)
-        write_causal(causal_out, logits, variants, test.utt_ids, len(run.encoder.layers))
+        with part_time("causal"):
+            logits, variants = causal_logits(run, settings, epoch0)
+            write_causal(causal_out, logits, variants, test.utt_ids, len(run.encoder.layers))
