@@ -216,3 +216,50 @@ def test_lora_update_toggle_switches_adapters_per_layer(weights, trained, splits
     assert (on - base).abs().max() > 1e-5
     assert torch.equal(on, again)
     assert np.isfinite(on.numpy()).all()
+
+
+def test_causal_shortcuts_are_exact_for_full_fine_tuning(weights, trained, splits):
+    """Full fine-tuning changes the stem (layer 0) and the final LayerNorm (the last layer):
+    no stream is shared, and patching the adapted last layer into the frozen encoder keeps
+    the frozen final LayerNorm; the shortcuts change no logit."""
+    from serlens.analysis.causal import causal_logits
+    from serlens.analysis.runs import TrainedRun
+
+    folder, model = trained["full"]
+    encoder = load_encoder(weights)
+    base = {k: v.clone() for k, v in encoder.state_dict().items()}
+    saved = load_file(str(folder / "encoder.safetensors"))
+    params = dict(encoder.named_parameters())
+    with torch.no_grad():
+        for k, v in saved.items():
+            params[k].copy_(v)
+    run = TrainedRun(
+        "tiny.en",
+        "full",
+        1,
+        encoder,
+        model.head,
+        splits,
+        CLASSES,
+        "crop",
+        30.0,
+        base_state={k: base[k].clone() for k in saved},
+    )
+    settings = {
+        "batch_size": 4,
+        "train_sample": 4,
+        "seed": 0,
+        "causal_stride": 1,
+        "causal_ablation": "mean",
+    }
+    fast, variants = causal_logits(run, settings)
+    plain, _ = causal_logits(run, settings, shortcuts=False)
+    np.testing.assert_array_equal(fast, plain)
+    at = {(v["family"], v["layer"]): k for k, v in enumerate(variants)}
+    last = len(encoder.layers) - 1
+    assert (
+        np.abs(
+            fast[at[("adapters_upto", last)]] - fast[at[("patch_adapted_into_frozen", last)]]
+        ).max()
+        > 0
+    )

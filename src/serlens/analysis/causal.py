@@ -173,16 +173,26 @@ def run_variant(
 
 @contextlib.contextmanager
 def captured_v(encoder, layers):
-    """Record every listed layer's ``v_proj`` output while the context is open: ``{l: (B, T, D)}``."""
-    out: dict[int, torch.Tensor] = {}
-    handles = [
-        encoder.layers[li].self_attn.v_proj.register_forward_hook(
-            lambda _m, _i, y, li=li: out.__setitem__(li, y.detach())
+    """Record every listed layer's ``v_proj`` output and attention update (its ``self_attn``
+    output, before the residual sum) while the context is open: ``({l: v}, {l: a})``, each
+    (B, T, D)."""
+    v: dict[int, torch.Tensor] = {}
+    attn: dict[int, torch.Tensor] = {}
+    handles = []
+    for li in layers:
+        block = encoder.layers[li].self_attn
+        handles.append(
+            block.v_proj.register_forward_hook(
+                lambda _m, _i, y, li=li: v.__setitem__(li, y.detach())
+            )
         )
-        for li in layers
-    ]
+        handles.append(
+            block.register_forward_hook(
+                lambda _m, _i, y, li=li: attn.__setitem__(li, y[0].detach())
+            )
+        )
     try:
-        yield out
+        yield v, attn
     finally:
         for handle in handles:
             handle.remove()
@@ -351,13 +361,14 @@ class ReferenceStreams:
     on the same input with the same weights and give the stored output bit for bit.
     """
 
-    def __init__(self, adapted, frozen, v_adapted, v_frozen, v_only: set[int], on: bool = True):
+    def __init__(self, adapted, frozen, v: dict, attn: dict, v_only: set[int], on: bool = True):
         self.adapted, self.frozen = list(adapted), list(frozen)
         self.on = on  # off: every variant computed as asked (what the tests compare with)
         for i, (a, f) in enumerate(zip(self.adapted, self.frozen, strict=True)):
             if on and a is not f and torch.equal(a, f):
                 self.frozen[i] = a
-        self.v = {"adapted": v_adapted, "frozen": v_frozen}
+        # {"adapted" | "frozen": {layer: output}} of v_proj and of the attention block
+        self.v, self.attn = v, attn
         self.v_only = set(v_only)
         self.n_layers = len(self.adapted) - 1
 
@@ -371,14 +382,27 @@ class ReferenceStreams:
         extra = dict(extra)
         while self.on and i < self.n_layers:
             refs = self._references_at(i, x)
-            if not refs or "ablate" in extra:
+            if not refs:
+                break
+            if "ablate" in extra:
+                # the MLP ablated at layer i of a reference's own state: its attention update
+                # is the reference's, so only the residual sums are left to compute
+                layer, component, value = extra["ablate"]
+                for name in refs:
+                    a = self.attn.get(name, {}).get(i)
+                    if layer == i and component == "mlp" and a is not None:
+                        if (i in on_layers) == (name == "adapted"):
+                            h = x + a
+                            x = h + value.to(h.dtype).expand_as(h)
+                            del extra["ablate"]
+                            return (i + 1, x), extra
                 break
             patch = extra.get("patch_v")
             nxt = None
             for name in refs:
                 state = name == "adapted"
                 if patch is not None and patch[0] == i:
-                    same_v = self.v[name].get(i) is patch[1]
+                    same_v = self.v.get(name, {}).get(i) is patch[1]
                     if same_v and (i in self.v_only or (i in on_layers) == state):
                         nxt = name
                 elif patch is None or patch[0] > i:
@@ -452,11 +476,18 @@ def causal_logits(
 
     with torch.inference_mode():
         for rows, batch in run.batches(test, settings["batch_size"]):
-            with run.update_in(None), captured_v(encoder, layers) as v_adapted:
+            with run.update_in(None), captured_v(encoder, layers) as (v_adapted, a_adapted):
                 on, adapted = run_variant(encoder, head, batch, capture=True)
-            with run.update_in(set()), captured_v(encoder, layers) as v_frozen:
+            with run.update_in(set()), captured_v(encoder, layers) as (v_frozen, a_frozen):
                 off, frozen = run_variant(encoder, head, batch, capture=True)
-            streams = ReferenceStreams(adapted, frozen, v_adapted, v_frozen, v_only, shortcuts)
+            streams = ReferenceStreams(
+                adapted,
+                frozen,
+                {"adapted": v_adapted, "frozen": v_frozen},
+                {"adapted": a_adapted, "frozen": a_frozen},
+                v_only,
+                shortcuts,
+            )
             adapted, frozen = streams.adapted, streams.frozen
             if resample:
                 paired = paired_components(run, pairs[rows], layers, adapted[0].shape[1])
