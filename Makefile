@@ -72,6 +72,7 @@ format: install
 bench: install
 	$(BIN)/python bench/bench_ab_memory.py
 	$(BIN)/python bench/bench_training.py
+	$(BIN)/python bench/bench_causal.py --tiny-en resources/weights/tiny.en
 	$(BIN)/python bench/job_seconds.py results
 
 # The paper's grid against a small IEMOCAP-format tree the tests write: prints the job counts.
