@@ -156,6 +156,10 @@ def test_a_layer_stride_visits_every_kth_layer_and_the_last(lora_run):
     # every 4th from the top, and both sides of the middle (the claims' half split)
     assert tested_layers(32, 4) == [3, 7, 11, 15, 16, 19, 23, 27, 31]
     assert tested_layers(6, 6) == [2, 3, 5]
+    # auto: every layer up to 12, then every L // 8-th (with the middle pair and the last)
+    assert tested_layers(12, "auto") == list(range(12))
+    assert tested_layers(32, "auto") == tested_layers(32, 4)
+    assert tested_layers(24, "auto") == [2, 5, 8, 11, 12, 14, 17, 20, 23]
     _, variants = causal_logits(lora_run, {**SETTINGS, "causal_stride": 3})
     assert {v["layer"] for v in variants if v["layer"] >= 0} == {0, 1, 2, 3}
 
@@ -366,3 +370,42 @@ def test_shortcuts_start_past_the_layers_a_reference_run_computed(lora_run):
     assert i == 0 and "ablate" in extra
     (i, _), _ = streams.advance((1, streams.adapted[1]), every - {1}, {})
     assert i == 1
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pass_count_is_what_the_pass_computes(lora_run, stride, monkeypatch):
+    """causal_passes, which sizes the README's cost table, counts the attention and MLP
+    computations the pass really runs on the test split (hooks on every layer)."""
+    import serlens.analysis.causal as causal_module
+    from serlens.analysis.causal import causal_passes
+
+    encoder = lora_run.encoder
+    counts = {"attn": 0, "mlp": 0}
+    counting = {"on": True}
+    handles = []
+    for layer in encoder.layers:
+        for name, module in (("attn", layer.self_attn), ("mlp", layer.fc1)):
+            handles.append(
+                module.register_forward_hook(
+                    lambda *_a, name=name: counts.__setitem__(name, counts[name] + counting["on"])
+                )
+            )
+    means = causal_module.component_means
+
+    def uncounted(*args, **kwargs):  # the means run over the training sample, not the test split
+        counting["on"] = False
+        try:
+            return means(*args, **kwargs)
+        finally:
+            counting["on"] = True
+
+    monkeypatch.setattr(causal_module, "component_means", uncounted)
+    try:
+        causal_logits(lora_run, {**SETTINGS, "causal_stride": stride})
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_layers = len(encoder.layers)
+    n_batches = -(-len(lora_run.splits["test"]) // SETTINGS["batch_size"])
+    measured = (0.45 * counts["attn"] + 0.55 * counts["mlp"]) / n_layers / n_batches
+    assert measured == pytest.approx(causal_passes(n_layers, stride, swaps=1), abs=1e-9)

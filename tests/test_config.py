@@ -64,6 +64,10 @@ def test_default_config_is_valid_and_defaults_fill_in():
         (lambda c: c.update(seed=3), r"config key seed: replaced by seeds .*seeds: \[3\]"),
         (lambda c: c.update(seeds=[0, 0]), r"config key seeds: .*non-unique"),
         (lambda c: c.update(seeds=[]), r"config key seeds: .*"),
+        (
+            lambda c: c.setdefault("analysis", {}).update(causal_stride="every"),
+            r"analysis.causal_stride: 'every' is not allowed; use an integer >= 1 or 'auto'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(edit, message):

@@ -35,6 +35,26 @@ def describe_error(error) -> str:
         return (
             f"config key {key}: {error.instance!r} is not allowed; allowed values: {schema['enum']}"
         )
+    if error.validator in ("anyOf", "oneOf"):
+        # scalar alternatives (an integer or a keyword) said plainly; others as jsonschema says
+        allowed = []
+        for branch in schema.get(error.validator, []):
+            if "enum" in branch:
+                allowed += [repr(v) for v in branch["enum"]]
+            elif "const" in branch:
+                allowed.append(repr(branch["const"]))
+            elif branch.get("type") in ("integer", "number", "string", "boolean", "null"):
+                bound = f" >= {branch['minimum']}" if "minimum" in branch else ""
+                allowed.append(
+                    f"{'an' if branch['type'] == 'integer' else 'a'} {branch['type']}{bound}"
+                )
+            else:
+                allowed = []
+                break
+        if allowed:
+            return (
+                f"config key {key}: {error.instance!r} is not allowed; use {' or '.join(allowed)}"
+            )
     if error.validator == "pattern" and key.startswith("models."):
         return (
             f"config key {key}: weight source {error.instance!r} is not understood; use "

@@ -247,14 +247,25 @@ def paired_components(run, indices: np.ndarray, layers, n_frames: int) -> dict[s
     return out
 
 
-def tested_layers(n_layers: int, stride: int) -> list[int]:
+def layer_stride(n_layers: int, stride: int | str) -> int:
+    """``analysis.causal_stride`` for an L-layer model: the integer itself, or for ``auto``
+    max(1, ⌊L/8⌋) (every layer of tiny to small, every 3rd of medium, every 4th of large-v2:
+    at least 8 points per curve, and the causal tests within the cost of training the run,
+    README "GPU hours")."""
+    if stride == "auto":
+        return max(1, n_layers // 8)
+    return max(int(stride), 1)
+
+
+def tested_layers(n_layers: int, stride: int | str) -> list[int]:
     """The layers the per-layer interventions visit: every ``stride``-th (counting from
-    the last layer down), always the last, and the two layers on either side of the middle
-    (⌈L/2⌉ − 1 and ⌈L/2⌉: the claims table's first-half / last-half split,
-    :mod:`serlens.report.claims`); stride 1 is every layer."""
+    the last layer down; :func:`layer_stride`), always the last, and the two layers on
+    either side of the middle (⌈L/2⌉ − 1 and ⌈L/2⌉: the claims table's first-half /
+    last-half split, :mod:`serlens.report.claims`); stride 1 is every layer."""
+    stride = layer_stride(n_layers, stride)
     half = math.ceil(n_layers / 2)
     middle = {half - 1, half} & set(range(n_layers))
-    return sorted({*range(n_layers - 1, -1, -max(int(stride), 1)), *middle})
+    return sorted({*range(n_layers - 1, -1, -stride), *middle})
 
 
 def component_means(run, indices: np.ndarray, batch_size: int) -> dict[str, torch.Tensor]:
@@ -372,6 +383,9 @@ class ReferenceStreams:
         self.v_only = set(v_only)
         self.n_layers = len(self.adapted) - 1
 
+    def is_reference(self, x: torch.Tensor) -> bool:
+        return any(x is s for s in (*self.adapted, *self.frozen))
+
     def _references_at(self, i: int, x: torch.Tensor) -> list[str]:
         return [name for name in ("adapted", "frozen") if getattr(self, name)[i] is x]
 
@@ -416,6 +430,88 @@ class ReferenceStreams:
                 del extra["patch_v"]
             i, x = i + 1, getattr(self, nxt)[i + 1]
         return (i, x), extra
+
+
+def layer_plans(li: int, streams: ReferenceStreams, values: dict) -> list[tuple]:
+    """The per-layer variants at layer ``li`` (:data:`PER_LAYER`), each as ``(family, layers
+    with their update on, start = (layer, reference stream entering it), extra)``: ``extra``
+    is :func:`run_variant`'s ``patch_v`` or ``ablate``; ``values["{which}/{component}"]`` the
+    ablation's replacement (a mean D-vector, or the paired utterances' aligned outputs)."""
+    adapted, frozen, n_layers = streams.adapted, streams.frozen, streams.n_layers
+    v_adapted, v_frozen = streams.v.get("adapted", {}), streams.v.get("frozen", {})
+    every = set(range(n_layers))
+    plans = [
+        ("adapter_off", every - {li}, (li, adapted[li]), {}),
+        ("adapter_only", {li}, (li, frozen[li]), {}),
+        ("adapters_upto", set(range(li + 1)), (li + 1, adapted[li + 1]), {}),
+        ("adapters_from", set(range(li, n_layers)), (li, frozen[li]), {}),
+        ("patch_frozen_into_adapted", every, (li + 1, frozen[li + 1]), {}),
+        ("patch_adapted_into_frozen", set(), (li + 1, adapted[li + 1]), {}),
+        ("patch_vproj_frozen_into_adapted", every, (li, adapted[li]), {"patch_v": (li, v_frozen.get(li))}),
+        ("patch_vproj_adapted_into_frozen", set(), (li, frozen[li]), {"patch_v": (li, v_adapted.get(li))}),
+        ("skip_adapted", every, (li + 1, adapted[li]), {}),
+        ("skip_frozen", set(), (li + 1, frozen[li]), {}),
+        ("skip_upto_adapted", every, (li + 1, adapted[0]), {}),
+    ]  # fmt: skip
+    for which, on_layers, stream in (("adapted", every, adapted), ("frozen", set(), frozen)):
+        for comp in ("attn", "mlp"):
+            ablate = {"ablate": (li, comp, values[f"{which}/{comp}"])}
+            plans.append((f"ablate_{comp}_{which}", on_layers, (li, stream[li]), ablate))
+    return plans
+
+
+def computation_key(start, on_layers, extra: dict, streams: ReferenceStreams) -> tuple | None:
+    """What a variant computes, for variants without ``extra`` that start from a reference
+    stream (objects that live for the batch, so their ``id`` is theirs): those that run the same
+    layers from the same stream with the same update above it are one computation
+    (``adapters_upto(l)`` is ``patch_adapted_into_frozen(l)``; ``adapters_from(l + 1)`` is
+    ``patch_frozen_into_adapted(l)``). The last layer's state is part of the key even below
+    the start: it also decides the final LayerNorm (full fine-tuning)."""
+    if extra or not streams.is_reference(start[1]):
+        return None
+    n_layers = streams.n_layers
+    above = frozenset(on_layers) & frozenset(range(start[0], n_layers))
+    return (start[0], id(start[1]), above, n_layers - 1 in on_layers)
+
+
+def causal_passes(
+    n_layers: int, stride: int | str, resample: bool = False, v_only: bool = True, swaps: int = 2
+) -> float:
+    """Encoder-pass equivalents of a run's causal tests over its test split (layer
+    computations ÷ L, counted with the pass's own plans and shortcuts: :func:`layer_plans`,
+    :meth:`ReferenceStreams.advance`, :func:`computation_key`), for adapters on v_proj of
+    every layer (``v_only``; otherwise the v_proj shortcuts do not apply). An ablation
+    replacing a component counts as the layer's other part (attention 0.45, MLP 0.55 of a
+    layer, Whisper's FLOPs at crop length); resample-ablation adds the paired training
+    utterances' passes up to the deepest tested layer in both encoders; the A/B swaps add one
+    pass each (``swaps``: 2, or 1 without the initial adapter). Mean-ablation's means cost two
+    passes over the analysis sample, not the test split, and are left out.
+    """
+    n = n_layers
+    layers = tested_layers(n, stride)
+    ref = [torch.full((1,), float(i)) for i in range(n + 1)]
+    frozen = [ref[0]] + [torch.full((1,), -float(i)) for i in range(1, n + 1)]
+    v = {k: {i: torch.zeros(1) for i in range(n)} for k in ("adapted", "frozen")}
+    attn = {k: {i: torch.zeros(1) for i in range(n)} for k in ("adapted", "frozen")}
+    streams = ReferenceStreams(ref, frozen, v, attn, set(range(n)) if v_only else set())
+    share = {"attn": 0.45, "mlp": 0.55}
+    total, seen = 2.0 * n, set()
+    for li in layers:
+        values = {f"{w}/{c}": torch.zeros(1) for w in ("adapted", "frozen") for c in share}
+        for _, on_layers, start, extra in layer_plans(li, streams, values):
+            moved, rest = streams.advance(start, on_layers, extra)
+            key = computation_key(moved, on_layers, rest, streams)
+            if key is not None:
+                if key in seen:
+                    continue
+                seen.add(key)
+            layers_run = n - moved[0]
+            if "ablate" in rest:  # its first layer runs only the other component
+                layers_run -= share[rest["ablate"][1]]
+            total += layers_run
+    if resample:
+        total += 2 * (max(layers) + 1)
+    return total / n + swaps
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -467,7 +563,6 @@ def causal_logits(
     index = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
     v_only = update_only_in_v_proj(run)
     out = np.zeros((len(variants), len(test), head.classifier.out_features), dtype=np.float32)
-    every = set(range(n_layers))
 
     def put(family, li, rows, logits, variant=None):
         if variant is None:
@@ -495,60 +590,17 @@ def causal_logits(
             put("reference", -1, rows, off, "off")
             same: dict[tuple, torch.Tensor] = {}  # this batch's computations, by what they run
             for li in layers:
-                # (family, adapters on, where it starts: (layer, reference stream), extra)
-                plans = [
-                    ("adapter_off", every - {li}, (li, adapted[li]), {}),
-                    ("adapter_only", {li}, (li, frozen[li]), {}),
-                    ("adapters_upto", set(range(li + 1)), (li + 1, adapted[li + 1]), {}),
-                    ("adapters_from", set(range(li, n_layers)), (li, frozen[li]), {}),
-                    ("patch_frozen_into_adapted", every, (li + 1, frozen[li + 1]), {}),
-                    ("patch_adapted_into_frozen", set(), (li + 1, adapted[li + 1]), {}),
-                    (
-                        "patch_vproj_frozen_into_adapted",
-                        every,
-                        (li, adapted[li]),
-                        {"patch_v": (li, v_frozen[li])},
-                    ),
-                    (
-                        "patch_vproj_adapted_into_frozen",
-                        set(),
-                        (li, frozen[li]),
-                        {"patch_v": (li, v_adapted[li])},
-                    ),
-                    ("skip_adapted", every, (li + 1, adapted[li]), {}),
-                    ("skip_frozen", set(), (li + 1, frozen[li]), {}),
-                    ("skip_upto_adapted", every, (li + 1, adapted[0]), {}),
-                ]
-                for which, on_layers, stream in (
-                    ("adapted", every, adapted),
-                    ("frozen", set(), frozen),
-                ):
+                values = {}
+                for which in ("adapted", "frozen"):
                     for comp in ("attn", "mlp"):
-                        mean = (
+                        values[f"{which}/{comp}"] = (
                             paired[f"{which}/{comp}"][li]
                             if resample
                             else means[f"{which}/{comp}"][li].to(batch.mel.device)
                         )
-                        plans.append(
-                            (
-                                f"ablate_{comp}_{which}",
-                                on_layers,
-                                (li, stream[li]),
-                                {"ablate": (li, comp, mean)},
-                            )
-                        )
-                for family, on_layers, start, extra in plans:
+                for family, on_layers, start, extra in layer_plans(li, streams, values):
                     start, extra = streams.advance(start, on_layers, extra)
-                    # variants that run the same layers from the same stream with the same
-                    # update above it are one computation (adapters_upto(l) is
-                    # patch_adapted_into_frozen(l); adapters_from(l + 1) is
-                    # patch_frozen_into_adapted(l)): compute it once per batch
-                    key = None
-                    if shortcuts and not extra:
-                        above = frozenset(on_layers) & frozenset(range(start[0], n_layers))
-                        # the last layer's state also decides the final LayerNorm (full
-                        # fine-tuning), so it is part of the key even below the start
-                        key = (start[0], id(start[1]), above, n_layers - 1 in on_layers)
+                    key = computation_key(start, on_layers, extra, streams) if shortcuts else None
                     if key is not None and key in same:
                         logits = same[key]
                     else:
