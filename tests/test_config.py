@@ -27,6 +27,14 @@ def test_default_config_is_valid_and_defaults_fill_in():
     assert empty["models"] == {"tiny.en": "bundled:tiny.en"}
 
 
+def test_numbers_that_arrive_as_strings_become_numbers_beside_keywords():
+    """Snakemake's --config hands nested values over as strings: "4" is the stride 4, "auto"
+    stays the keyword."""
+    for given, expected in (("4", 4), ("auto", "auto")):
+        config = validate_config({"analysis": {"causal_stride": given}})
+        assert config["analysis"]["causal_stride"] == expected
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

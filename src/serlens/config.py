@@ -89,6 +89,16 @@ def _resolve(schema: dict, root: dict) -> dict:
     return schema if isinstance(schema, dict) else {}
 
 
+def _numeric_branch(schema: dict, root: dict) -> str | None:
+    """The number type among a key's ``anyOf``/``oneOf`` alternatives (an integer or a
+    keyword, e.g. ``causal_stride``), so ``"4"`` becomes 4 and ``"auto"`` stays a string."""
+    for branch in schema.get("anyOf", []) + schema.get("oneOf", []):
+        kind = _resolve(branch, root).get("type")
+        if kind in ("integer", "number"):
+            return kind
+    return None
+
+
 def _coerce_numbers(instance, schema: dict, root: dict | None = None) -> None:
     """Numbers that arrive as strings (Snakemake's ``--config 'seeds=[0,1]'`` or
     ``corpus={synthetic: {scripted_fraction: 0.25}}``) become the numbers the schema asks
@@ -108,8 +118,9 @@ def _coerce_numbers(instance, schema: dict, root: dict | None = None) -> None:
             sub = _resolve(schema.get("properties", {}).get(name, extra or {}), root)
             if not isinstance(sub, dict):
                 continue
-            if isinstance(value, str) and sub.get("type") in ("integer", "number"):
-                instance[name] = _number(value, sub["type"])
+            kind = sub.get("type") or _numeric_branch(sub, root)
+            if isinstance(value, str) and kind in ("integer", "number"):
+                instance[name] = _number(value, kind)
             elif isinstance(value, (dict, list)):
                 _coerce_numbers(value, sub, root)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):

@@ -480,7 +480,9 @@ def causal_passes(
     """Encoder-pass equivalents of a run's causal tests over its test split (layer
     computations ÷ L, counted with the pass's own plans and shortcuts: :func:`layer_plans`,
     :meth:`ReferenceStreams.advance`, :func:`computation_key`), for adapters on v_proj of
-    every layer (``v_only``; otherwise the v_proj shortcuts do not apply). An ablation
+    every layer (``v_only``; otherwise the v_proj shortcuts do not apply): layer 0's input
+    is the one stream both runs share, as for any method whose stem is not trained (a layer
+    subset shares more, full fine-tuning none, so their counts are lower or higher). An ablation
     replacing a component counts as the layer's other part (attention 0.45, MLP 0.55 of a
     layer, Whisper's FLOPs at crop length); resample-ablation adds the paired training
     utterances' passes up to the deepest tested layer in both encoders; the A/B swaps add one
