@@ -592,12 +592,9 @@ def test_causal_shortcuts_are_exact_for_adapters_on_several_modules_of_some_laye
     """Adapters on q_proj, v_proj and fc1 of layers 1 and 3: the inputs of layers 0 and 1 are
     one stream in both encoders, a v_proj patch is not the layer's whole update anywhere,
     and every variant's logits equal those computed as asked, bit for bit."""
-    from serlens.analysis.causal import (
-        ReferenceStreams,
-        causal_logits,
-        run_variant,
-        update_only_in_v_proj,
-    )
+    from test_causal import exact_shortcut_logits
+
+    from serlens.analysis.causal import ReferenceStreams, run_variant, update_only_in_v_proj
 
     assert update_only_in_v_proj(multi_run) == set()
     _, batch = next(multi_run.batches(multi_run.splits["test"], 4))
@@ -608,16 +605,7 @@ def test_causal_shortcuts_are_exact_for_adapters_on_several_modules_of_some_laye
     streams = ReferenceStreams(adapted, frozen, {}, {}, set())
     shared = [i for i in range(len(adapted)) if streams.adapted[i] is streams.frozen[i]]
     assert shared == [0, 1]
-    settings = {
-        "batch_size": 4,
-        "train_sample": 4,
-        "seed": 0,
-        "causal_stride": 1,
-        "causal_ablation": "mean",
-    }
-    fast, variants = causal_logits(multi_run, settings)
-    plain, _ = causal_logits(multi_run, settings, shortcuts=False)
-    np.testing.assert_array_equal(fast, plain)
+    fast, variants = exact_shortcut_logits(multi_run)
     at = {(v["family"], v["variant"], v["layer"]): k for k, v in enumerate(variants)}
     # layer 0 carries no adapter: switching it off changes nothing
     on = fast[at[("reference", "on", -1)]]

@@ -43,6 +43,16 @@ def causal(lora_run):
     )
 
 
+def exact_shortcut_logits(run) -> tuple[np.ndarray, list[dict]]:
+    """``causal_logits`` of ``run`` with its shortcuts, after checking that they equal every
+    variant computed as asked, bit for bit."""
+    fast, variants = causal_logits(run, SETTINGS)
+    plain, plain_variants = causal_logits(run, SETTINGS, shortcuts=False)
+    assert plain_variants == variants
+    np.testing.assert_array_equal(fast, plain)
+    return fast, variants
+
+
 def direct_logits(run, adapters: bool) -> np.ndarray:
     """The head on the (adapted or frozen) encoder, one utterance at a time."""
     test = run.splits["test"]

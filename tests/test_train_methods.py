@@ -142,9 +142,9 @@ def test_a_declared_learning_rate_is_the_run_s(weights, splits, methods, monkeyp
     assert seen == [1e-4, cfg["train"]["lr"]]
 
 
-def test_full_run_update_toggles_layer_by_layer(weights, trained, splits):
-    """update_in(set()) is the pre-trained encoder; every layer on is the fine-tuned one;
-    a partial toggle puts the pre-trained values only where it should and restores them."""
+def full_run(weights, trained, splits):
+    """The fully fine-tuned run as the passes load it: the tuned weights in the encoder, the
+    pre-trained ones of every tuned parameter in ``base_state``; and the tuned weights."""
     from serlens.analysis.runs import TrainedRun
 
     folder, model = trained["full"]
@@ -167,6 +167,14 @@ def test_full_run_update_toggles_layer_by_layer(weights, trained, splits):
         30.0,
         base_state={k: base[k].clone() for k in saved},
     )
+    return run, saved
+
+
+def test_full_run_update_toggles_layer_by_layer(weights, trained, splits):
+    """update_in(set()) is the pre-trained encoder; every layer on is the fine-tuned one;
+    a partial toggle puts the pre-trained values only where it should and restores them."""
+    run, saved = full_run(weights, trained, splits)
+    encoder, base = run.encoder, run.base_state
     n = len(encoder.layers)
     with run.adapter_disabled():
         now = encoder.state_dict()
@@ -222,39 +230,11 @@ def test_causal_shortcuts_are_exact_for_full_fine_tuning(weights, trained, split
     """Full fine-tuning changes the stem (layer 0) and the final LayerNorm (the last layer):
     no stream is shared, and patching the adapted last layer into the frozen encoder keeps
     the frozen final LayerNorm; the shortcuts change no logit."""
-    from serlens.analysis.causal import causal_logits
-    from serlens.analysis.runs import TrainedRun
+    from test_causal import exact_shortcut_logits
 
-    folder, model = trained["full"]
-    encoder = load_encoder(weights)
-    base = {k: v.clone() for k, v in encoder.state_dict().items()}
-    saved = load_file(str(folder / "encoder.safetensors"))
-    params = dict(encoder.named_parameters())
-    with torch.no_grad():
-        for k, v in saved.items():
-            params[k].copy_(v)
-    run = TrainedRun(
-        "tiny.en",
-        "full",
-        1,
-        encoder,
-        model.head,
-        splits,
-        CLASSES,
-        "crop",
-        30.0,
-        base_state={k: base[k].clone() for k in saved},
-    )
-    settings = {
-        "batch_size": 4,
-        "train_sample": 4,
-        "seed": 0,
-        "causal_stride": 1,
-        "causal_ablation": "mean",
-    }
-    fast, variants = causal_logits(run, settings)
-    plain, _ = causal_logits(run, settings, shortcuts=False)
-    np.testing.assert_array_equal(fast, plain)
+    run, _ = full_run(weights, trained, splits)
+    encoder = run.encoder
+    fast, variants = exact_shortcut_logits(run)
     at = {(v["family"], v["layer"]): k for k, v in enumerate(variants)}
     last = len(encoder.layers) - 1
     assert (

@@ -172,7 +172,7 @@ def run_variant(
 
 
 @contextlib.contextmanager
-def captured_v(encoder, layers):
+def captured_outputs(encoder, layers):
     """Record every listed layer's ``v_proj`` output and attention update (its ``self_attn``
     output, before the residual sum) while the context is open: ``({l: v}, {l: a})``, each
     (B, T, D)."""
@@ -573,9 +573,9 @@ def causal_logits(
 
     with torch.inference_mode():
         for rows, batch in run.batches(test, settings["batch_size"]):
-            with run.update_in(None), captured_v(encoder, layers) as (v_adapted, a_adapted):
+            with run.update_in(None), captured_outputs(encoder, layers) as (v_adapted, a_adapted):
                 on, adapted = run_variant(encoder, head, batch, capture=True)
-            with run.update_in(set()), captured_v(encoder, layers) as (v_frozen, a_frozen):
+            with run.update_in(set()), captured_outputs(encoder, layers) as (v_frozen, a_frozen):
                 off, frozen = run_variant(encoder, head, batch, capture=True)
             streams = ReferenceStreams(
                 adapted,
