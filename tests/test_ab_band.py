@@ -166,9 +166,10 @@ def test_table_gets_band_rows_that_bracket_the_draws(lora_run):
     pd.testing.assert_frame_equal(same, plain)
 
 
-def test_out_grad_band_on_request_equals_the_draws_one_by_one(lora_run, monkeypatch):
-    """analysis.out_grad_band: ∂L/∂b's shares get band rows too; the batched eigenproblems
-    give each draw's spectrum as the one-draw function does."""
+def test_out_grad_band_equals_the_draws_one_by_one(lora_run, monkeypatch):
+    """analysis.out_grad_band (the default): ∂L/∂b's shares get band rows too; each draw's
+    uncentred and centred spectra (one tridiagonalisation, repeated draws solved once) are
+    the eigenvalues of that draw's Gram and of its explicitly centred Gram."""
     import serlens.analysis.ab_dynamics as ab
 
     monkeypatch.setattr(ab, "BAND_RESAMPLES", 12)  # 384 x 384 eigenproblems: few draws suffice
@@ -187,14 +188,21 @@ def test_out_grad_band_on_request_equals_the_draws_one_by_one(lora_run, monkeypa
     module = _module(d_out=6)
     _frames(module, ["s1"] * 5 + ["s2"] * 4 + ["s3"] * 3)
     weights = cluster_multiplicities(3, 7, rng_seed=1)
+    weights = np.vstack([weights, weights[:2]])  # repeated draws, as a small bootstrap has
     draws = module.speaker_draws(weights)
+    accs = module.by_speaker["b_out_grad"]
     for d, row in enumerate(weights):
-        accs = module.by_speaker["b_out_grad"]
-        gram = sum(w * accs[k].gram for w, k in zip(row, sorted(accs), strict=True))
-        np.testing.assert_allclose(
-            draws["sv_draws/b_out_grad"][d], gram_singular_values(gram), rtol=1e-9, atol=1e-9
-        )
-    # off by default: test_table_gets_band_rows_that_bracket_the_draws has no such rows
+        parts = list(zip(row, sorted(accs), strict=True))
+        gram = sum(w * accs[k].gram for w, k in parts)
+        total = sum(w * accs[k].total for w, k in parts)
+        n = sum(w * accs[k].n_rows for w, k in parts)
+        centred = gram - torch.outer(total, total) / n
+        for kind, expected in (("sv_draws/", gram), ("sv_centred_draws/", centred)):
+            sv = gram_singular_values(expected)
+            # zero eigenvalues come back as the root of their round-off (~1e-8 of the top)
+            np.testing.assert_allclose(
+                draws[kind + "b_out_grad"][d], sv, rtol=1e-9, atol=1e-7 * sv[0]
+            )
 
 
 def test_band_follows_the_energy_fraction_without_a_new_pass(lora_run):

@@ -163,7 +163,7 @@ def test_pass_settings_pass_the_paper_std_only_with_the_paper_baseline():
     assert paper["untrained_baseline"] == "paper" and paper["untrained_init_std"] == 0.02
     assert default["paper_estimator_input"] == "run"
     base = pass_settings(validate_config({}), ab=False)
-    assert default["out_grad_band"] is False
+    assert default["out_grad_band"] is True
     assert not {
         "untrained_baseline",
         "untrained_init_std",

@@ -10,6 +10,7 @@ from serlens.analysis.spectra import (
     lora_delta,
     stable_rank,
     subspace_similarity,
+    uncentred_and_centred_singular_values,
 )
 
 
@@ -221,3 +222,52 @@ def test_lora_delta():
         lora_delta(A, B, alpha=16, r=3)
     with pytest.raises(ValueError, match="shape"):
         lora_delta(A.T, B, alpha=16, r=r)
+
+
+# --------------------------------------------------- uncentred and centred spectra of a Gram
+
+
+@pytest.mark.parametrize(("n", "d"), [(40, 1), (40, 2), (200, 30), (12, 30)])
+def test_one_tridiagonalisation_gives_both_spectra(n, d):
+    """σ(M) and σ(M − 1μᵀ) from MᵀM, Mᵀ1 and n equal the SVDs of M and of M centred (d > n:
+    the extra values are the Gram's zero eigenvalues, up to the round-off of their root)."""
+    rng = _rng(3)
+    M = rng.standard_normal((n, d)) + 5.0 * rng.standard_normal(d)  # a strong shared offset
+    s, s_c = uncentred_and_centred_singular_values(M.T @ M, M.sum(axis=0), n)
+    k, k_c = min(n, d), min(n - 1, d)  # centring takes one rank when d >= n
+    scale = _sv(M)[0]
+    np.testing.assert_allclose(s[:k], _sv(M), atol=1e-11 * scale)
+    np.testing.assert_allclose(s_c[:k_c], _sv(M - M.mean(axis=0))[:k_c], atol=1e-9 * scale)
+    assert np.all(np.diff(s) <= 0) and np.all(np.diff(s_c) <= 0)
+    assert np.all(s[k:] < 1e-6 * scale) and np.all(s_c[k_c:] < 1e-6 * scale)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_both_spectra_when_the_sums_lie_along_the_first_axis(sign):
+    """t = ±‖t‖ e₁ (the reflector's degenerate directions): four rows (1, 0, 0) have σ = (2, 0,
+    0) and no variation, and an added (0, ±1, ±1) row pattern keeps its own values."""
+    M = np.zeros((4, 3))
+    M[:, 0] = sign
+    s, s_c = uncentred_and_centred_singular_values(M.T @ M, M.sum(axis=0), 4)
+    np.testing.assert_allclose(s, [2.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(s_c, [0.0, 0.0, 0.0], atol=1e-7)
+    M[:, 1] = [1.0, -1.0, 1.0, -1.0]  # column sum 0: centring leaves it
+    s, s_c = uncentred_and_centred_singular_values(M.T @ M, M.sum(axis=0), 4)
+    np.testing.assert_allclose(s, [2.0, 2.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(s_c, [2.0, 0.0, 0.0], atol=1e-7)
+
+
+def test_zero_sums_leave_the_spectrum_uncentred():
+    rng = _rng(4)
+    M = rng.standard_normal((10, 4))
+    M -= M.mean(axis=0)
+    s, s_c = uncentred_and_centred_singular_values(M.T @ M, np.zeros(4), 10)
+    np.testing.assert_allclose(s, _sv(M), atol=1e-12)
+    np.testing.assert_allclose(s_c, s, atol=1e-12)
+
+
+def test_gram_spectra_reject_bad_shapes_and_counts():
+    with pytest.raises(ValueError, match="n_rows must be positive"):
+        uncentred_and_centred_singular_values(np.eye(3), np.ones(3), 0)
+    with pytest.raises(ValueError, match="d x d"):
+        uncentred_and_centred_singular_values(np.eye(3), np.ones(2), 4)

@@ -69,12 +69,12 @@ draw are stored (``{state}/{module}/sv_draws/{q}``, ``sv_centred_draws/{q}``,
 ``n_frames_draws``), so the table takes the band at any ``energy_fraction``: rows
 ``{q}_frac_band_low/high`` and ``{q}_centred_frac_band_low/high`` are the 2.5 and 97.5
 percentiles of the energy-rank share over the draws, for ``a_out``, ``b_out`` (from the
-A code's Grams, as for the whole sample) and ``a_out_grad``. ∂L/∂b's band is optional
-(``analysis.out_grad_band``, off in the embedded default, on in ``config/paper.yaml``): its
-Gram is d_out x d_out, so the pass keeps one per speaker and solves two d_out³ eigenproblems
-per draw, module and state (batched, :func:`_batched_singular_values`; about 3.6 s per module
-and state at d_out = 384 on 2 CPU cores, more than the rest of the analysis); without it its
-curve keeps the spread over runs. The band says how much the share moves with *which training speakers* were
+A code's Grams, as for the whole sample), ``a_out_grad`` and ``b_out_grad``
+(``analysis.out_grad_band``, on by default): ∂L/∂b's Gram is d_out x d_out, so the pass keeps
+one per speaker, and per distinct draw (a bootstrap of few speakers repeats draws), module and
+state one d_out x d_out tridiagonalisation gives both its uncentred and its centred spectrum
+(:func:`_out_grad_draw_spectra`; about 0.9 s per module and state at d_out = 384, 100 draws of
+6 speakers, one core); with ``out_grad_band: false`` its curve keeps the spread over runs. The band says how much the share moves with *which training speakers* were
 sampled; it is of one run, so the aggregated table averages the per-run limits over folds and
 seeds (a typical run's band, as for probing).
 
@@ -238,6 +238,7 @@ import contextlib
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -260,7 +261,7 @@ from serlens.analysis.ab_cka import (
 )
 from serlens.analysis.cka import linear_cka
 from serlens.analysis.runs import TrainedRun, balanced_sample
-from serlens.analysis.spectra import energy_rank
+from serlens.analysis.spectra import energy_rank, uncentred_and_centred_singular_values
 from serlens.audio import MelBatch
 from serlens.models.encoder import masked_mean, run_encoder
 from serlens.stats import cluster_multiplicities
@@ -491,11 +492,32 @@ def gram_singular_values(gram) -> np.ndarray:
     return np.sqrt(np.clip(eig.numpy(), 0.0, None))[::-1].copy()
 
 
-def _batched_singular_values(grams: torch.Tensor) -> np.ndarray:
-    """:func:`gram_singular_values` of a stack of Grams ``(draws, d, d)`` in one call."""
-    grams = grams.detach().to("cpu", torch.float64)
-    eig = torch.linalg.eigvalsh((grams + grams.transpose(1, 2)) / 2.0)
-    return np.sqrt(np.clip(eig.numpy(), 0.0, None))[:, ::-1].copy()
+def _out_grad_draw_spectra(grams, totals, counts, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Uncentred and centred spectra of every draw of ∂L/∂b's per-speaker Grams
+    (``grams`` ``S x d x d``, ``totals`` ``S x d``, ``counts`` ``S``; ``weights``
+    ``draws x S``), each ``draws x d``.
+
+    A draw's Gram is ``Σ_s w_s G_s``; both of its spectra come from one tridiagonalisation
+    (:func:`serlens.analysis.spectra.uncentred_and_centred_singular_values`), and draws with
+    the same weights (a bootstrap of few speakers repeats many) are solved once. One draw's
+    Gram is in memory at a time, not every draw's.
+    """
+    from threadpoolctl import threadpool_limits
+
+    G = torch.as_tensor(grams).detach().to("cpu", torch.float64).numpy()
+    T = torch.as_tensor(totals).detach().to("cpu", torch.float64).numpy()
+    n = torch.as_tensor(counts).detach().to("cpu", torch.float64).numpy()
+    w = np.asarray(weights, dtype=np.float64)
+    unique, inverse = np.unique(w, axis=0, return_inverse=True)
+    sv, svc = [], []
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        for row in unique:
+            gram = np.tensordot(row, G, axes=(0, 0))
+            s, sc = uncentred_and_centred_singular_values(gram, row @ T, float(row @ n))
+            sv.append(s)
+            svc.append(sc)
+    inverse = np.asarray(inverse).reshape(-1)
+    return np.stack(sv)[inverse], np.stack(svc)[inverse]
 
 
 def product_singular_values(gram_a, B) -> np.ndarray:
@@ -1022,6 +1044,8 @@ class ModuleAccumulators:
     #: speaker -> that speaker's share of (∂L/∂A, ∂L/∂B), for the band of the gradient-norm
     #: ratio and dW_cos (None: no band; :meth:`keep_speakers`)
     grads_by_speaker: dict[str, list[torch.Tensor]] | None = None
+    #: seconds spent on ∂L/∂b's speaker draws (logged as the pass's ``out_grad_band`` part)
+    out_grad_band_s: float = 0.0
 
     def keep_speakers(self, out_grad: bool, gradients: bool = False) -> None:
         """Also accumulate per speaker (``out_grad``: ∂L/∂b too, else a and ∂L/∂a only;
@@ -1098,12 +1122,11 @@ class ModuleAccumulators:
             names = [quantity] + (["b_out"] if quantity == "a_out" else [])
             sv = {q: [] for q in names}
             svc = {q: [] for q in names}
-            if quantity == "b_out_grad":  # d_out x d_out: every draw's eigenproblem at once
-                gram = torch.einsum("ds,sij->dij", w, grams)
-                total, n = w @ totals, w @ counts
-                centred = gram - torch.einsum("di,dj->dij", total, total) / n[:, None, None]
-                out["sv_draws/b_out_grad"] = _batched_singular_values(gram)
-                out["sv_centred_draws/b_out_grad"] = _batched_singular_values(centred)
+            if quantity == "b_out_grad":
+                tic = time.perf_counter()
+                sv_b, svc_b = _out_grad_draw_spectra(grams, totals, counts, w)
+                self.out_grad_band_s += time.perf_counter() - tic
+                out["sv_draws/b_out_grad"], out["sv_centred_draws/b_out_grad"] = sv_b, svc_b
                 continue
             for row in w:
                 gram = torch.einsum("s,sij->ij", row, grams)
@@ -1706,6 +1729,7 @@ def ab_statistics(
             for state, values in claim3_cka(sample, name, factors, speakers=by_utt).items():
                 for key, value in values.items():
                     out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+    band_s = 0.0
     for state, state_acc in acc.items():
         for name, m_acc in state_acc.modules.items():
             for kind, centred in (("sv", False), ("sv_centred", True)):
@@ -1721,6 +1745,7 @@ def ab_statistics(
                     out[f"{state}/{name}/{key}"] = torch.from_numpy(
                         np.ascontiguousarray(values, dtype=np.float64)
                     )
+                band_s += m_acc.out_grad_band_s
             scalars = m_acc.scalars()
             code = state_acc.reservoir.sample((name, "a_code"))
             grad = state_acc.reservoir.sample((name, "b_out_grad"))
@@ -1732,6 +1757,10 @@ def ab_statistics(
                 scalars |= reservoir_cka_band(code, grad, who, scalars["cka_a_code_vs_b_out_grad"])
             for key, value in scalars.items():
                 out[f"{state}/{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+    if band_s:
+        from serlens.analysis.passes import PART_LINE
+
+        log.info(PART_LINE, "out_grad_band", band_s)
     return out
 
 

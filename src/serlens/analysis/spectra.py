@@ -23,6 +23,16 @@ Formulas and sources
 
       φ(A1, A2, i, j) = ‖U_A1^iᵀ U_A2^j‖²_F / min(i, j)   ∈ [0, 1]
 
+* Spectra of a Gram and of its centred form with one reduction
+  (:func:`uncentred_and_centred_singular_values`): for ``M`` (``n x d``) with column sums
+  ``t = Mᵀ1``, centring the columns is a rank-one change of the Gram,
+  ``(M - 1 tᵀ/n)ᵀ(M - 1 tᵀ/n) = MᵀM - t tᵀ/n``. A Householder reflector ``P`` with
+  ``P e₁ = ±t/‖t‖`` (Golub & Van Loan, *Matrix Computations*, 4th ed., §5.1.2) moves that
+  change into entry (1, 1): ``P (MᵀM - t tᵀ/n) P = P MᵀM P - (‖t‖²/n) e₁e₁ᵀ``. Householder
+  tridiagonalisation that leaves ``e₁`` fixed (``P MᵀM P = Q T Qᵀ`` with ``Q e₁ = e₁``,
+  §8.3.1; LAPACK ``dsytrd`` on the lower triangle) then gives both spectra, ``T``'s and
+  ``T - (‖t‖²/n) e₁e₁ᵀ``'s, tridiagonal eigenvalue problems of O(d²) (``dsterf``), for one
+  O(d³) reduction where two eigenproblems take two.
 * Intruder dimensions (Shuttleworth, Andreas, Torralba & Sharma 2024, "LoRA vs full
   fine-tuning: an illusion of equivalence", arXiv:2410.21228, Def. 1): a left singular
   vector ``y_j`` among the top ``k`` of the fine-tuned ``W`` is an intruder if
@@ -37,6 +47,7 @@ import numbers
 import numpy as np
 
 __all__ = [
+    "uncentred_and_centred_singular_values",
     "effective_rank",
     "energy_rank",
     "intruder_dimensions",
@@ -126,6 +137,62 @@ def energy_rank(s, fraction: float = 0.9) -> int:
     target = fraction * energy[-1] * (1.0 - 1e-12)
     k = int(np.searchsorted(energy, target, side="left")) + 1
     return min(k, int(energy.size))
+
+
+_DSYTRD_LWORK: dict[int, int] = {}
+
+
+def uncentred_and_centred_singular_values(
+    gram, total, n_rows: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values of ``M`` and of ``M - 1 μᵀ`` (``μ = t / n`` the mean row), descending,
+    from the Gram ``G = MᵀM`` (``d x d``), the column sums ``t = Mᵀ1`` and the row count ``n``,
+    with one tridiagonalisation (module docstring): ``P G P = Q T Qᵀ`` with ``Q e₁ = e₁``, and
+    the centred Gram ``G - t tᵀ/n`` is ``P Q (T - (‖t‖²/n) e₁e₁ᵀ) Qᵀ P``.
+
+    ``G`` is symmetrised first; eigenvalues that round-off pushes below zero are clipped to 0.
+    Runs in the BLAS threads of the caller's ``threadpoolctl`` limits (scipy's LAPACK).
+    """
+    from scipy.linalg import eigvalsh_tridiagonal, lapack
+
+    G = np.asarray(gram, dtype=np.float64)
+    t = np.asarray(total, dtype=np.float64).reshape(-1)
+    d = G.shape[0]
+    if G.shape != (d, d) or t.shape != (d,):
+        raise ValueError(f"gram must be d x d and total of length d; got {G.shape} and {t.shape}")
+    n_rows = float(n_rows)
+    if not n_rows > 0:
+        raise ValueError(f"n_rows must be positive; got {n_rows}")
+    A = (G + G.T) / 2.0
+    norm_t = float(np.linalg.norm(t))
+    shift = norm_t * norm_t / n_rows
+    if norm_t > 0.0:
+        # v = q ± e₁ with the sign of q₀, so that ‖v‖² >= 2 (no cancellation); P = I - 2vvᵀ/‖v‖².
+        v = t / norm_t
+        v[0] += 1.0 if v[0] >= 0.0 else -1.0
+        v /= np.linalg.norm(v)
+        w = A @ v
+        u = 2.0 * (w - (v @ w) * v)
+        A = A - np.outer(v, u) - np.outer(u, v)  # P A P, a rank-two update
+    if d == 1:
+        diagonal, off = A.reshape(1).copy(), np.zeros(0)
+    else:
+        if d not in _DSYTRD_LWORK:
+            work, info = lapack.dsytrd_lwork(d, lower=1)
+            _DSYTRD_LWORK[d] = max(int(work), 1) if info == 0 else max(d * 32, 1)
+        _, diagonal, off, _, info = lapack.dsytrd(
+            A, lower=1, lwork=_DSYTRD_LWORK[d], overwrite_a=1
+        )
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dsytrd failed (info={info}) on a {d} x {d} Gram")
+    eig = eigvalsh_tridiagonal(diagonal, off, lapack_driver="sterf")
+    centred = diagonal.copy()
+    centred[0] -= shift
+    eig_c = eigvalsh_tridiagonal(centred, off, lapack_driver="sterf")
+    return (
+        np.sqrt(np.clip(eig, 0.0, None))[::-1].copy(),
+        np.sqrt(np.clip(eig_c, 0.0, None))[::-1].copy(),
+    )
 
 
 def _top_right_singular_vectors(A: np.ndarray, k: int) -> np.ndarray:
