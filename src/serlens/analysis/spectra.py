@@ -180,9 +180,7 @@ def uncentred_and_centred_singular_values(
         if d not in _DSYTRD_LWORK:
             work, info = lapack.dsytrd_lwork(d, lower=1)
             _DSYTRD_LWORK[d] = max(int(work), 1) if info == 0 else max(d * 32, 1)
-        _, diagonal, off, _, info = lapack.dsytrd(
-            A, lower=1, lwork=_DSYTRD_LWORK[d], overwrite_a=1
-        )
+        _, diagonal, off, _, info = lapack.dsytrd(A, lower=1, lwork=_DSYTRD_LWORK[d], overwrite_a=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"dsytrd failed (info={info}) on a {d} x {d} Gram")
     eig = eigvalsh_tridiagonal(diagonal, off, lapack_driver="sterf")
