@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 	@echo "results: $(CURDIR)/results (per corpus: results/<corpus>/tables, results/<corpus>/figures)"
-	@$(BIN)/python bench/job_seconds.py results | tail -1
+	@$(BIN)/python bench/job_seconds.py results | sed -n '/^job-seconds of/,$$p'
 	@echo "report: $(CURDIR)/results/report.html"
 
 test: install
@@ -46,12 +46,12 @@ real-demo: install
 # last half of the layers, DoRA and full fine-tuning at rank 8, on the embedded default.
 methods-demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/methods.yaml
-	@$(BIN)/python bench/job_seconds.py results/methods | tail -1
+	@$(BIN)/python bench/job_seconds.py results/methods | sed -n '/^job-seconds of/,$$p'
 	@echo "results: $(CURDIR)/results/methods/synthetic (tables/, figures/)"
 
 protocol-gap: install
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/protocol_gap.yaml
-	@$(BIN)/python bench/job_seconds.py results/protocol_gap | tail -1
+	@$(BIN)/python bench/job_seconds.py results/protocol_gap | sed -n '/^job-seconds of/,$$p'
 	@echo "results: $(CURDIR)/results/protocol_gap/synthetic/tables/protocol_gap.tsv"
 
 # config/README.md's key table, from the schema (a test fails when it is out of date)

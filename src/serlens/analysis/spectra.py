@@ -150,10 +150,10 @@ def uncentred_and_centred_singular_values(
     with one tridiagonalisation (module docstring): ``P G P = Q T Qᵀ`` with ``Q e₁ = e₁``, and
     the centred Gram ``G - t tᵀ/n`` is ``P Q (T - (‖t‖²/n) e₁e₁ᵀ) Qᵀ P``.
 
-    ``G`` is symmetrised first; eigenvalues that round-off pushes below zero are clipped to 0.
+    Eigenvalues that round-off pushes below zero are clipped to 0.
     Runs in the BLAS threads of the caller's ``threadpoolctl`` limits (scipy's LAPACK).
     """
-    from scipy.linalg import eigvalsh_tridiagonal, lapack
+    from scipy.linalg import blas, eigvalsh_tridiagonal, lapack
 
     G = np.asarray(gram, dtype=np.float64)
     t = np.asarray(total, dtype=np.float64).reshape(-1)
@@ -163,17 +163,21 @@ def uncentred_and_centred_singular_values(
     n_rows = float(n_rows)
     if not n_rows > 0:
         raise ValueError(f"n_rows must be positive; got {n_rows}")
-    A = (G + G.T) / 2.0
+    # Only one triangle is read (LAPACK's lower triangle of the column-major copy), as
+    # eigvalsh reads one; a Gram's two triangles differ by round-off only.
+    # (a row-major Gram's transpose is column-major: a plain copy, no reordering)
+    A = np.array(G.T if G.flags.c_contiguous else G, order="F", copy=True)
     norm_t = float(np.linalg.norm(t))
     shift = norm_t * norm_t / n_rows
     if norm_t > 0.0:
-        # v = q ± e₁ with the sign of q₀, so that ‖v‖² >= 2 (no cancellation); P = I - 2vvᵀ/‖v‖².
+        # v = q ± e₁ with the sign of q₀, so that ‖v‖² >= 2 (no cancellation); P = I - 2vvᵀ/‖v‖²;
+        # P A P = A - v uᵀ - u vᵀ with w = A v, u = 2 (w - (vᵀw) v): one symmetric rank-2 update.
         v = t / norm_t
         v[0] += 1.0 if v[0] >= 0.0 else -1.0
         v /= np.linalg.norm(v)
-        w = A @ v
+        w = blas.dsymv(1.0, A, v, lower=1)
         u = 2.0 * (w - (v @ w) * v)
-        A = A - np.outer(v, u) - np.outer(u, v)  # P A P, a rank-two update
+        A = blas.dsyr2(-1.0, v, u, a=A, lower=1, overwrite_a=1)
     if d == 1:
         diagonal, off = A.reshape(1).copy(), np.zeros(0)
     else:
